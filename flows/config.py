@@ -1,0 +1,170 @@
+"""The pipeline config: one YAML file, validated with pydantic, overridable per run.
+
+Precedence (last wins): defaults < ``dpoflow.yaml`` < ``DPOFLOW__SECTION__KEY=value``
+environment variables < ``--set section.key=value`` overrides. Unknown keys are errors that
+name the key and, for the YAML file, its line. Secrets (database URLs with passwords, S3
+keys) are read from the environment by name (``*_env`` fields) or from Prefect Secret blocks
+(``prefect-secret:NAME``), so the config itself, ``config show``, logs and dataset metadata
+never hold them.
+
+Each stage owns its section's model (in its ``tasks`` module); this file only composes them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, defaults are documented."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    root: str | None = Field(None, description="Store root: a folder or s3://bucket/prefix (default: <workspace>/store)")
+    endpoint_url_env: str = Field("AWS_ENDPOINT_URL", description="env var with the S3 endpoint (MinIO, moto...)")
+    region: str | None = Field(None, description="S3 region")
+    allow_http: bool = Field(False, description="allow plain-HTTP S3 endpoints (local MinIO)")
+
+    def options(self) -> dict[str, str]:
+        """S3 options for the store; keys come from AWS_* environment variables only."""
+        if not (self.root or "").startswith("s3://"):
+            return {}
+        opts = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+                if os.environ.get(k)}
+        if os.environ.get(self.endpoint_url_env):
+            opts["AWS_ENDPOINT_URL"] = os.environ[self.endpoint_url_env]
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            opts["AWS_REGION"] = region
+        if self.allow_http:
+            opts["AWS_ALLOW_HTTP"] = "true"
+        return opts
+
+
+class ImportConfig(Section):
+    on_bad_rows: str = Field("quarantine", description="quarantine | fail: what to do with rows that break the contract")
+
+
+def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
+    """Stage sections, imported lazily so a broken optional stage never blocks `datasets list`."""
+    from flows.stages import config_sections
+
+    return config_sections()
+
+
+def _build_model() -> type[BaseModel]:
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {
+        "storage": (StorageConfig, Field(default_factory=StorageConfig)),
+        "import_": (ImportConfig, Field(default_factory=ImportConfig, alias="import")),
+    }
+    for name, (model, _) in _stage_models().items():
+        fields[name] = (model, Field(default_factory=model))
+    return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid", populate_by_name=True), **fields)
+
+
+_MODEL: type[BaseModel] | None = None
+
+
+def pipeline_model() -> type[BaseModel]:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = _build_model()
+    return _MODEL
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map every key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
+    """``["train.beta=0.2", "sample.n=4"]`` -> {"train.beta": 0.2, "sample.n": 4} (YAML-typed)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | dict | None = None,
+                env: dict[str, str] | None = None):
+    """Read, merge and validate the config; errors name the key and (for the file) its line."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    text = ""
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for k, v in env.items():
+        if k.startswith("DPOFLOW__"):
+            _set_path(data, ".".join(p.lower() for p in k[len("DPOFLOW__"):].split("__")), yaml.safe_load(v))
+    for k, v in parse_overrides(overrides).items():
+        _set_path(data, k, v)
+    try:
+        return pipeline_model().model_validate(data)
+    except ValidationError as exc:
+        lines = _line_index(text)
+        msgs = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            where = f"{path}:{lines[loc]}: " if loc in lines and path else ""
+            key = ".".join(loc)
+            problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"{where}{key}: {problem}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
+
+
+def dump_config(config: BaseModel) -> dict[str, Any]:
+    """The effective config as plain data (secrets are never in it: they are env var names)."""
+    return config.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,45 @@
+"""The list of pipeline stages: where each stage's config section and Prefect flow live.
+
+Entries are import strings so that listing stages or loading the config never imports
+torch or Prefect. Each stage module owns its config model and its flow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import BaseModel
+
+# stage name -> (config model "module:Class", flow "module:function"), in nightly order.
+STAGES: dict[str, tuple[str, str]] = {
+    "sample": ("tasks.sampling:SampleConfig", "flows.sample:sample_flow"),
+    "score": ("tasks.scoring:ScoreConfig", "flows.score:score_flow"),
+    "ingest": ("tasks.feedback:IngestConfig", "flows.ingest:ingest_flow"),
+    "pairs": ("tasks.pairs:PairsConfig", "flows.pairs:pairs_flow"),
+    "balance": ("tasks.balance:BalanceConfig", "flows.balance:balance_flow"),
+    "train": ("tasks.training.config:TrainConfig", "flows.train:train_flow"),
+}
+
+
+def _load(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def config_sections() -> dict[str, tuple[type[BaseModel], Any]]:
+    """Config models of the stages that exist in this checkout."""
+    out: dict[str, tuple[type[BaseModel], Any]] = {}
+    for name, (cfg, _) in STAGES.items():
+        try:
+            out[name] = (_load(cfg), None)
+        except (ImportError, AttributeError) as exc:
+            if getattr(exc, "name", None) and not str(getattr(exc, "name", "")).startswith(("tasks", "flows")):
+                raise
+    return out
+
+
+def stage_flow(name: str):
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return _load(STAGES[name][1])

@@ -1,0 +1,530 @@
+"""The versioned dataset store: one Delta Lake table per dataset, one table version per write.
+
+Why Delta Lake: each write is a Parquet file set plus one JSON commit in `_delta_log`; the
+commit is a put-if-absent of the next log entry, so a reader sees a version whole or not at
+all (also after a crash mid-write), two writers cannot both take the same version, and every
+old version stays readable by time travel. Spark, DuckDB and Polars read the same tables.
+
+What Delta lacks we keep beside the tables under ``<root>/_dpoflow/`` as small JSON files:
+named tags, the content-key index (stage + inputs + config + code -> outputs) that lets
+unchanged stages skip, and the record of versions removed by ``gc``. Lineage goes into each
+commit's own metadata, so it travels with the table.
+
+Log retention is set to ~100 years and expired-log cleanup off, so Delta never forgets a
+version on its own; only :meth:`DatasetStore.gc` removes data, and it keeps every version
+that a tag, a model or the lineage of a kept version refers to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from storage.schemas import SCHEMAS, conform, schema_for, validate_name
+
+META_KEY = "dpoflow"
+TABLE_CONFIG = {
+    # Never let Delta drop history by itself: gc is an explicit, reference-aware command.
+    "delta.logRetentionDuration": "interval 36500 days",
+    "delta.deletedFileRetentionDuration": "interval 36500 days",
+    "delta.enableExpiredLogCleanup": "false",
+}
+
+
+class StoreError(RuntimeError):
+    """A store operation failed in a way the user should read (bad ref, missing version...)."""
+
+
+class ConcurrentWriteError(StoreError):
+    """Another writer committed the same dataset version first."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class VersionInfo:
+    """What a version records about itself (its Delta commit metadata)."""
+
+    name: str
+    version: int
+    rows: int
+    created: str
+    stage: str | None = None
+    parents: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    code_version: str | None = None
+    content_key: str | None = None
+    flow_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ref"] = self.ref
+        return d
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """Split ``name[@selector]`` into (name, selector); selector defaults to ``latest``."""
+    name, _, sel = ref.partition("@")
+    validate_name(name)
+    return name, (sel or "latest")
+
+
+def storage_options_from_env(root: str) -> dict[str, str]:
+    """S3 settings from the standard AWS_* environment variables (never stored anywhere)."""
+    if not root.startswith("s3://"):
+        return {}
+    keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+            "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP", "AWS_S3_ALLOW_UNSAFE_RENAME", "AWS_CONDITIONAL_PUT"]
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+def _fsspec_options(options: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "AWS_ACCESS_KEY_ID" in options:
+        out["key"] = options["AWS_ACCESS_KEY_ID"]
+    if "AWS_SECRET_ACCESS_KEY" in options:
+        out["secret"] = options["AWS_SECRET_ACCESS_KEY"]
+    if "AWS_SESSION_TOKEN" in options:
+        out["token"] = options["AWS_SESSION_TOKEN"]
+    client: dict[str, Any] = {}
+    if "AWS_ENDPOINT_URL" in options:
+        client["endpoint_url"] = options["AWS_ENDPOINT_URL"]
+    if "AWS_REGION" in options:
+        client["region_name"] = options["AWS_REGION"]
+    if client:
+        out["client_kwargs"] = client
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class DatasetStore:
+    """Named, versioned, immutable datasets under one root (a folder or an ``s3://`` URI)."""
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, str] | None = None):
+        root = str(root)
+        self.remote = "://" in root
+        self.root = root.rstrip("/") if self.remote else os.path.abspath(root)
+        self.options = dict(storage_options or storage_options_from_env(self.root))
+        if self.remote and self.root.startswith("s3://"):
+            self.options.setdefault("AWS_CONDITIONAL_PUT", "etag")
+            self.fs = fsspec.filesystem("s3", **_fsspec_options(self.options))
+        else:
+            self.fs = fsspec.filesystem("file")
+            os.makedirs(self.root, exist_ok=True)
+
+    # --- paths -----------------------------------------------------------------------------
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if self.remote else os.path.join(self.root, *parts)
+
+    def table_uri(self, name: str) -> str:
+        return self._join("datasets", validate_name(name))
+
+    def _meta_path(self, *parts: str) -> str:
+        return self._join("_dpoflow", *parts)
+
+    def _read_json(self, path: str, default: Any) -> Any:
+        try:
+            with self.fs.open(path, "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return default
+
+    def _write_json(self, path: str, obj: Any) -> None:
+        """Atomic small-file write: temp + rename locally, a single PUT on object storage."""
+        data = json.dumps(obj, indent=1, sort_keys=True, default=str)
+        if self.remote:
+            with self.fs.open(path, "w") as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # --- tables ----------------------------------------------------------------------------
+
+    def _table(self, name: str, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(self.table_uri(name), version=version, storage_options=self.options or None)
+        except TableNotFoundError as exc:
+            raise StoreError(f"dataset {name!r} does not exist in {self.root}") from exc
+        except Exception as exc:  # deltalake raises generic errors for a missing version
+            if version is not None and self.exists(name):
+                self._check_not_collected(name, version)
+                raise StoreError(f"{name}@{version} does not exist (latest is {self.latest(name)})") from exc
+            raise
+
+    def exists(self, name: str) -> bool:
+        try:
+            DeltaTable(self.table_uri(name), storage_options=self.options or None)
+            return True
+        except TableNotFoundError:
+            return False
+
+    def list(self) -> list[str]:
+        base = self._join("datasets")
+        if not self.fs.exists(base):
+            return []
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+        return [n for n in names if self.exists(n)]
+
+    def latest(self, name: str) -> int:
+        return self._table(name).version()
+
+    def resolve(self, ref: str) -> Ref:
+        """``name``, ``name@latest``, ``name@3``, ``name@production`` -> a pinned Ref."""
+        name, sel = parse_ref(ref)
+        if sel == "latest":
+            return Ref(name, self.latest(name))
+        if sel.isdigit():
+            v = int(sel)
+            latest = self.latest(name)
+            if v > latest:
+                raise StoreError(f"{name}@{v} does not exist (latest is {latest})")
+            self._check_not_collected(name, v)
+            return Ref(name, v)
+        tags = self.tags(name)
+        if sel not in tags:
+            raise StoreError(f"{name} has no version or tag {sel!r} (tags: {sorted(tags) or 'none'})")
+        return Ref(name, int(tags[sel]))
+
+    def write(
+        self,
+        name: str,
+        data: pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch],
+        *,
+        mode: str = "overwrite",
+        parents: Iterable[str] = (),
+        stage: str | None = None,
+        config: dict[str, Any] | None = None,
+        code_version: str | None = None,
+        content_key: str | None = None,
+        flow_run_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> VersionInfo:
+        """Commit `data` as the next version of `name` (``overwrite``: the version holds only
+        `data`; ``append``: previous rows plus `data`). Validated against the contract first.
+
+        Streams (readers / batch iterators) are validated batch by batch and never held whole.
+        """
+        validate_name(name)
+        if mode not in ("overwrite", "append"):
+            raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
+        contract = schema or schema_for(name)
+        counter = [0]
+        if isinstance(data, pa.Table):
+            table = conform(name, data, contract)
+            counter[0] = table.num_rows
+            payload: Any = table
+            arrow_schema = table.schema
+        else:
+            batches = iter(data)
+            first = next(batches, None)
+            if first is None and contract is None:
+                raise StoreError(f"cannot write an empty stream to {name!r} without a contract")
+            arrow_schema = contract if contract is not None else first.schema
+
+            def gen() -> Iterator[pa.RecordBatch]:
+                if first is not None:
+                    yield from _conform_batch(name, first, contract)
+                for b in batches:
+                    yield from _conform_batch(name, b, contract)
+
+            def _counted() -> Iterator[pa.RecordBatch]:
+                for b in gen():
+                    counter[0] += b.num_rows
+                    yield b
+
+            payload = pa.RecordBatchReader.from_batches(arrow_schema, _counted())
+        meta = {
+            "stage": stage,
+            "parents": sorted(set(parents)),
+            "config": config,
+            "code_version": code_version,
+            "content_key": content_key,
+            "flow_run_id": flow_run_id,
+            "created": _now(),
+            "extra": extra or {},
+        }
+        # rows is only known after a streamed write: a provisional value goes in the commit and
+        # the true count is read back from the commit's add actions.
+        meta_json = json.dumps(meta, default=str, sort_keys=True)
+        try:
+            write_deltalake(
+                self.table_uri(name),
+                payload,
+                mode=mode,
+                schema_mode="overwrite" if (mode == "overwrite" and contract is None) else None,
+                storage_options=self.options or None,
+                configuration=TABLE_CONFIG,
+                commit_properties=CommitProperties(custom_metadata={META_KEY: meta_json}),
+            )
+        except CommitFailedError as exc:
+            raise ConcurrentWriteError(
+                f"another writer committed {name!r} at the same time; nothing of this write is "
+                f"visible, retry it ({exc})"
+            ) from exc
+        version = self._find_commit(name, meta_json)
+        return self.info(f"{name}@{version}")
+
+    def _find_commit(self, name: str, meta_json: str) -> int:
+        """The version our commit got (another writer may have committed right after it)."""
+        for h in self._table(name).history(limit=20):
+            if h.get(META_KEY) == meta_json:
+                return int(h["version"])
+        raise StoreError(f"could not find the commit just written to {name!r}")
+
+    def read(self, ref: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+        """The rows of a version as a pyarrow Table (in its contract schema)."""
+        r = self.resolve(ref)
+        ds = self._table(r.name, r.version).to_pyarrow_dataset()
+        table = ds.to_table(columns=columns, filter=filter)
+        contract = SCHEMAS.get(r.name)
+        if contract is not None:
+            target = pa.schema([contract.field(c) for c in table.column_names])
+            if table.schema != target:
+                table = table.cast(target)
+        return table
+
+    def dataset(self, ref: str) -> pads.Dataset:
+        """A lazily read pyarrow Dataset of a version, for streaming large tables in batches."""
+        r = self.resolve(ref)
+        return self._table(r.name, r.version).to_pyarrow_dataset()
+
+    def read_batches(self, ref: str, batch_size: int = 65536, columns: list[str] | None = None
+                     ) -> Iterator[pa.RecordBatch]:
+        yield from self.dataset(ref).to_batches(batch_size=batch_size, columns=columns)
+
+    def to_pandas(self, ref: str, columns: list[str] | None = None):
+        return self.read(ref, columns=columns).to_pandas()
+
+    def to_hf(self, ref: str):
+        """A Hugging Face ``datasets.Dataset`` over the same Arrow memory (no per-row copy)."""
+        import datasets
+
+        return datasets.Dataset(self.read(ref))
+
+    # --- metadata --------------------------------------------------------------------------
+
+    def info(self, ref: str) -> VersionInfo:
+        r = self.resolve(ref)
+        dt_ = self._table(r.name, r.version)
+        commit = self._commit_info(r)
+        meta = json.loads(commit.get(META_KEY) or "{}")
+        rows = _count_rows(dt_)
+        return VersionInfo(
+            name=r.name, version=r.version, rows=rows,
+            created=meta.get("created") or str(commit.get("timestamp")),
+            stage=meta.get("stage"), parents=meta.get("parents") or [], config=meta.get("config"),
+            code_version=meta.get("code_version"), content_key=meta.get("content_key"),
+            flow_run_id=meta.get("flow_run_id"), extra=meta.get("extra") or {},
+        )
+
+    def _commit_info(self, r: Ref) -> dict[str, Any]:
+        path = self._join("datasets", r.name, "_delta_log", f"{r.version:020d}.json")
+        with self.fs.open(path, "r") as f:
+            for line in f:
+                action = json.loads(line)
+                if "commitInfo" in action:
+                    return action["commitInfo"]
+        return {}
+
+    def log(self, name: str) -> list[VersionInfo]:
+        """Every version of a dataset, newest first (versions removed by gc are left out)."""
+        removed = set(self._gc_record(name))
+        return [self.info(f"{name}@{v}") for v in range(self.latest(name), -1, -1) if v not in removed]
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        """The whole ancestry of a version as a nested dict {ref, stage, parents: [...]}."""
+        seen: dict[str, dict[str, Any]] = {}
+
+        def walk(r: str) -> dict[str, Any]:
+            if r in seen:
+                return {"ref": r, "stage": seen[r]["stage"], "parents": [], "seen": True}
+            if r.startswith("models@"):
+                node = {"ref": r, "stage": "model", "parents": []}
+                seen[r] = node
+                return node
+            info = self.info(r)
+            node = {"ref": info.ref, "stage": info.stage, "parents": []}
+            seen[r] = node
+            node["parents"] = [walk(p) for p in info.parents]
+            return node
+
+        return walk(str(self.resolve(ref)))
+
+    # --- tags ------------------------------------------------------------------------------
+
+    def tags(self, name: str) -> dict[str, int]:
+        return {k: int(v) for k, v in self._read_json(self._meta_path("tags", f"{validate_name(name)}.json"), {}).items()}
+
+    def tag(self, ref: str, tag: str) -> Ref:
+        """Point `tag` at a version (moving it if it pointed elsewhere)."""
+        if not tag or tag == "latest" or tag.isdigit() or "@" in tag or "/" in tag:
+            raise StoreError(f"invalid tag {tag!r}: not empty, not 'latest', not a number, no '@' or '/'")
+        r = self.resolve(ref)
+        tags = self.tags(r.name)
+        tags[tag] = r.version
+        self._write_json(self._meta_path("tags", f"{r.name}.json"), tags)
+        return r
+
+    def untag(self, name: str, tag: str) -> None:
+        tags = self.tags(name)
+        tags.pop(tag, None)
+        self._write_json(self._meta_path("tags", f"{name}.json"), tags)
+
+    # --- content keys (skip unchanged stages) ----------------------------------------------
+
+    @staticmethod
+    def content_key(stage: str, inputs: dict[str, str], config: Any, code_version: str) -> str:
+        payload = json.dumps(
+            {"stage": stage, "inputs": dict(sorted(inputs.items())), "config": config, "code": code_version},
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def find_outputs(self, key: str) -> dict[str, str] | None:
+        """Outputs an earlier run with this content key produced, if they are all still readable."""
+        rec = self._read_json(self._meta_path("keys", f"{key}.json"), None)
+        if not rec:
+            return None
+        try:
+            for ref in rec["outputs"].values():
+                self.resolve(ref)
+        except StoreError:
+            return None
+        return dict(rec["outputs"])
+
+    def record_outputs(self, key: str, stage: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+        self._write_json(self._meta_path("keys", f"{key}.json"),
+                         {"stage": stage, "inputs": inputs, "outputs": outputs, "created": _now()})
+
+    # --- state (watermarks and other small per-stage records) ------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._read_json(self._meta_path("state", f"{_safe_key(key)}.json"), default)
+
+    def set_state(self, key: str, value: Any) -> None:
+        self._write_json(self._meta_path("state", f"{_safe_key(key)}.json"), value)
+
+    # --- garbage collection ----------------------------------------------------------------
+
+    def _gc_record(self, name: str) -> list[int]:
+        return self._read_json(self._meta_path("gc", f"{name}.json"), [])
+
+    def _check_not_collected(self, name: str, version: int) -> None:
+        if version in set(self._gc_record(name)):
+            raise StoreError(f"{name}@{version} was removed by 'dpoflow datasets gc'")
+
+    def referenced_versions(self, keep_last: int = 3, extra_refs: Iterable[str] = ()) -> dict[str, set[int]]:
+        """Versions gc must keep: the newest `keep_last` of each dataset, every tagged version,
+        every dataset a registered model was trained from, `extra_refs`, and the whole lineage
+        of each of those."""
+        roots: list[str] = list(extra_refs)
+        for name in self.list():
+            latest = self.latest(name)
+            removed = set(self._gc_record(name))
+            live = [v for v in range(latest, -1, -1) if v not in removed]
+            roots += [f"{name}@{v}" for v in live[:max(keep_last, 1)]]
+            roots += [f"{name}@{v}" for v in self.tags(name).values()]
+        if self.exists("models"):
+            models = self.read("models", columns=["parents"])
+            for parents in models.column("parents").to_pylist():
+                roots += [p for p in parents or [] if not p.startswith("models@")]
+        keep: dict[str, set[int]] = {}
+        stack = list(roots)
+        while stack:
+            ref = stack.pop()
+            try:
+                r = self.resolve(ref)
+            except StoreError:
+                continue
+            if r.version in keep.setdefault(r.name, set()):
+                continue
+            keep[r.name].add(r.version)
+            stack += [p for p in self.info(str(r)).parents if not p.startswith("models@")]
+        return keep
+
+    def gc(self, keep_last: int = 3, dry_run: bool = False) -> dict[str, list[int]]:
+        """Delete the data files of unreferenced versions; return {dataset: removed versions}."""
+        keep = self.referenced_versions(keep_last)
+        removed: dict[str, list[int]] = {}
+        for name in self.list():
+            latest = self.latest(name)
+            already = set(self._gc_record(name))
+            kept = keep.get(name, set()) | {latest}
+            drop = [v for v in range(latest + 1) if v not in kept and v not in already]
+            if not drop:
+                continue
+            removed[name] = drop
+            if dry_run:
+                continue
+            needed: set[str] = set()
+            for v in kept:
+                needed |= {posixpath.basename(u) for u in self._table(name, v).file_uris()}
+            self._write_json(self._meta_path("gc", f"{name}.json"), sorted(already | set(drop)))
+            base = self.table_uri(name)
+            for path in self.fs.find(base):
+                rel = path[len(base.replace("file://", "")):] if not self.remote else path
+                if "_delta_log" in rel or not path.endswith(".parquet"):
+                    continue
+                if posixpath.basename(path) not in needed:
+                    self.fs.rm(path)
+        return removed
+
+
+def _safe_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if not key.replace("_", "").replace("-", "").isalnum() else key
+
+
+def _conform_batch(name: str, batch: pa.RecordBatch, contract: pa.Schema | None) -> Iterator[pa.RecordBatch]:
+    if contract is None:
+        yield batch
+        return
+    yield from conform(name, pa.Table.from_batches([batch]), contract).to_batches()
+
+
+def _count_rows(table: DeltaTable) -> int:
+    """Row count from the Delta log's per-file statistics, falling back to a count scan."""
+    try:
+        actions = table.get_add_actions(flatten=True)
+        col = actions.column("num_records")
+        vals = col.to_pylist()
+        if all(v is not None for v in vals):
+            return int(sum(vals))
+    except Exception:  # statistics are optional in Delta
+        pass
+    return table.to_pyarrow_dataset().count_rows()
