@@ -309,9 +309,8 @@ class DatasetStore:
 
     def read(self, ref: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
         """The rows of a version as a pyarrow Table (in its contract schema)."""
+        table = self.dataset(ref).to_table(columns=columns, filter=filter)
         r = self.resolve(ref)
-        ds = self._table(r.name, r.version).to_pyarrow_dataset()
-        table = ds.to_table(columns=columns, filter=filter)
         contract = SCHEMAS.get(r.name)
         if contract is not None:
             target = pa.schema([contract.field(c) for c in table.column_names])
@@ -320,9 +319,29 @@ class DatasetStore:
         return table
 
     def dataset(self, ref: str) -> pads.Dataset:
-        """A lazily read pyarrow Dataset of a version, for streaming large tables in batches."""
+        """A lazily read pyarrow Dataset of a version, for streaming large tables in batches.
+
+        The version's Parquet files come from the Delta log; Arrow reads them directly (we
+        never write deletion vectors, so the file list is the whole version).
+        """
         r = self.resolve(ref)
-        return self._table(r.name, r.version).to_pyarrow_dataset()
+        dt_ = self._table(r.name, r.version)
+        files = [self._strip(u) for u in dt_.file_uris()]
+        schema = dt_.schema().to_arrow()
+        schema = pa.schema(schema) if not isinstance(schema, pa.Schema) else schema
+        return pads.dataset(files, schema=_plain_types(schema), format="parquet", filesystem=self._arrow_fs())
+
+    def _strip(self, uri: str) -> str:
+        if self.remote:
+            return uri.split("://", 1)[1]
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    def _arrow_fs(self):
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def read_batches(self, ref: str, batch_size: int = 65536, columns: list[str] | None = None
                      ) -> Iterator[pa.RecordBatch]:
@@ -517,6 +536,25 @@ def _conform_batch(name: str, batch: pa.RecordBatch, contract: pa.Schema | None)
     yield from conform(name, pa.Table.from_batches([batch]), contract).to_batches()
 
 
+def _plain_types(schema: pa.Schema) -> pa.Schema:
+    """Delta reports large / view types; the Parquet files hold plain ones, read them as such."""
+
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return pa.string()
+        if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+            return pa.binary()
+        if pa.types.is_large_list(t) or pa.types.is_list_view(t) or pa.types.is_list(t):
+            return pa.list_(pa.field(t.value_field.name, plain(t.value_type), t.value_field.nullable))
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, plain(f.type), f.nullable) for f in t])
+        if pa.types.is_map(t):
+            return pa.map_(plain(t.key_type), plain(t.item_type))
+        return t
+
+    return pa.schema([pa.field(f.name, plain(f.type), f.nullable) for f in schema])
+
+
 def _count_rows(table: DeltaTable) -> int:
     """Row count from the Delta log's per-file statistics, falling back to a count scan."""
     try:
@@ -527,4 +565,4 @@ def _count_rows(table: DeltaTable) -> int:
             return int(sum(vals))
     except Exception:  # statistics are optional in Delta
         pass
-    return table.to_pyarrow_dataset().count_rows()
+    raise StoreError("row count statistics missing from the Delta log")

@@ -1,0 +1,273 @@
+"""The `dpoflow` command line. Every command takes `--workspace DIR`; listings take `--json`.
+
+Stage areas add their own commands through the modules in PLUGINS (each has `register(sub)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PLUGINS = [
+    "flows.cli_metrics",
+    "flows.cli_feedback",
+    "flows.cli_train",
+    "flows.cli_deploy",
+    "flows.cli_pipeline",
+]
+
+
+def _ws(args: argparse.Namespace):
+    from flows.workspace import Workspace
+
+    return Workspace.open(args.workspace, getattr(args, "set", None) or None)
+
+
+def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=1, default=str, ensure_ascii=False))
+    else:
+        print("\n".join(lines))
+
+
+# --- import --------------------------------------------------------------------------------
+
+def cmd_import(args: argparse.Namespace) -> int:
+    ws = _ws(args)
+    if args.name == "annotations":
+        try:
+            from flows.cli_feedback import import_annotations
+        except ImportError:
+            import_annotations = None
+        if import_annotations is not None:
+            result = import_annotations(ws, args.file)
+            _print(args, result, [f"{k}: {v}" for k, v in result.items()])
+            return 0
+    from flows.importing import import_dataset
+
+    run = import_dataset(ws, args.name, args.file, force=args.force)
+    rep = run.report
+    if run.skipped:
+        lines = [f"unchanged since last import: {run.outputs.get(args.name)} (use --force to import again)"]
+    else:
+        lines = [f"imported {rep['rows_out']} of {rep['rows_in']} rows into {run.outputs[args.name]}"]
+        for reason, n in (rep.get("quarantined") or {}).items():
+            lines.append(f"  quarantined {n}: {reason}")
+        if "quarantine" in run.outputs:
+            lines.append(f"  bad rows are in {run.outputs['quarantine']} (dpoflow datasets show quarantine)")
+        for note in rep.get("notes") or []:
+            lines.append(f"  note: {note}")
+    _print(args, {"outputs": run.outputs, "skipped": run.skipped, "report": rep}, lines)
+    return 0
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = _ws(args).store
+    rows = []
+    for name in store.list():
+        info = store.info(name)
+        rows.append({"name": name, "latest": info.version, "rows": info.rows, "stage": info.stage,
+                     "created": info.created, "tags": store.tags(name)})
+    lines = [f"{'dataset':<18} {'latest':>6} {'rows':>10}  {'stage':<16} created" ]
+    lines += [f"{r['name']:<18} {r['latest']:>6} {r['rows']:>10}  {str(r['stage']):<16} {r['created']}"
+              + (f"  tags={r['tags']}" if r["tags"] else "") for r in rows]
+    _print(args, rows, lines if rows else ["no datasets yet (dpoflow import NAME FILE, or dpoflow demo)"])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _ws(args).store
+    info = store.info(args.ref)
+    table = store.read(info.ref)
+    head = table.slice(0, args.limit).to_pylist()
+    data = {**info.to_dict(), "schema": [f"{f.name}: {f.type}" for f in table.schema], "head": head}
+    lines = [f"{info.ref}  rows={info.rows}  stage={info.stage}  created={info.created}",
+             f"parents: {', '.join(info.parents) or '-'}", f"code: {info.code_version}", "columns:"]
+    lines += [f"  {f.name}: {f.type}" for f in table.schema]
+    lines.append(f"first {len(head)} rows:")
+    lines += ["  " + json.dumps(r, default=str, ensure_ascii=False)[:300] for r in head]
+    _print(args, data, lines)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    store = _ws(args).store
+    infos = store.log(args.name)
+    tags = store.tags(args.name)
+    rows = [{**i.to_dict(), "tags": [t for t, v in tags.items() if v == i.version]} for i in infos]
+    lines = [f"{r['ref']:<20} rows={r['rows']:<9} stage={r['stage'] or '-':<14} {r['created']}"
+             + (f"  tags={r['tags']}" if r["tags"] else "") + (f"  <- {', '.join(r['parents'])}" if r["parents"] else "")
+             for r in rows]
+    _print(args, rows, lines)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    tree = _ws(args).store.lineage(args.ref)
+    lines: list[str] = []
+
+    def walk(node: dict, depth: int) -> None:
+        lines.append("  " * depth + f"{node['ref']}  ({node['stage'] or 'imported'})" + (" ..." if node.get("seen") else ""))
+        for p in node["parents"]:
+            walk(p, depth + 1)
+
+    walk(tree, 0)
+    _print(args, tree, lines)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    ref = _ws(args).store.tag(args.ref, args.tag)
+    print(f"{args.tag} -> {ref}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _ws(args).store
+    ref = str(store.resolve(args.ref))
+    out = args.output
+    if args.format == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(store.read(ref), out)
+    elif args.format == "jsonl":
+        import pyarrow.json  # noqa: F401  (ensures pyarrow is complete)
+
+        with open(out, "w", encoding="utf-8") as f:
+            for batch in store.read_batches(ref):
+                for row in batch.to_pylist():
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    else:
+        store.to_hf(ref).save_to_disk(out)
+    print(f"exported {ref} to {out} ({args.format})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = _ws(args).store
+    removed = store.gc(keep_last=args.keep_last, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"{verb} {name}@{','.join(map(str, vs))}" for name, vs in removed.items()] or ["nothing to remove"]
+    _print(args, removed, lines)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = _ws(args).registry.list()
+    lines = [f"{r['model_version']:<16} tags={','.join(r['tags']) or '-':<22} {r['created_at']}  "
+             f"parents={','.join(r['parents']) or '-'}" for r in rows] or ["no models registered"]
+    _print(args, rows, lines)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flows.config import dump_config
+
+    data = dump_config(_ws(args).config)
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workspace", default=argparse.SUPPRESS,
+                        help="workspace folder (default ./dpoflow-workspace, or $DPOFLOW_WORKSPACE)")
+    common.add_argument("--set", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.beta=0.2 (repeatable)")
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = argparse.ArgumentParser(prog="dpoflow", description="Preference data and DPO retraining pipeline.",
+                                parents=[common])
+    p.set_defaults(workspace=None, set=[])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.common = common  # type: ignore[attr-defined]  # plugins reuse these parents
+    sub.listing = listing  # type: ignore[attr-defined]
+
+    s = sub.add_parser("import", parents=[common, listing], help="import a Parquet / JSONL / CSV file or folder as a dataset version")
+    s.add_argument("name", help="dataset: prompts, served, feedback_events, annotations, pairs, ...")
+    s.add_argument("file")
+    s.add_argument("--force", action="store_true", help="import again even if the file is unchanged")
+    s.set_defaults(func=cmd_import)
+
+    ds = sub.add_parser("datasets", help="list, inspect, tag, export and clean up datasets").add_subparsers(dest="sub", required=True)
+    s = ds.add_parser("list", parents=[common, listing])
+    s.set_defaults(func=cmd_list)
+    s = ds.add_parser("show", parents=[common, listing])
+    s.add_argument("ref", help="NAME[@VERSION|@TAG]")
+    s.add_argument("--limit", type=int, default=5)
+    s.set_defaults(func=cmd_show)
+    s = ds.add_parser("log", parents=[common, listing])
+    s.add_argument("name")
+    s.set_defaults(func=cmd_log)
+    s = ds.add_parser("lineage", parents=[common, listing])
+    s.add_argument("ref")
+    s.set_defaults(func=cmd_lineage)
+    s = ds.add_parser("tag", parents=[common])
+    s.add_argument("ref")
+    s.add_argument("tag")
+    s.set_defaults(func=cmd_tag)
+    s = ds.add_parser("export", parents=[common])
+    s.add_argument("ref")
+    s.add_argument("--format", choices=["parquet", "jsonl", "hf"], default="parquet")
+    s.add_argument("--output", required=True)
+    s.set_defaults(func=cmd_export)
+    s = ds.add_parser("gc", parents=[common, listing], help="delete unreferenced old versions")
+    s.add_argument("--keep-last", type=int, default=3, help="newest versions of each dataset to keep")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=cmd_gc)
+
+    ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="sub", required=True)
+    s = ms.add_parser("list", parents=[common, listing])
+    s.set_defaults(func=cmd_models)
+
+    cs = sub.add_parser("config", help="the pipeline config").add_subparsers(dest="sub", required=True)
+    s = cs.add_parser("show", parents=[common, listing], help="print the effective config")
+    s.set_defaults(func=cmd_config_show)
+
+    for mod in PLUGINS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue  # that area is not built in this checkout
+            raise
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from flows.config import ConfigError
+    from storage.schemas import DatasetNameError, SchemaError
+    from storage.store import StoreError
+    from tasks.importing import ImportError_
+
+    try:
+        return int(args.func(args) or 0)
+    except (StoreError, SchemaError, DatasetNameError, ConfigError, ImportError_, FileNotFoundError) as exc:
+        print(f"dpoflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The `import` stage: an external Parquet / JSONL / CSV file (or a folder of them) becomes a
+new version of a dataset, validated row by row against the contract.
+
+Good rows are written; bad rows (unparseable lines, missing required fields, values that do
+not convert to the column's type) go to `quarantine` with a reason. The import never fails
+because of some bad rows, and never drops one silently: rows_in = rows_out + quarantined.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from storage.schemas import QUARANTINE, schema_for
+from tasks.ids import stable_id
+from tasks.lang import detect_language
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
+           ".ndjson": "jsonl", ".csv": "csv"}
+
+
+class ImportError_(ValueError):
+    """The file itself cannot be imported (missing, unknown format, no dataset contract)."""
+
+
+def list_files(path: str | os.PathLike[str]) -> list[Path]:
+    """A file, or every supported file in a folder (sorted, so imports are reproducible)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+        if not files:
+            raise ImportError_(f"{p} holds no .parquet / .jsonl / .csv files")
+        return files
+    if not p.exists():
+        raise ImportError_(f"{p} does not exist")
+    if p.suffix.lower() not in FORMATS:
+        raise ImportError_(f"{p}: unknown format {p.suffix!r} (use .parquet, .jsonl or .csv)")
+    return [p]
+
+
+def fingerprint(files: list[Path]) -> str:
+    """What the content key needs to know about the files: names, sizes, modification times."""
+    return json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def _quarantine(source: str, dataset: str, reasons: list[str], raws: list[str], idx: list[int],
+                stage: str = "import") -> pa.Table:
+    now = dt.datetime.now(dt.UTC)
+    n = len(reasons)
+    return pa.table({
+        "source": [source] * n, "stage": [stage] * n, "dataset": [dataset] * n, "reason": reasons,
+        "raw": raws, "row_index": pa.array(idx, pa.int64()), "quarantined_at": pa.array([now] * n, QUARANTINE.field("quarantined_at").type),
+    }, schema=QUARANTINE)
+
+
+def read_file(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
+    """Read one file into a table of raw values, plus quarantine rows for unparseable records."""
+    fmt = FORMATS[path.suffix.lower()]
+    src = str(path)
+    if fmt == "parquet":
+        return pq.read_table(path), _quarantine(src, dataset, [], [], [])
+    if fmt == "csv":
+        bad: list[tuple[int, str]] = []
+
+        def on_invalid(row: Any) -> str:
+            bad.append((row.number or -1, row.text))
+            return "skip"
+
+        opts = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
+        # Read every column as text: typing happens in `coerce`, row by row, with reasons.
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True)
+        table = pacsv.read_csv(path, parse_options=opts, convert_options=conv) if header else pa.table({})
+        q = _quarantine(src, dataset, ["malformed CSV row"] * len(bad), [t for _, t in bad], [i for i, _ in bad])
+        return table, q
+    # JSONL: Arrow's reader when the whole file parses, else line by line to isolate bad lines.
+    try:
+        return pajson.read_json(path), _quarantine(src, dataset, [], [], [])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    rows, reasons, raws, idx = [], [], [], []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                rows.append(obj)
+            except UnicodeDecodeError:
+                reasons.append("invalid UTF-8")
+                raws.append(line.decode("utf-8", "replace").rstrip("\n"))
+                idx.append(i)
+            except ValueError as exc:
+                reasons.append(f"invalid JSON: {exc}"[:200])
+                raws.append(line.decode("utf-8", "replace").rstrip("\n"))
+                idx.append(i)
+    return _rows_to_table(rows), _quarantine(src, dataset, reasons, raws, idx)
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows of mixed JSON types -> a table; columns whose values disagree in type become text."""
+    cols: dict[str, list] = {}
+    for i, r in enumerate(rows):
+        for k in r:
+            cols.setdefault(k, [None] * i)
+        for k, vals in cols.items():
+            vals.append(r.get(k))
+    out = {}
+    for k, vals in cols.items():
+        try:
+            out[k] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            out[k] = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+                               for v in vals], pa.string())
+    return pa.table(out) if out else pa.table({})
+
+
+def _convert(col: pa.ChunkedArray, typ: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """Convert a raw column to `typ`; return (converted, mask of rows that failed to convert)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if arr.type == typ:
+        return arr, np.zeros(n, bool)
+    try:
+        return arr.cast(typ), np.zeros(n, bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    valid_in = ~np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False), bool)
+    text = arr.cast(pa.string()) if not pa.types.is_nested(arr.type) else None
+    if pa.types.is_timestamp(typ) and text is not None:
+        import pandas as pd
+
+        parsed = pd.to_datetime(pd.Series(text.to_pylist(), dtype=object), errors="coerce", utc=True, format="mixed")
+        out = pa.array(parsed, type=typ, from_pandas=True)
+    elif (pa.types.is_integer(typ) or pa.types.is_floating(typ)) and text is not None:
+        import pandas as pd
+
+        num = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce")
+        if pa.types.is_integer(typ):
+            num = num.where(num.isna() | (num == np.floor(num.fillna(0))))
+            out = pa.array(num.astype("Int64"), type=typ, from_pandas=True)
+        else:
+            out = pa.array(num, type=typ, from_pandas=True)
+    elif pa.types.is_boolean(typ) and text is not None:
+        low = pc.utf8_lower(text)
+        true = pc.is_in(low, pa.array(["true", "1", "yes"]))
+        false = pc.is_in(low, pa.array(["false", "0", "no"]))
+        out = pc.if_else(true, True, pc.if_else(false, False, pa.scalar(None, pa.bool_())))
+    elif pa.types.is_nested(typ):
+        vals = []
+        for v in arr.to_pylist():
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    v = None
+            vals.append(v)
+        try:
+            out = pa.array(vals, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            good = []
+            for v in vals:
+                try:
+                    pa.array([v], type=typ)
+                    good.append(v)
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    good.append(None)
+            out = pa.array(good, type=typ)
+    else:
+        out = pa.nulls(n, typ)
+    failed = valid_in & np.asarray(pc.is_null(out).to_numpy(zero_copy_only=False), bool)
+    return out, failed
+
+
+def coerce(dataset: str, table: pa.Table, source: str) -> tuple[pa.Table, pa.Table, Counter]:
+    """Split raw rows into (rows typed to the contract, quarantine rows, counts per reason)."""
+    schema = schema_for(dataset)
+    if schema is None:
+        raise ImportError_(f"dataset {dataset!r} has no contract; importable: see storage/schemas.py")
+    n = table.num_rows
+    reason = np.full(n, None, dtype=object)
+    cols = {}
+    for field in schema:
+        if field.name not in table.column_names:
+            cols[field.name] = pa.nulls(n, field.type)
+            continue
+        conv, failed = _convert(table.column(field.name), field.type)
+        reason[failed & (reason == None)] = f"malformed {field.name}: not a valid {field.type}"  # noqa: E711
+        cols[field.name] = conv
+    typed = pa.table(cols, schema=pa.schema([f.with_nullable(True) for f in schema]))
+    typed = _fill_derived(dataset, typed)
+    for field in schema:
+        if not field.nullable:
+            missing = np.asarray(pc.is_null(typed.column(field.name)).to_numpy(zero_copy_only=False), bool)
+            reason[missing & (reason == None)] = f"missing {field.name}"  # noqa: E711
+    extra = [c for c in table.column_names if schema.get_field_index(c) < 0]
+    bad = reason != None  # noqa: E711
+    counts = Counter(reason[bad].tolist())
+    good = typed.filter(pa.array(~bad))
+    good = pa.Table.from_arrays(good.columns, schema=schema)
+    idx = np.nonzero(bad)[0]
+    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in table.take(pa.array(idx)).to_pylist()] \
+        if len(idx) else []
+    q = _quarantine(source, dataset, reason[bad].tolist(), raws, idx.tolist())
+    if extra:
+        counts[f"ignored unknown columns: {', '.join(extra)}"] += 0
+    return good, q, counts
+
+
+def _fill_derived(dataset: str, t: pa.Table) -> pa.Table:
+    """Fill ids and fields an external file may leave out, the same way every time."""
+
+    def setcol(name: str, arr: pa.Array) -> None:
+        nonlocal t
+        t = t.set_column(t.schema.get_field_index(name), t.schema.field(name), arr)
+
+    def fill(name: str, default: pa.Array) -> None:
+        col = t.column(name)
+        if col.null_count:
+            setcol(name, pc.coalesce(col, default))
+
+    if dataset == "prompts":
+        if t.column("messages").null_count < t.num_rows:
+            last_user = pa.array([_last_user(m) for m in t.column("messages").to_pylist()], pa.string())
+            fill("prompt", last_user)
+        msgs = pa.array([None if m is None else json.dumps(m, ensure_ascii=False, sort_keys=True)
+                         for m in t.column("messages").to_pylist()], pa.string())
+        fill("prompt_id", stable_id(t.column("prompt"), msgs, prefix="p-"))
+        fill("language", detect_language(t.column("prompt")))
+    elif dataset == "served":
+        fill("prompt_id", stable_id(t.column("prompt"), prefix="p-"))
+    elif dataset == "pairs":
+        fill("source", pa.array(["imported"] * t.num_rows, pa.string()))
+        fill("strategy", pa.array(["imported"] * t.num_rows, pa.string()))
+        fill("prompt_id", stable_id(t.column("prompt"), prefix="p-"))
+        fill("chosen_id", stable_id(t.column("prompt_id"), t.column("chosen"), prefix="c-"))
+        fill("rejected_id", stable_id(t.column("prompt_id"), t.column("rejected"), prefix="c-"))
+        fill("pair_id", stable_id(t.column("prompt_id"), t.column("chosen_id"), t.column("rejected_id"), prefix="pair-"))
+    elif dataset == "feedback_events":
+        fill("event_id", stable_id(t.column("user_id"), t.column("response_id"), t.column("event_type"),
+                                   t.column("ts"), prefix="e-"))
+    return t
+
+
+def _last_user(messages: list[dict] | None) -> str | None:
+    if not messages:
+        return None
+    users = [m.get("content") for m in messages if m and m.get("role") == "user"]
+    return users[-1] if users else messages[-1].get("content")
+
+
+def import_files(dataset: str, path: str | os.PathLike[str]) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Read + validate every file: (good rows, quarantine rows, report)."""
+    files = list_files(path)
+    goods, quarantines, counts = [], [], Counter()
+    rows_in = 0
+    for f in files:
+        raw, q_parse = read_file(f, dataset)
+        good, q_rows, c = coerce(dataset, raw, str(f))
+        rows_in += raw.num_rows + q_parse.num_rows
+        counts.update(Counter(q_parse.column("reason").to_pylist()))
+        counts.update(c)
+        goods.append(good)
+        quarantines += [q_parse, q_rows]
+    good = pa.concat_tables(goods)
+    q = pa.concat_tables(quarantines)
+    report = {"files": [str(f) for f in files], "rows_in": rows_in, "rows_out": good.num_rows,
+              "quarantined": {k: v for k, v in counts.items() if v}, "notes": [k for k, v in counts.items() if not v]}
+    return good, q, report
