@@ -123,6 +123,7 @@ SIGNALS = pa.schema([
     _f("behaviour_score", pa.float64()),
     _f("confidence", pa.float64()),
     _f("positive_share", pa.float64(), True),
+    _f("wilson_lower", pa.float64(), True),  # lower bound of the positive share (see ingest formulas)
     _f("n_users", pa.int64()),
     _f("n_events", pa.int64()),
     _f("last_ts", TS, True),
@@ -190,6 +191,45 @@ REF_LOGPS = pa.schema([
     _f("ref_model_version", pa.string()),
 ])
 
+# One row per training run / evaluation / promotion decision (tasks.training.stage).
+TRAIN_RUNS = pa.schema([
+    _f("run_id", pa.string()),
+    _f("model_version", pa.string()),  # the registered checkpoint (tagged `candidate`)
+    _f("parent_model", pa.string(), True),  # models@<version> or path:<folder> the policy started from
+    _f("ref_model", pa.string(), True),
+    _f("train_data", pa.string()),
+    _f("ref_logps", pa.string(), True),
+    _f("steps", pa.int64()),
+    _f("summary", pa.string()),  # JSON: trainer summary + tokenize stats
+    _f("curves", pa.string(), True),  # PNG path in the workspace artifacts
+    _f("created_at", TS),
+])
+
+MODEL_EVALS = pa.schema([
+    _f("model_version", pa.string()),
+    _f("baseline_model", pa.string(), True),  # production model of the generation comparison
+    _f("eval_data", pa.string(), True),
+    _f("n_pairs", pa.int64()),
+    _f("reward_accuracy", pa.float64(), True),
+    _f("reward_margin", pa.float64(), True),
+    _f("eval_loss", pa.float64(), True),
+    _f("win_rate", pa.float64(), True),
+    _f("metrics", pa.string()),  # JSON: all metrics + generation comparison
+    _f("report", pa.string(), True),  # markdown report path
+    _f("created_at", TS),
+])
+
+PROMOTIONS = pa.schema([
+    _f("model_version", pa.string()),
+    _f("passed", pa.bool_()),
+    _f("promoted", pa.bool_()),
+    _f("previous_production", pa.string(), True),
+    _f("production", pa.string(), True),
+    _f("reasons", pa.list_(pa.string())),
+    _f("thresholds", pa.string()),  # JSON of the promote config
+    _f("created_at", TS),
+])
+
 MODELS = pa.schema([
     _f("model_version", pa.string()),
     _f("path", pa.string()),
@@ -214,6 +254,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "dpo_train": DPO_SPLIT,
     "dpo_eval": DPO_SPLIT,
     "ref_logps": REF_LOGPS,
+    "train_runs": TRAIN_RUNS,
+    "model_evals": MODEL_EVALS,
+    "promotions": PROMOTIONS,
     "models": MODELS,
 }
 

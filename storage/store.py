@@ -302,9 +302,10 @@ class DatasetStore:
 
     def _find_commit(self, name: str, meta_json: str) -> int:
         """The version our commit got (another writer may have committed right after it)."""
-        for h in self._table(name).history(limit=20):
-            if h.get(META_KEY) == meta_json:
-                return int(h["version"])
+        latest = self.latest(name)
+        for v in range(latest, max(latest - 64, -1), -1):
+            if self._commit_info(Ref(name, v)).get(META_KEY) == meta_json:
+                return v
         raise StoreError(f"could not find the commit just written to {name!r}")
 
     def read(self, ref: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
