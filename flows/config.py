@@ -52,6 +52,25 @@ class ImportConfig(Section):
     on_bad_rows: str = Field("quarantine", description="quarantine | fail: what to do with rows that break the contract")
 
 
+class InboxConfig(Section):
+    """Files the nightly run imports before sampling (each imported only when it changed)."""
+
+    prompts: str | None = Field(None, description="prompts file or folder (Parquet / JSONL / CSV)")
+    served: str | None = Field(None, description="served responses file or folder (become candidates, origin=served)")
+    annotations: str | None = Field(None, description="human annotations (JSONL / CSV / Label Studio JSON)")
+    pairs: str | None = Field(None, description="ready-made preference pairs to add (source=imported)")
+
+
+class NightlyConfig(Section):
+    inbox: InboxConfig = Field(default_factory=InboxConfig, description="input files imported at the start of a run")
+    sample: bool = Field(True, description="sample new candidates from models@production")
+    train: bool = Field(True, description="train, evaluate and (if the gate passes) promote")
+    stage_timeout_s: float = Field(6 * 3600, gt=0, description="timeout of each data stage flow")
+    train_timeout_s: float = Field(24 * 3600, gt=0, description="timeout of the train flow")
+    retries: int = Field(2, ge=0, description="retries of a stage after a transient error (I/O, CUDA OOM)")
+    retry_delay_s: float = Field(30, ge=0, description="first retry delay; doubles on each retry")
+
+
 def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
     """Stage sections, imported lazily so a broken optional stage never blocks `datasets list`."""
     from flows.stages import config_sections
@@ -65,6 +84,7 @@ def _build_model() -> type[BaseModel]:
     fields: dict[str, Any] = {
         "storage": (StorageConfig, Field(default_factory=StorageConfig)),
         "import_": (ImportConfig, Field(default_factory=ImportConfig, alias="import")),
+        "nightly": (NightlyConfig, Field(default_factory=NightlyConfig)),
     }
     for name, (model, _) in _stage_models().items():
         fields[name] = (model, Field(default_factory=model))
