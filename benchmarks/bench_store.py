@@ -26,7 +26,7 @@ def make_table(rows: int):
     import pyarrow.compute as pc
 
     rng = np.random.default_rng(0)
-    words = np.array("the model answer is clear and correct 模型 回答 清楚 正确 data pair chosen rejected".split())
+    words = np.array(["the", "model", "answer", "is", "clear", "and", "correct", "模型", "回答", "清楚", "正确", "data", "pair", "chosen", "rejected"])
 
     def texts(n: int, mean_words: int):
         # A pool of texts, sampled: realistic lengths without a Python loop per row.

@@ -44,15 +44,12 @@ def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     ws = _ws(args)
-    if args.name == "annotations":
-        try:
-            from flows.cli_feedback import import_annotations
-        except ImportError:
-            import_annotations = None
-        if import_annotations is not None:
-            result = import_annotations(ws, args.file)
-            _print(args, result, [f"{k}: {v}" for k, v in result.items()])
-            return 0
+    if args.name == "annotations":  # several formats + aggregation into judgements
+        from flows.cli_feedback import import_annotations
+
+        result = import_annotations(ws, args.file, force=args.force)
+        _print(args, result, [f"{k}: {v}" for k, v in result.items()])
+        return 0
     from flows.importing import import_dataset
 
     run = import_dataset(ws, args.name, args.file, force=args.force)
@@ -77,6 +74,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = _ws(args).store
     rows = []
     for name in store.list():
+        if name.startswith("shard_") and not args.all:
+            continue  # resumable work units of a stage, not user-facing data
         info = store.info(name)
         rows.append({"name": name, "latest": info.version, "rows": info.rows, "stage": info.stage,
                      "created": info.created, "tags": store.tags(name)})
@@ -211,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("datasets", help="list, inspect, tag, export and clean up datasets").add_subparsers(dest="sub", required=True)
     s = ds.add_parser("list", parents=[common, listing])
+    s.add_argument("--all", action="store_true", help="also list internal shard_* datasets")
     s.set_defaults(func=cmd_list)
     s = ds.add_parser("show", parents=[common, listing])
     s.add_argument("ref", help="NAME[@VERSION|@TAG]")

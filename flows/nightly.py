@@ -11,6 +11,7 @@ no-change rerun costs seconds. Score and ingest run concurrently.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,77 @@ def import_inbox(ws: Workspace, force: bool = False) -> dict[str, str]:
     return out
 
 
+def _direct(ws: Workspace, stage: str, p: dict[str, Any]) -> dict[str, Any]:
+    """A stage without Prefect: the same stage functions the flows call."""
+    force = p.get("force", False)
+    if stage == "sample":
+        from flows.sample import sample
+
+        return sample(ws, p["prompts"], p.get("served"), force=force).outputs
+    if stage == "score":
+        from flows.score import run_score
+
+        return run_score(ws, p["candidates"], p.get("prompts"), force=force).outputs
+    if stage == "ingest":
+        from flows.ingest import run_ingest
+
+        return run_ingest(ws, p["candidates"], force=force).outputs
+    if stage == "pairs":
+        from flows.pairs import run_pairs
+
+        keys = ("candidates", "prompts", "scores", "signals", "judgements", "pairs_import")
+        return run_pairs(ws, *(p.get(k) or None for k in keys), force=force).outputs
+    if stage == "balance":
+        from flows.balance import run_balance
+
+        return run_balance(ws, p["pairs"], force=force).outputs
+    if stage == "train":
+        from flows.train import train_pipeline
+
+        return train_pipeline(ws, p["dpo_train"], p.get("dpo_eval"), force=force).to_dict()
+    raise KeyError(stage)
+
+
+def run_pipeline(ws: Workspace, call: Callable[[str, dict[str, Any]], Any],
+                 call_pair: Callable[[tuple[str, dict], tuple[str, dict]], tuple[Any, Any]],
+                 common: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """The nightly DAG. `call(stage, params)` runs a stage; `call_pair` runs two side by side."""
+    cfg = ws.config.nightly
+    out: dict[str, Any] = dict(import_inbox(ws, force=force))
+    if not ws.store.exists("prompts"):
+        raise ValueError("no prompts: import some (dpoflow import prompts FILE) or set nightly.inbox.prompts")
+    prompts = out.get("prompts") or str(ws.store.resolve("prompts"))
+    if cfg.sample:
+        served = out.get("served") or _present(ws, "served")
+        out.update(call("sample", {"prompts": prompts, "served": served, **common}))
+    candidates = out.get("candidates") or _present(ws, "candidates")
+    if candidates is None:
+        raise ValueError("no candidates: enable nightly.sample or import served responses")
+    scored, ingested = call_pair(("score", {"candidates": candidates, "prompts": prompts, **common}),
+                                 ("ingest", {"candidates": candidates, **common}))
+    out.update(scored)
+    out.update(ingested)
+    p = call("pairs", {
+        "candidates": candidates, "prompts": prompts, "scores": out.get("scores") or "",
+        "signals": out.get("signals") or _present(ws, "signals") or "",
+        "judgements": out.get("judgements") or _present(ws, "judgements") or "",
+        "pairs_import": out.get("pairs"), **common})
+    out.update(p)
+    b = call("balance", {"pairs": p["pairs"], **common})
+    out.update(b)
+    if cfg.train:
+        out["train"] = call("train", {"dpo_train": b["dpo_train"], "dpo_eval": b.get("dpo_eval"), **common})
+    return out
+
+
+def nightly_direct(workspace: str | None = None, overrides: list[str] | None = None,
+                   force: bool = False) -> dict[str, Any]:
+    """The same DAG without Prefect, one stage after another (benchmarks, debugging)."""
+    ws = Workspace.open(workspace, overrides)
+    return run_pipeline(ws, lambda s, p: _direct(ws, s, p),
+                        lambda a, b: (_direct(ws, *a), _direct(ws, *b)), {"force": force}, force)
+
+
 @flow(name="nightly", log_prints=True)
 def nightly_flow(workspace: str | None = None, overrides: list[str] | None = None,
                  force: bool = False) -> dict[str, Any]:
@@ -77,41 +149,21 @@ def nightly_flow(workspace: str | None = None, overrides: list[str] | None = Non
     t0 = time.perf_counter()
     ws = Workspace.open(workspace, overrides)
     cfg = ws.config.nightly
+    stage = run_stage_task.with_options(retries=cfg.retries,
+                                        retry_delay_seconds=exponential_backoff(cfg.retry_delay_s))
+
+    def call(name: str, params: dict[str, Any]) -> Any:
+        timeout = cfg.train_timeout_s if name == "train" else cfg.stage_timeout_s
+        return stage(name, params, timeout)
+
+    def call_pair(a: tuple[str, dict], b: tuple[str, dict]) -> tuple[Any, Any]:
+        fa = stage.submit(a[0], a[1], cfg.stage_timeout_s)
+        fb = stage.submit(b[0], b[1], cfg.stage_timeout_s)
+        return fa.result(), fb.result()
+
     common = {"workspace": str(ws.root), "overrides": overrides, "force": force}
-    retry = {"retries": cfg.retries, "retry_delay_seconds": exponential_backoff(cfg.retry_delay_s)}
-    stage = run_stage_task.with_options(**retry)
-    out: dict[str, Any] = dict(import_inbox(ws, force=force))
-    if not ws.store.exists("prompts"):
-        raise ValueError("no prompts: import some (dpoflow import prompts FILE) or set nightly.inbox.prompts")
-    prompts = out.get("prompts") or str(ws.store.resolve("prompts"))
-
-    if cfg.sample:
-        served = out.get("served") or _present(ws, "served")
-        s = stage("sample", {"prompts": prompts, "served": served, **common}, cfg.stage_timeout_s)
-        out.update(s)
-    candidates = out.get("candidates") or _present(ws, "candidates")
-    if candidates is None:
-        raise ValueError("no candidates: enable nightly.sample or import served responses")
-
-    score_f = stage.submit("score", {"candidates": candidates, "prompts": prompts, **common}, cfg.stage_timeout_s)
-    ingest_f = stage.submit("ingest", {"candidates": candidates, **common}, cfg.stage_timeout_s)
-    out.update(score_f.result())
-    out.update(ingest_f.result())
-
-    p = stage("pairs", {
-        "candidates": candidates, "prompts": prompts, "scores": out.get("scores") or "",
-        "signals": out.get("signals") or _present(ws, "signals") or "",
-        "judgements": out.get("judgements") or _present(ws, "judgements") or "",
-        "pairs_import": out.get("pairs"), **common}, cfg.stage_timeout_s)
-    out.update(p)
-    b = stage("balance", {"pairs": p["pairs"], **common}, cfg.stage_timeout_s)
-    out.update(b)
-    if cfg.train:
-        t = stage("train", {"dpo_train": b["dpo_train"], "dpo_eval": b.get("dpo_eval"), **common},
-                  cfg.train_timeout_s)
-        out["train"] = t
-    seconds = time.perf_counter() - t0
-    _report(ws, out, seconds)
+    out = run_pipeline(ws, call, call_pair, common, force)
+    _report(ws, out, time.perf_counter() - t0)
     return out
 
 

@@ -1,0 +1,74 @@
+"""The `sample` stage flow: prompts (+ served responses) -> candidates.
+
+Each shard runs as a Prefect task (visible in the UI, one per sampler x chunk of prompts);
+its output is committed to the store when it finishes, so after a crash the rerun of this
+flow skips the finished shards (see tasks.sampling). Progress goes to a Prefect progress
+artifact; the tqdm bar shows on interactive terminals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.stage import StageContext, StageResult, StageRun, _flow_run_id, artifact_key, run_stage
+from flows.workspace import Workspace
+from tasks import generation, sampling
+
+
+@task(name="sample-shard", task_run_name="sample-shard-{label}", cache_policy=NO_CACHE, persist_result=False)
+def sample_shard_task(label: str, work: Callable[[], dict]) -> dict:
+    """One shard: its finished output is a store dataset, so Prefect need not keep results."""
+    return work()
+
+
+def _prefect_runner(label: str, work: Callable[[], dict]) -> dict:
+    return sample_shard_task(label, work)
+
+
+def _progress_reporter(stage_key: str) -> Callable[[float], None] | None:
+    if not _flow_run_id():
+        return None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    art = create_progress_artifact(progress=0.0, key=artifact_key(stage_key), description="sample: prompts done")
+
+    def report(fraction: float) -> None:
+        update_progress_artifact(art, progress=round(100.0 * fraction, 2))
+
+    return report
+
+
+def stage_fn(shard_runner: Callable | None = None, force: bool = False) -> Callable[[StageContext], StageResult]:
+    """The stage function for run_stage (Prefect tasks per shard when `shard_runner` is given;
+    a forced run recomputes finished shards too)."""
+
+    def fn(ctx: StageContext) -> StageResult:
+        return sampling.sample_stage(ctx, shard_runner=shard_runner, reuse_shards=not force,
+                                     on_progress=_progress_reporter("sample-progress"))
+
+    fn.__module__ = sampling.__name__  # the code version hashes tasks/sampling.py
+    return fn
+
+
+def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = None, *,
+           force: bool = False, shard_runner: Callable | None = None) -> StageRun:
+    """Run the stage (with or without Prefect); unchanged inputs/config/code/models reuse the
+    output. The key covers the model each sampler resolves to now, so promoting a new
+    production model resamples even though the config still says `models@production`.
+    Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task."""
+    if shard_runner is None and _flow_run_id():
+        shard_runner = _prefect_runner
+    return run_stage(ws, "sample", stage_fn(shard_runner, force), {"prompts": prompts, "served": served},
+                     ws.config.sample, force=force, code=(sampling, generation),
+                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)})
+
+
+@flow(name="sample")
+def sample_flow(prompts: str = "prompts@latest", served: str | None = None, workspace: str | None = None,
+                overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
+    """Sample candidate responses for `prompts` (and add `served` responses, when given)."""
+    ws = Workspace.open(workspace, overrides)
+    return sample(ws, prompts, served, force=force).outputs

@@ -1,0 +1,220 @@
+"""The `ref_logps` and `train` flows: reference log-probs -> DPO training -> evaluation -> promotion.
+
+``train_flow`` runs four kinds of steps, each a versioned stage with its own content key:
+``ref_logps`` (a subflow, once for dpo_train and once for dpo_eval), ``train`` (the trainer in
+its own process group with a hard timeout, killed with its children when the flow run is
+cancelled or fails), ``evaluate`` and ``promote``. A rerun with unchanged inputs reuses every
+step; a β sweep reuses the stored reference log-probs; a changed promotion threshold re-runs
+only the gate. The same steps run without Prefect for ``dpoflow train`` (the fast path).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.stage import StageRun, publish_markdown, publish_table, run_stage
+from flows.workspace import Workspace
+from tasks.training import promotion, ref_logps, stage
+
+TRAIN_CODE = ("tasks.training.trainer", "tasks.training.losses", "tasks.training.data",
+              "tasks.training.tokenization", "tasks.training.logprobs", "tasks.training.promotion")
+EVAL_CODE = ("tasks.training.evaluation", "tasks.training.losses", "tasks.training.tokenization",
+             "tasks.training.logprobs", "tasks.generation")
+
+
+def optional_ref(ws: Workspace, ref: str | None) -> str | None:
+    """``dpo_eval@latest`` when no dpo_eval exists yet means "no eval set"; any other missing
+    ref is an error (a pinned version the user asked for must exist)."""
+    if not ref:
+        return None
+    name, _, sel = ref.partition("@")
+    if sel in ("", "latest") and not ws.store.exists(name):
+        return None
+    return str(ws.store.resolve(ref))
+
+
+def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
+    """Reference log-probs of one pairs version (reused when stored for the same reference)."""
+    return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force)
+
+
+def _modules(names: tuple[str, ...]) -> tuple[Any, ...]:
+    import importlib
+
+    return tuple(importlib.import_module(m) for m in names)
+
+
+@dataclass
+class TrainOutcome:
+    outputs: dict[str, str] = field(default_factory=dict)
+    model_version: str | None = None
+    decision: dict[str, Any] | None = None
+    eval_metrics: dict[str, Any] | None = None
+    skipped: dict[str, bool] = field(default_factory=dict)
+    report_path: str | None = None
+    curves_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": self.outputs, "model_version": self.model_version, "decision": self.decision,
+                "eval": self.eval_metrics, "skipped": self.skipped, "report": self.report_path,
+                "curves": self.curves_path}
+
+
+def _direct(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    return fn(*args, **kw)
+
+
+def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
+                   *, force: bool = False, promote: bool = True,
+                   runner: Callable[..., Any] = _direct) -> TrainOutcome:
+    """ref_logps (train, eval) -> train -> evaluate -> promote, as versioned stages.
+
+    `runner(name, fn, *args)` runs each step (directly, or as a Prefect subflow / task)."""
+    cfg = ws.config.train
+    out = TrainOutcome()
+    train_ref = str(ws.store.resolve(dpo_train))
+    eval_ref = optional_ref(ws, dpo_eval)
+
+    policy = ref_logps.resolve_model(ws, cfg.model)
+    reference = ref_logps.resolve_model(ws, cfg.ref_model) if cfg.ref_model else policy
+    inputs: dict[str, str | None] = {"train": train_ref, "train_ref": None}
+    eval_ref_logps = None
+    if cfg.needs_reference:
+        r = runner("ref_logps", ref_logps_step, ws, train_ref, force=force)
+        inputs["train_ref"] = r.outputs["ref_logps"]
+        out.outputs["ref_logps"] = r.outputs["ref_logps"]
+        out.skipped["ref_logps"] = r.skipped
+        if eval_ref and cfg.eval.enabled:
+            r = runner("ref_logps", ref_logps_step, ws, eval_ref, force=force)
+            eval_ref_logps = r.outputs["ref_logps"]
+            out.outputs["eval_ref_logps"] = eval_ref_logps
+            out.skipped["eval_ref_logps"] = r.skipped
+
+    def train_step() -> StageRun:
+        from flows.deploy import gpu_slot
+
+        with gpu_slot(occupy=cfg.devices):
+            return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference), inputs,
+                             stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
+                             key_extra={"policy": policy.version, "ref_model": reference.version})
+
+    t = runner("train", train_step)
+    out.outputs["train_runs"] = t.outputs["train_runs"]
+    out.skipped["train"] = t.skipped
+    run = stage._row(ws.store.read(t.outputs["train_runs"]))
+    out.model_version = run["model_version"]
+    out.curves_path = run.get("curves")
+
+    eval_run = None
+    if eval_ref and cfg.eval.enabled:
+        prod = promotion.current_production(ws.registry)
+        baseline = ref_logps.resolve_model(ws, f"models@{prod}") if prod else None
+        if baseline is not None and baseline.version == out.model_version:
+            baseline = None
+
+        def eval_step() -> StageRun:
+            from flows.deploy import gpu_slot
+
+            with gpu_slot(occupy=1):
+                return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
+                                 {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},
+                                 stage.eval_key_config(cfg), force=force, code=_modules(EVAL_CODE),
+                                 key_extra={"baseline": baseline.version if baseline else None})
+
+        eval_run = runner("evaluate", eval_step)
+        out.outputs["model_evals"] = eval_run.outputs["model_evals"]
+        out.skipped["evaluate"] = eval_run.skipped
+        row = stage._row(ws.store.read(eval_run.outputs["model_evals"]))
+        out.eval_metrics = json.loads(row["metrics"]).get("metrics")
+        out.report_path = row.get("report")
+
+    if promote:
+        def promote_step() -> StageRun:
+            return run_stage(ws, "promote", stage.make_promote_stage(cfg),
+                             {"train_run": t.outputs["train_runs"],
+                              "model_eval": eval_run.outputs["model_evals"] if eval_run else None},
+                             cfg.promote, force=force,
+                             key_extra={"production": promotion.current_production(ws.registry)})
+
+        p = runner("promote", promote_step)
+        out.outputs["promotions"] = p.outputs["promotions"]
+        out.skipped["promote"] = p.skipped
+        row = stage._row(ws.store.read(p.outputs["promotions"]))
+        out.decision = {k: row[k] for k in ("model_version", "passed", "promoted", "previous_production",
+                                            "production", "reasons")}
+    return out
+
+
+def publish_outcome(ws: Workspace, out: TrainOutcome) -> None:
+    """Prefect artifacts: training curves (table + PNG path), eval report, promotion decision."""
+    if out.outputs.get("train_runs"):
+        run = stage._row(ws.store.read(out.outputs["train_runs"]))
+        metrics_file = ws.artifacts / "train" / f"{run['run_id']}-metrics.jsonl"
+        rows = []
+        if metrics_file.exists():
+            hist = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            every = max(1, len(hist) // 25)
+            keep = ("step", "loss", "rewards/accuracies", "rewards/margins", "grad_norm", "lr", "tokens_per_s")
+            rows = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items() if k in keep}
+                    for i, h in enumerate(hist) if i % every == 0 or i == len(hist) - 1]
+        publish_table("train-curves", rows, f"training curves of {out.model_version} (PNG: {out.curves_path})")
+        publish_markdown("train-curves-image", f"# Training curves of `{out.model_version}`\n\n"
+                         f"![training curves]({out.curves_path})\n\nPNG in the workspace: `{out.curves_path}`",
+                         "training curves PNG")
+    if out.report_path:
+        from pathlib import Path
+
+        publish_markdown("eval-report", Path(out.report_path).read_text(), f"evaluation of {out.model_version}")
+    if out.decision:
+        d = out.decision
+        verdict = "PROMOTED to production" if d["promoted"] else "not promoted"
+        md = (f"# Promotion of `{d['model_version']}`: {verdict}\n\n"
+              f"- gate passed: {d['passed']}\n- production before: {d['previous_production'] or 'none'}\n"
+              f"- production now: {d['production'] or 'none'}\n\n## Reasons\n\n"
+              + "\n".join(f"- {r}" for r in d["reasons"]))
+        publish_markdown("promotion-decision", md, "promotion gate decision with reasons")
+
+
+@flow(name="ref_logps")
+def ref_logps_flow(pairs: str = "dpo_train@latest", workspace: str | None = None,
+                   overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
+    """Reference log-probs of `pairs` with the configured reference model (stored once per
+    pairs version and reference model version)."""
+    ws = Workspace.open(workspace, overrides)
+    return ref_logps_step(ws, pairs, force=force).outputs
+
+
+@task(name="train-step", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
+def _step_task(name: str, fn: Callable[[], StageRun]) -> StageRun:
+    return fn()
+
+
+def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Callable[..., Any]:
+    def runner(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if name == "ref_logps":
+            pairs = args[1]
+            outputs = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False))
+            skipped = False  # the subflow reports reuse in its own logs / artifact
+            return StageRun("ref_logps", outputs, skipped, "", {}, 0.0)
+        return _step_task(name, lambda: fn(*args, **kw))
+
+    return runner
+
+
+@flow(name="train")
+def train_flow(dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
+               workspace: str | None = None, overrides: list[str] | None = None, force: bool = False,
+               promote: bool = True) -> dict[str, Any]:
+    """ref_logps -> DPO training -> evaluation on dpo_eval -> promotion gate."""
+    ws = Workspace.open(workspace, overrides)
+    out = train_pipeline(ws, dpo_train, dpo_eval, force=force, promote=promote,
+                         runner=_prefect_runner(str(ws.root), overrides))
+    publish_outcome(ws, out)
+    return out.to_dict()
+

@@ -1,0 +1,1032 @@
+"""The `ingest` stage: user-behaviour events -> validated `feedback_events` + per-response `signals`.
+
+Why it looks like this: events arrive every day, partly overlapping what came before, with junk
+rows, bots and position bias. The stage therefore
+
+1. reads each configured source incrementally (files: only new or changed files; SQL: rows at or
+   after the stored watermark, minus a look-back window for late rows), in batches;
+2. validates every row and sends bad ones to `quarantine` with a reason (never a silent drop);
+3. de-duplicates by ``event_id`` against everything accepted before (exactly-once);
+4. filters abuse (rate caps, uniform voters, bursts) over all events so far;
+5. aggregates one vote per user per (response, vote group), latest wins, into signals.
+
+Storage mode: each run writes a *full* new version of `feedback_events` (all valid events so
+far, prior version + new, deduplicated), so a version is self-contained and abuse found later
+can move older events to quarantine. The hot path works on compact numeric arrays (64-bit
+hashes of ids, integer codes), streamed batch by batch; raw rows are spooled to an uncompressed
+Arrow IPC file in scratch space, never held in memory whole.
+
+Signal formulas (also in benchmarks/results_feedback.md, "Signal formulas"), per response r over
+its winning votes v (after dedup and abuse filtering):
+
+    s_v   = w[type_v]                                  (dwell: w_dwell * min(value_v / dwell_full_ms, 1))
+    d_v   = 2 ** (-(T - ts_v) / half_life)             (T = as_of, default: newest valid event)
+    ipw_v = 1 / max(p[pos_v], p_min)                   (1 when no position is logged)
+    e_v   = s_v * d_v * ipw_v
+    P = sum(max(e_v, 0)),  N = sum(max(-e_v, 0)),  n = P + N
+    positive_share  = P / n
+    behaviour_score = (P - N + m * mu0) / (n + m)      (Bayesian average of +-1 votes, m prior votes at mu0)
+    wilson_lower    = (p + z^2/2n - z*sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n),  p = P / n
+    confidence      = 1 - (wilson_upper - wilson_lower)   (narrow interval -> confident)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from flows.config import Section
+from storage.schemas import FEEDBACK_EVENTS, QUARANTINE, SIGNALS, TS
+
+STAGE = "ingest"
+STRING_FIELDS = ["event_id", "user_id", "response_id", "event_type", "session_id", "surface", "variant"]
+REQUIRED = ["event_id", "user_id", "response_id", "event_type", "ts"]
+FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                ".json": "jsonl", ".csv": "csv"}
+DEFAULT_WEIGHTS = {"like": 1.0, "dislike": -1.0, "favourite": 2.0, "copy": 0.5, "share": 1.5,
+                   "regenerate": -0.5, "report": -3.0, "dwell": 0.5}
+# Row status codes in the accumulator (0 = accepted).
+OK, INVALID, DUP, DUP_QUARANTINED, RATE_CAP, UNIFORM, BURST = range(7)
+ABUSE_REASONS = {RATE_CAP: "abuse: rate cap", UNIFORM: "abuse: uniform voter", BURST: "abuse: burst"}
+
+
+# --- config ---------------------------------------------------------------------------------
+
+class SourceConfig(Section):
+    """One event source. Secrets never live here: SQL URLs are read from the env var `url_env`."""
+
+    name: str = Field(..., description="source name: the watermark key and the quarantine `source` label")
+    kind: Literal["files", "sql"] = Field("files", description="files (Parquet / JSONL / CSV) or sql")
+    path: str | None = Field(None, description="files: a file, a folder, or a glob such as events/*.parquet")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = Field("auto", description="files: format (auto = by suffix)")
+    url_env: str | None = Field(None, description="sql: NAME of the env var holding the SQLAlchemy URL")
+    query: str | None = Field(None, description="sql: a SELECT returning event columns (or use `table`)")
+    table: str | None = Field(None, description="sql: a table to read instead of a query")
+    watermark_column: str = Field("ts", description="sql: monotone column for incremental reads")
+    lookback_s: float = Field(0.0, description="sql: re-read this many seconds before the watermark (late rows); "
+                              "event_id dedup makes the overlap harmless")
+    chunk_rows: int = Field(50_000, gt=0, description="sql: rows fetched per chunk")
+    columns: dict[str, str] = Field(default_factory=dict, description="rename source columns: {source_name: contract_name}")
+
+
+class AbuseConfig(Section):
+    rate_cap_per_day: int = Field(1000, ge=0, description="max events per user per UTC day; over it the user-day is quarantined (0 = off)")
+    uniform_min_responses: int = Field(20, ge=0, description="users voting on at least this many responses, always with "
+                                       "the same event type, are quarantined (0 = off)")
+    uniform_types: list[str] = Field(default_factory=lambda: ["like", "dislike", "favourite", "share", "report"],
+                                     description="event types that count as votes for the uniform-voter check")
+    burst_max_events: int = Field(60, ge=0, description="more events than this from one user in one burst window is a burst (0 = off)")
+    burst_window_s: float = Field(60.0, gt=0, description="burst window length; windows start at multiples of it and at half offsets")
+
+
+class IngestConfig(Section):
+    """Feedback ingestion and aggregation (see the module docstring for the formulas)."""
+
+    sources: list[SourceConfig] = Field(default_factory=list, description="event sources, read in order")
+    batch_rows: int = Field(1_000_000, gt=0, description="rows per processing batch (memory vs speed)")
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
+                                            description="event type -> weight; unknown types are quarantined")
+    exclusive_groups: list[list[str]] = Field(default_factory=lambda: [["like", "dislike"]],
+                                              description="event types that are one vote (latest wins across them)")
+    value_required: list[str] = Field(default_factory=lambda: ["dwell"], description="event types that need `value`")
+    dwell_full_ms: float = Field(30_000.0, gt=0, description="dwell time that earns the full dwell weight")
+    half_life_days: float = Field(30.0, gt=0, description="time-decay half-life of a vote")
+    as_of: dt.datetime | None = Field(None, description="reference time for decay (default: newest valid event)")
+    future_tolerance_s: float = Field(300.0, ge=0, description="timestamps later than now + this are quarantined")
+    propensities: dict[int, float] = Field(default_factory=dict, description="position -> examination propensity "
+                                           "(positions past the table use its last entry)")
+    estimate_propensities: bool = Field(False, description="estimate propensities from randomised traffic")
+    randomised_variant: str = Field("random", description="`variant` value that marks randomised-position traffic")
+    min_randomised_events: int = Field(100, ge=1, description="randomised events per position needed to estimate it")
+    min_propensity: float = Field(0.05, gt=0, le=1, description="propensity floor (bounds IPW weights at 1/p_min)")
+    prior_strength: float = Field(2.0, ge=0, description="m: pseudo-votes in the Bayesian average")
+    prior_mean: float = Field(0.0, ge=-1, le=1, description="mu0: prior mean of a vote in [-1, 1]")
+    wilson_z: float = Field(1.96, gt=0, description="z of the Wilson interval (1.96 = 95%)")
+    abuse: AbuseConfig = Field(default_factory=AbuseConfig, description="bot and abuse filters")
+
+
+# --- sources --------------------------------------------------------------------------------
+
+class SourceError(ValueError):
+    """A source is misconfigured (no path, env var not set, unknown format...)."""
+
+
+def list_source_files(src: SourceConfig) -> list[Path]:
+    """Files of a files-source: a file, every supported file under a folder, or a glob (sorted)."""
+    if not src.path:
+        raise SourceError(f"source {src.name!r}: `path` is required for kind=files")
+    p = Path(src.path)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+    elif p.is_file():
+        files = [p]
+    else:
+        files = [Path(f) for f in glob.glob(src.path, recursive=True) if Path(f).is_file()]
+    if src.format == "auto":
+        files = [f for f in files if f.suffix.lower() in FILE_FORMATS]
+    return sorted(f.resolve() for f in files)
+
+
+def _file_sig(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _sql_engine(src: SourceConfig):
+    import sqlalchemy as sa
+
+    if not src.url_env:
+        raise SourceError(f"source {src.name!r}: `url_env` (name of the env var with the URL) is required")
+    url = os.environ.get(src.url_env)
+    if not url:
+        raise SourceError(f"source {src.name!r}: environment variable {src.url_env} is not set")
+    return sa.create_engine(url)
+
+
+def _sql_base(src: SourceConfig) -> str:
+    if src.query:
+        return src.query.strip().rstrip(";")
+    if src.table:
+        if not all(part.replace("_", "").isalnum() for part in src.table.split(".")):
+            raise SourceError(f"source {src.name!r}: invalid table name {src.table!r}")
+        return f"SELECT * FROM {src.table}"
+    raise SourceError(f"source {src.name!r}: give `query` or `table` for kind=sql")
+
+
+def _wm_param(state: dict[str, Any], lookback_s: float) -> Any:
+    """The stored watermark as a query parameter (datetimes shifted back by the look-back)."""
+    wm = state.get("watermark")
+    if wm is None:
+        return None
+    if state.get("type") == "datetime":
+        t = dt.datetime.fromisoformat(wm) - dt.timedelta(seconds=lookback_s)
+        return t if state.get("tz") else t.replace(tzinfo=None)
+    if state.get("type") == "number":
+        return wm - lookback_s if isinstance(wm, int | float) and lookback_s else wm
+    if lookback_s:  # ISO text (e.g. SQLite): shift and write back in the same style
+        try:
+            t = dt.datetime.fromisoformat(str(wm).replace("Z", "+00:00"))
+        except ValueError:
+            return wm
+        sep = "T" if "T" in str(wm) else " "
+        return (t - dt.timedelta(seconds=lookback_s)).isoformat(sep=sep)
+    return wm
+
+
+def _wm_state(value: Any) -> dict[str, Any]:
+    if isinstance(value, dt.datetime):
+        return {"watermark": value.isoformat(), "type": "datetime", "tz": value.tzinfo is not None}
+    if isinstance(value, int | float):
+        return {"watermark": value, "type": "number"}
+    return {"watermark": str(value), "type": "string"}
+
+
+def source_fingerprint(src: SourceConfig, state: dict[str, Any]) -> Any:
+    """What the stage's content key must know about a source, so new events are never skipped."""
+    if src.kind == "files":
+        return [[str(f), *_file_sig(f)] for f in list_source_files(src)]
+    import sqlalchemy as sa
+
+    base = _sql_base(src)
+    col = src.watermark_column
+    with _sql_engine(src).connect() as conn:
+        row = conn.execute(sa.text(f"SELECT COUNT(*), MAX({col}) FROM ({base}) AS src")).one()
+    return [int(row[0]), str(row[1]), state.get("watermark")]
+
+
+@dataclass
+class RawBatch:
+    table: pa.Table
+    source: str  # quarantine label: file path or sql:<name>
+    row0: int  # index of the first row within its file / query
+
+
+def _read_text_file(path: Path, fmt: str) -> tuple[pa.Table, pa.Table]:
+    """JSONL / CSV through the import module's tolerant readers (bad lines -> quarantine rows)."""
+    from tasks.importing import read_file
+
+    if FILE_FORMATS.get(path.suffix.lower()) != fmt:  # read_file dispatches on the suffix
+        raise SourceError(f"{path}: the suffix does not match format {fmt!r}")
+    raw, q = read_file(path, "feedback_events")
+    q = q.set_column(q.schema.get_field_index("stage"), QUARANTINE.field("stage"),
+                     pa.array([STAGE] * q.num_rows, pa.string()))
+    return raw, q
+
+
+def iter_files(src: SourceConfig, state: dict[str, Any], batch_rows: int,
+               parse_quarantine: list[pa.Table], new_state: dict[str, Any]) -> Iterator[RawBatch]:
+    """New or changed files of a source, in batches; `new_state` gets the files' signatures."""
+    seen = dict(state.get("files") or {})
+    for f in list_source_files(src):
+        sig = _file_sig(f)
+        if seen.get(str(f)) == sig:
+            continue  # watermark: this exact file content was ingested before
+        fmt = src.format if src.format != "auto" else FILE_FORMATS[f.suffix.lower()]
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            dict_cols = [c for c in ("user_id", "response_id", "event_type") if c in names]
+            pf = pq.ParquetFile(f, read_dictionary=dict_cols)
+            row0 = 0
+            for b in pf.iter_batches(batch_size=batch_rows):
+                yield RawBatch(pa.Table.from_batches([b]), str(f), row0)
+                row0 += b.num_rows
+        else:
+            raw, q = _read_text_file(f, fmt)
+            if raw.num_columns == 0 and raw.num_rows:  # rows like {}: keep them countable
+                raw = pa.table({"event_id": pa.nulls(raw.num_rows, pa.string())})
+            parse_quarantine.append(q)
+            for off in range(0, max(raw.num_rows, 1), batch_rows):
+                if raw.num_rows:
+                    yield RawBatch(raw.slice(off, batch_rows), str(f), off)
+        seen[str(f)] = sig
+    new_state["files"] = seen
+
+
+def iter_sql(src: SourceConfig, state: dict[str, Any], new_state: dict[str, Any]) -> Iterator[RawBatch]:
+    """Rows at or after the watermark (minus look-back), fetched in chunks of `chunk_rows`."""
+    import sqlalchemy as sa
+
+    base, col = _sql_base(src), src.watermark_column
+    wm = _wm_param(state, src.lookback_s)
+    sql = f"SELECT * FROM ({base}) AS src" + (f" WHERE {col} >= :wm" if wm is not None else "") + f" ORDER BY {col}"
+    label = f"sql:{src.name}"
+    top = None
+    row0 = 0
+    with _sql_engine(src).connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=src.chunk_rows).execute(
+            sa.text(sql), {"wm": wm} if wm is not None else {})
+        keys = list(result.keys())
+        for chunk in result.partitions(src.chunk_rows):
+            cols = list(zip(*chunk, strict=True)) if chunk else [[] for _ in keys]
+            arrays = {}
+            for k, vals in zip(keys, cols, strict=True):
+                try:
+                    arrays[k] = pa.array(list(vals))
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    arrays[k] = pa.array([None if v is None else str(v) for v in vals], pa.string())
+            t = pa.table(arrays)
+            if col in keys:
+                vals = [v for v in cols[keys.index(col)] if v is not None]
+                if vals:
+                    m = max(vals)
+                    top = m if top is None or m > top else top
+            yield RawBatch(t, label, row0)
+            row0 += len(chunk)
+    if top is not None:
+        new_state.update(_wm_state(top))
+    else:
+        new_state.update({k: v for k, v in state.items()})
+
+
+# --- validation -----------------------------------------------------------------------------
+
+def _to_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Any scalar column as trimmed text; empty / whitespace-only strings become null (missing)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        dictionary = _to_string(arr.dictionary)
+        return pa.DictionaryArray.from_arrays(arr.indices, dictionary)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        if pa.types.is_floating(arr.type):  # 12.0 -> "12" (ids read from CSV / SQL as numbers)
+            f = arr.to_numpy(zero_copy_only=False)
+            integral = np.isfinite(f) & (np.floor(np.nan_to_num(f)) == np.nan_to_num(f))
+            if integral.all() or arr.null_count == len(arr):
+                arr = pc.cast(arr, pa.int64(), safe=False)
+        try:
+            arr = pc.cast(arr, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            arr = pa.array([None if v is None else json.dumps(v, default=str) for v in arr.to_pylist()], pa.string())
+    trimmed = pc.utf8_trim_whitespace(arr)
+    return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), pa.scalar(None, pa.string()), trimmed)
+
+
+def _null_np(arr: pa.Array) -> np.ndarray:
+    """Null mask; for dictionary arrays a null *dictionary value* counts as null too."""
+    if pa.types.is_dictionary(arr.type):
+        dnull = _null_np(arr.dictionary)
+        idx = arr.indices
+        out = _null_np(idx)
+        if dnull.any():
+            i = pc.fill_null(idx, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            out |= dnull[i]
+        return out
+    if arr.null_count == 0:
+        return np.zeros(len(arr), bool)
+    return np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False), bool)
+
+
+def _epoch_to_us(x: np.ndarray) -> np.ndarray:
+    """Epoch numbers in s / ms / us / ns (by magnitude) -> microseconds."""
+    a = np.abs(x)
+    scale = np.where(a >= 1e17, 1e-3, np.where(a >= 1e14, 1.0, np.where(a >= 1e11, 1e3, 1e6)))
+    return x * scale
+
+
+def parse_ts(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Timestamps from Arrow timestamps (naive = UTC), epoch numbers or ISO-8601 text -> UTC us.
+
+    Unparseable values become null; the caller tells them apart from missing ones."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_timestamp(arr.type):
+        if arr.type.tz is None:
+            arr = pc.assume_timezone(arr, "UTC")
+        return pc.cast(arr, TS)
+    if pa.types.is_date(arr.type):
+        return pc.cast(pc.cast(arr, pa.timestamp("us")), TS)
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+        us = _epoch_to_us(x)
+        ok = np.isfinite(us) & (np.abs(us) < 2**62)
+        ints = np.where(ok, us, 0).astype(np.int64)
+        mask = ~ok | _null_np(arr)
+        return pa.array(ints, TS, mask=mask)
+    import pandas as pd
+
+    text = _to_string(arr)
+    s = pd.Series(text.to_pylist(), dtype=object)
+    num = pd.to_numeric(s, errors="coerce")
+    out = pd.to_datetime(s.where(num.isna()), errors="coerce", utc=True, format="ISO8601")
+    res = pa.array(out, type=TS, from_pandas=True)
+    if num.notna().any():
+        from_num = parse_ts(pa.array(num.to_numpy(dtype=float), pa.float64(), mask=num.isna().to_numpy()))
+        res = pc.coalesce(res, from_num)
+    return res
+
+
+def _parse_number(col: pa.ChunkedArray | pa.Array, typ: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """Numbers (or numeric text) -> `typ`; second value: rows that had a value but not a valid one."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    present = ~_null_np(arr)
+    if pa.types.is_boolean(arr.type):
+        arr = pc.cast(arr, pa.int8())
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    else:
+        import pandas as pd
+
+        text = _to_string(arr)
+        x = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce").to_numpy(dtype=float)
+    good = np.isfinite(x)
+    if pa.types.is_integer(typ):
+        good &= (np.floor(np.nan_to_num(x)) == np.nan_to_num(x)) & (np.abs(np.nan_to_num(x)) < 2**31)
+        good &= np.nan_to_num(x) >= 0  # positions are 0- or 1-based ranks
+        out = pa.array(np.where(good, x, 0).astype(np.int32), typ, mask=~good)
+    else:
+        out = pa.array(np.where(good, x, 0.0), typ, mask=~good)
+    return out, present & ~good
+
+
+@dataclass
+class Validated:
+    typed: pa.Table  # FEEDBACK_EVENTS columns (all nullable), same rows as the raw batch
+    code: np.ndarray  # int16 per row: 0 = valid, else an index into `names`
+    names: list[str | None]
+
+    @property
+    def bad(self) -> np.ndarray:
+        return self.code != 0
+
+    @property
+    def reason(self) -> np.ndarray:
+        """Object array: None = valid, else the quarantine reason."""
+        return np.array(self.names, dtype=object)[self.code]
+
+
+def validate(raw: pa.Table, cfg: IngestConfig, now_us: int, source: str,
+             candidate_ids: pa.Array | None, columns: dict[str, str] | None = None) -> Validated:
+    """Type and check one raw batch; every row gets exactly one verdict (valid or one reason).
+
+    Order of checks (the first failing one is the reason): missing field, unknown event type,
+    unparseable timestamp, malformed field (value / position), missing value for types that
+    need one, future timestamp, orphan (response id matches no candidate)."""
+    if columns:
+        raw = raw.rename_columns([columns.get(c, c) for c in raw.column_names])
+    n = raw.num_rows
+    code = np.zeros(n, np.int16)
+    names: list[str | None] = [None]
+
+    def mark(mask: np.ndarray, why: str) -> None:
+        if not mask.any():
+            return
+        sel = mask & (code == 0)
+        if sel.any():
+            names.append(why)
+            code[sel] = len(names) - 1
+
+    cols: dict[str, pa.Array] = {}
+    for name in STRING_FIELDS:
+        cols[name] = _to_string(raw.column(name)) if name in raw.column_names else pa.nulls(n, pa.string())
+    if "ts" in raw.column_names:
+        ts_in = raw.column("ts")
+        ts_in = ts_in.combine_chunks() if isinstance(ts_in, pa.ChunkedArray) else ts_in
+        ts_present = ~_null_np(ts_in)
+        if pa.types.is_string(ts_in.type) or pa.types.is_large_string(ts_in.type):
+            ts_present &= ~_null_np(_to_string(ts_in))
+        ts = parse_ts(ts_in)
+    else:
+        ts_present = np.zeros(n, bool)
+        ts = pa.nulls(n, TS)
+    for name in REQUIRED:
+        miss = ~ts_present if name == "ts" else _null_np(cols[name])
+        mark(miss, f"missing field: {name}")
+    # event types: normalise case; checked on the (small) dictionary of distinct values
+    et = cols["event_type"]
+    et_d = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
+    norm_dict = pc.utf8_lower(et_d.dictionary)
+    known = pc.is_in(norm_dict, value_set=pa.array(list(cfg.event_weights), pa.string()))
+    known_np = np.asarray(known.to_numpy(zero_copy_only=False), bool)
+    idx = et_d.indices.to_numpy(zero_copy_only=False)
+    idx_valid = ~_null_np(et_d.indices)
+    row_known = np.zeros(n, bool)
+    row_known[idx_valid] = known_np[idx[idx_valid].astype(np.int64)]
+    mark(idx_valid & ~row_known, "unknown event type")
+    cols["event_type"] = pa.DictionaryArray.from_arrays(et_d.indices, norm_dict)
+    mark(ts_present & _null_np(ts), "unparseable timestamp")
+    for name, typ in (("value", pa.float64()), ("position", pa.int32())):
+        if name in raw.column_names:
+            cols[name], bad = _parse_number(raw.column(name), typ)
+            mark(bad, f"malformed field: {name}")
+        else:
+            cols[name] = pa.nulls(n, typ)
+    if cfg.value_required:
+        need = pc.is_in(norm_dict, value_set=pa.array(cfg.value_required, pa.string()))
+        need_np = np.asarray(need.to_numpy(zero_copy_only=False), bool)
+        row_need = np.zeros(n, bool)
+        row_need[idx_valid] = need_np[idx[idx_valid].astype(np.int64)]
+        mark(row_need & _null_np(cols["value"]), "missing field: value")
+    ts_us = ts.cast(pa.int64()).to_numpy(zero_copy_only=False) if ts.null_count == 0 else \
+        pc.fill_null(ts.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    mark(ts_us > now_us + int(cfg.future_tolerance_s * 1e6), "future timestamp")
+    if candidate_ids is not None:
+        r = cols["response_id"]
+        r_d = r if pa.types.is_dictionary(r.type) else pc.dictionary_encode(r)
+        hit = np.asarray(pc.is_in(r_d.dictionary, value_set=candidate_ids).to_numpy(zero_copy_only=False), bool)
+        ridx = r_d.indices.to_numpy(zero_copy_only=False)
+        rvalid = ~_null_np(r_d.indices)
+        row_hit = np.zeros(n, bool)
+        row_hit[rvalid] = hit[ridx[rvalid].astype(np.int64)]
+        mark(rvalid & ~row_hit, "orphan")
+    cols["ts"] = ts
+    cols["source"] = pa.array([source] * n, pa.string()) if n else pa.nulls(0, pa.string())
+    typed = pa.table({f.name: cols[f.name] for f in FEEDBACK_EVENTS})
+    return Validated(typed, code, names)
+
+
+def quarantine_rows(raw: pa.Table, idx: np.ndarray, reasons: list[str], source: str | list[str],
+                    row_index: np.ndarray | None, now: dt.datetime) -> pa.Table:
+    """Rejected rows as QUARANTINE rows; `raw` is the row as JSON (sorted keys, so re-runs match)."""
+    rows = raw.take(pa.array(idx, pa.int64())).to_pylist() if len(idx) else []
+    raws = [json.dumps(r, sort_keys=True, ensure_ascii=False, default=str) for r in rows]
+    k = len(raws)
+    srcs = source if isinstance(source, list) else [source] * k
+    return pa.table({
+        "source": pa.array(srcs, pa.string()), "stage": pa.array([STAGE] * k, pa.string()),
+        "dataset": pa.array(["feedback_events"] * k, pa.string()), "reason": pa.array(reasons, pa.string()),
+        "raw": pa.array(raws, pa.string()),
+        "row_index": pa.array(row_index if row_index is not None else [None] * k, pa.int64()),
+        "quarantined_at": pa.array([now] * k, TS),
+    }, schema=QUARANTINE)
+
+
+# --- hashing and codes ----------------------------------------------------------------------
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (vectorised): spreads every input bit over the 64-bit hash."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(30))
+        h = h * _M1
+        h = h ^ (h >> np.uint64(27))
+        h = h * _M2
+        return h ^ (h >> np.uint64(31))
+
+
+def hash64(arr: pa.Array) -> np.ndarray:
+    """64-bit hash of each string (vectorised over the Arrow buffers, no per-row Python).
+
+    Strings are zero-padded into 8-byte words and folded with splitmix64; the length is mixed
+    in, so "a" and "a\\0" differ. Collisions: about n^2 / 2^65 (1e-6 for 10M ids)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        return hash64(arr.dictionary)[arr.indices.to_numpy(zero_copy_only=False)]
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    offs = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lens = np.diff(offs)
+    h = _mix(lens.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    if n == 0 or int(lens.max()) == 0:
+        return h
+    # rows grouped by byte length: each group is one fixed-width gather, no per-row work
+    order = np.argsort(lens.astype(np.int32), kind="stable")
+    sl = lens[order]
+    cut = np.flatnonzero(np.diff(sl)) + 1
+    for grp in np.split(order, cut):
+        L = int(lens[grp[0]])
+        if L == 0:
+            continue
+        width = (L + 7) // 8 * 8
+        step = max(1, (16 << 20) // width)
+        for s in range(0, len(grp), step):
+            rows = grp[s:s + step]
+            block = np.zeros((len(rows), width), np.uint8)
+            block[:, :L] = data[offs[rows][:, None] + np.arange(L)[None, :]]
+            words = block.view(np.uint64)
+            hh = h[rows]
+            for j in range(words.shape[1]):
+                hh = _mix(hh ^ words[:, j])
+            h[rows] = hh
+    return h
+
+
+class Codes:
+    """A growing string -> dense int32 code map, looked up per batch on its distinct values only
+    (Arrow hash lookups; new values are appended)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[pa.Array] = []
+        self.known: pa.Array = pa.array([], pa.string())
+        self.size = 0
+
+    @property
+    def values(self) -> list[str]:
+        return self.known.to_pylist()
+
+    def encode(self, arr: pa.Array) -> np.ndarray:
+        d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+        dvals = d.dictionary
+        if pa.types.is_large_string(dvals.type):
+            dvals = dvals.cast(pa.string())
+        idx = pc.index_in(dvals, value_set=self.known) if self.size else pa.nulls(len(dvals), pa.int32())
+        missing = _null_np(idx)
+        codes = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+        if missing.any():
+            fresh = pc.filter(dvals, pa.array(missing))
+            codes[missing] = self.size + np.arange(len(fresh), dtype=np.int32)
+            self.size += len(fresh)
+            self.known = pa.concat_arrays([self.known, fresh])
+        return codes[d.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
+
+
+# --- accumulation and aggregation -----------------------------------------------------------
+
+def _dup_mask(keys: np.ndarray) -> np.ndarray:
+    """Rows whose key occurs more than once (sort-based; usually few, handled apart)."""
+    if len(keys) < 2:
+        return np.zeros(len(keys), bool)
+    s = np.sort(keys)
+    rep = s[1:][s[1:] == s[:-1]]
+    if len(rep) == 0:
+        return np.zeros(len(keys), bool)
+    return np.asarray(pc.is_in(pa.array(keys), value_set=pa.array(np.unique(rep))).to_numpy(zero_copy_only=False), bool)
+
+
+def _group_counts(keys: np.ndarray) -> np.ndarray:
+    """For each row, how many rows share its key (sort-based: faster than np.unique's hashing)."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(keys)
+    sk = keys[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    cnt = np.diff(np.r_[starts, n])
+    out = np.empty(n, np.int64)
+    out[order] = np.repeat(cnt, cnt)
+    return out
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort + adjacent compare)."""
+    if len(keys) == 0:
+        return keys
+    s = np.sort(keys)
+    return s[np.r_[True, s[1:] != s[:-1]]]
+
+
+def wilson_interval(p: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion p observed over n (n may be fractional evidence)."""
+    n = np.asarray(n, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = np.where(n > 0, centre - half, 0.0)
+    hi = np.where(n > 0, centre + half, 1.0)
+    return np.clip(lo, 0, 1), np.clip(hi, 0, 1)
+
+
+@dataclass
+class Outcome:
+    status: np.ndarray  # per spooled row: OK / DUP / abuse codes
+    signals: pa.Table
+    propensities: dict[int, float]
+    as_of: dt.datetime | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class EventAccumulator:
+    """Compact per-event state (hash, codes, ts, value, position) for the whole run.
+
+    ~40 bytes per event whatever the id lengths; the events themselves stream to the spool."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        self.cfg = cfg
+        self.types = list(cfg.event_weights)
+        self.type_code = {t: i for i, t in enumerate(self.types)}
+        self.users, self.responses = Codes(), Codes()
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                    ("eh", "user", "resp", "etype", "ts", "value", "pos", "rand", "new")}
+        self.blocked: np.ndarray = np.zeros(0, np.uint64)  # hashes of event ids quarantined before
+
+    def add(self, typed: pa.Table, new: bool) -> None:
+        """Add valid, typed rows (FEEDBACK_EVENTS columns) in spool order."""
+        n = typed.num_rows
+        if n == 0:
+            return
+        P = self.parts
+        P["eh"].append(hash64(typed.column("event_id").combine_chunks()))
+        P["user"].append(self.users.encode(typed.column("user_id").combine_chunks()))
+        P["resp"].append(self.responses.encode(typed.column("response_id").combine_chunks()))
+        et = typed.column("event_type").combine_chunks()
+        et = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
+        dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()], np.int8)
+        P["etype"].append(dcodes[et.indices.to_numpy(zero_copy_only=False).astype(np.int64)])
+        P["ts"].append(typed.column("ts").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False))
+        P["value"].append(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64))
+        P["pos"].append(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32))
+        var = typed.column("variant")
+        P["rand"].append(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool))
+        P["new"].append(np.full(n, new, bool))
+
+    def _cat(self, k: str, dtype: Any) -> np.ndarray:
+        return np.concatenate(self.parts[k]) if self.parts[k] else np.zeros(0, dtype)
+
+    def finish(self) -> Outcome:
+        cfg, ab = self.cfg, self.cfg.abuse
+        eh = self._cat("eh", np.uint64)
+        user = self._cat("user", np.int32).astype(np.int64)
+        resp = self._cat("resp", np.int32).astype(np.int64)
+        etype = self._cat("etype", np.int8).astype(np.int64)
+        ts = self._cat("ts", np.int64)
+        value = self._cat("value", np.float64)
+        pos = self._cat("pos", np.int32)
+        rand = self._cat("rand", bool)
+        new = self._cat("new", bool)
+        n = len(eh)
+        status = np.zeros(n, np.int8)
+        # 1. exactly-once: first occurrence of an event id wins (the prior version comes first)
+        dm = _dup_mask(eh)
+        if dm.any():
+            sub = np.nonzero(dm)[0]
+            _, first = np.unique(eh[sub], return_index=True)
+            later = np.ones(len(sub), bool)
+            later[first] = False
+            status[sub[later]] = DUP
+        if len(self.blocked):
+            hit = np.asarray(pc.is_in(pa.array(eh), value_set=pa.array(self.blocked)).to_numpy(zero_copy_only=False), bool)
+            status[hit & new & (status == OK)] = DUP_QUARANTINED
+        # 2. abuse, over every accepted event so far
+        live = status == OK
+        nu = self.users.size
+        if ab.rate_cap_per_day and n:
+            # only users with more events in total than the daily cap can break it
+            heavy = live & (np.bincount(user[live], minlength=nu)[user] > ab.rate_cap_per_day)
+            if heavy.any():
+                day = ts[heavy] // 86_400_000_000
+                key = user[heavy] * np.int64(day.max() - day.min() + 1) + (day - day.min())
+                over = np.nonzero(heavy)[0][_group_counts(key) > ab.rate_cap_per_day]
+                status[over] = RATE_CAP
+                live = status == OK
+        if ab.uniform_min_responses and n:
+            codes = [self.type_code[t] for t in ab.uniform_types if t in self.type_code]
+            vote = live & np.isin(etype, codes)
+            vote &= np.bincount(user[vote], minlength=nu)[user] >= ab.uniform_min_responses
+            T = len(self.types)
+            has_type = np.bincount(user[vote] * T + etype[vote], minlength=nu * T).reshape(nu, T) > 0
+            n_types = has_type.sum(axis=1)
+            pairs = _distinct(user[vote] * np.int64(self.responses.size) + resp[vote])
+            n_resp = np.bincount(pairs // max(self.responses.size, 1), minlength=nu)
+            bad_users = (n_types == 1) & (n_resp >= ab.uniform_min_responses)
+            status[live & bad_users[user]] = UNIFORM
+            live = status == OK
+        if ab.burst_max_events and n:
+            per_user = np.bincount(user[live], minlength=nu)
+            cand = live & (per_user[user] > ab.burst_max_events)
+            if cand.any():
+                w = int(ab.burst_window_s * 1e6)
+                t0 = ts[cand].min()
+                flag = np.zeros(n, bool)
+                for off in (0, w // 2):
+                    b = (ts[cand] - t0 + off) // w
+                    key = user[cand] * np.int64(b.max() + 1) + b
+                    flag[np.nonzero(cand)[0][_group_counts(key) > ab.burst_max_events]] = True
+                status[flag] = BURST
+                live = status == OK
+        # 3. one vote per user per (response, vote group): latest ts wins, then latest arrival
+        group_of = np.arange(len(self.types))
+        for gi, grp in enumerate(cfg.exclusive_groups):
+            for t in grp:
+                if t in self.type_code:
+                    group_of[self.type_code[t]] = len(self.types) + gi
+        G = len(self.types) + len(cfg.exclusive_groups)
+        R = max(self.responses.size, 1)
+        rows = np.nonzero(live)[0]
+        vkey = (user[rows] * R + resp[rows]) * G + group_of[etype[rows]]
+        winner = np.ones(len(rows), bool)
+        dm = _dup_mask(vkey)
+        if dm.any():
+            sub = np.nonzero(dm)[0]
+            order = np.lexsort((sub, ts[rows[sub]], vkey[sub]))
+            ks = vkey[sub][order]
+            last = np.ones(len(sub), bool)
+            last[:-1] = ks[1:] != ks[:-1]
+            winner[sub] = False
+            winner[sub[order[last]]] = True
+        vr = rows[winner]
+        # 4. position propensities
+        props = self._propensities(pos[live], etype[live], rand[live])
+        as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (int(ts[live].max()) if live.any() else 0)
+        signals = self._signals(vr, rows, user, resp, etype, ts, value, pos, props, as_of_us)
+        as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if live.any() or cfg.as_of else None
+        return Outcome(status, signals, props, as_of)
+
+    def _propensities(self, pos: np.ndarray, etype: np.ndarray, rand: np.ndarray) -> dict[int, float]:
+        """Configured table, or p_k = c_k / max c from randomised traffic (positive events only).
+
+        With randomised positions every response is equally likely at every position, so the
+        positive-event count at position k is proportional to its examination propensity."""
+        cfg = self.cfg
+        props = {int(k): float(v) for k, v in cfg.propensities.items()}
+        if cfg.estimate_propensities:
+            pos_types = [self.type_code[t] for t, w in cfg.event_weights.items() if w > 0]
+            m = rand & (pos >= 0) & np.isin(etype, pos_types)
+            if m.any():
+                c = np.bincount(pos[m])
+                ok = c >= cfg.min_randomised_events
+                if ok.any():
+                    top = c[ok].max()
+                    props.update({int(k): float(c[k] / top) for k in np.nonzero(ok)[0]})
+        return dict(sorted(props.items()))
+
+    def _signals(self, vr: np.ndarray, rows: np.ndarray, user: np.ndarray, resp: np.ndarray, etype: np.ndarray,
+                 ts: np.ndarray, value: np.ndarray, pos: np.ndarray, props: dict[int, float], as_of_us: int) -> pa.Table:
+        cfg = self.cfg
+        R = self.responses.size
+        weights = np.array([cfg.event_weights[t] for t in self.types], float)
+        s = weights[etype[vr]]
+        if "dwell" in self.type_code:
+            dw = etype[vr] == self.type_code["dwell"]
+            s = np.where(dw, s * np.clip(np.nan_to_num(value[vr]) / cfg.dwell_full_ms, 0, 1), s)
+        age = np.maximum(as_of_us - ts[vr], 0) / 1e6 / 86400.0
+        d = np.exp2(-age / cfg.half_life_days)
+        ipw = np.ones(len(vr))
+        if props:
+            top = max(props)
+            table = np.array([props.get(k, np.nan) for k in range(top + 1)], float)
+            # positions missing inside the table take the nearest configured position above them
+            for k in range(top - 1, -1, -1):
+                if np.isnan(table[k]):
+                    table[k] = table[k + 1]
+            p = pos[vr]
+            has = p >= 0
+            pk = table[np.minimum(p[has], top)]
+            ipw[has] = 1.0 / np.maximum(np.nan_to_num(pk, nan=1.0), cfg.min_propensity)
+        e = s * d * ipw
+        P = np.bincount(resp[vr], np.maximum(e, 0), minlength=R)
+        N = np.bincount(resp[vr], np.maximum(-e, 0), minlength=R)
+        n_events = np.bincount(resp[rows], minlength=R)
+        pairs = _distinct(user[vr] * np.int64(max(R, 1)) + resp[vr])
+        n_users = np.bincount(pairs % max(R, 1), minlength=R)
+        last = np.full(R, np.iinfo(np.int64).min)
+        np.maximum.at(last, resp[rows], ts[rows])
+        keep = np.nonzero(n_events > 0)[0]
+        P, N = P[keep], N[keep]
+        n = P + N
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(n > 0, P / n, np.nan)
+        lo, hi = wilson_interval(np.nan_to_num(share), n, cfg.wilson_z)
+        m = cfg.prior_strength
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(n + m > 0, (P - N + m * cfg.prior_mean) / (n + m), cfg.prior_mean)
+        ids = self.responses.known.take(pa.array(keep, pa.int64())) if R else pa.nulls(0, pa.string())
+        return pa.table({
+            "candidate_id": ids, "behaviour_score": score, "confidence": np.where(n > 0, 1 - (hi - lo), 0.0),
+            "positive_share": pa.array(share, pa.float64(), from_pandas=True),
+            "wilson_lower": lo, "n_users": n_users[keep].astype(np.int64), "n_events": n_events[keep].astype(np.int64),
+            "last_ts": pa.array(last[keep], pa.int64()).cast(TS),
+        }, schema=SIGNALS)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+STATE_KEY = "ingest.watermarks"
+
+
+def previously_quarantined(store: Any) -> tuple[set[str], np.ndarray, np.ndarray]:
+    """What this stage quarantined before, so re-ingesting it adds nothing: raw rows, hashes of
+    all quarantined event ids, and hashes of the event ids quarantined as abuse.
+
+    Only abuse blocks a *valid* event from coming back: an orphan re-sent after its candidate
+    arrived is accepted."""
+    empty = np.zeros(0, np.uint64)
+    if not store.exists("quarantine"):
+        return set(), empty, empty
+    q = store.read("quarantine", columns=["stage", "raw", "reason"], filter=pc.field("stage") == STAGE)
+    raws = q.column("raw").to_pylist()
+    ids, abuse = [], []
+    for r, why in zip(raws, q.column("reason").to_pylist(), strict=True):
+        try:
+            obj = json.loads(r)
+        except ValueError:
+            continue
+        eid = obj.get("event_id") if isinstance(obj, dict) else None
+        if eid is not None and str(eid).strip():
+            ids.append(str(eid).strip())
+            if why.startswith("abuse"):
+                abuse.append(str(eid).strip())
+    def h(xs: list[str]) -> np.ndarray:
+        return hash64(pa.array(xs, pa.string())) if xs else empty
+
+    return set(raws), h(ids), h(abuse)
+
+
+def ingest(ctx: Any) -> Any:
+    """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine."""
+    from flows.stage import StageResult
+
+    cfg: IngestConfig = ctx.config
+    store = ctx.workspace.store
+    now = dt.datetime.now(dt.UTC)
+    now_us = int(now.timestamp() * 1e6)
+    state_all = store.get_state(STATE_KEY, {}) or {}
+    cand = None
+    if ctx.has("candidates"):
+        cand = pc.unique(ctx.read("candidates", columns=["candidate_id"]).column("candidate_id").combine_chunks())
+    else:
+        ctx.logger.warning("ingest: no candidates dataset: the orphan check is off")
+    acc = EventAccumulator(cfg)
+    seen_raw, seen_ids, acc.blocked = previously_quarantined(store)
+    seen_ids_arr = pa.array(seen_ids)
+    again_ids = 0
+    spool_path = ctx.scratch / f"spool-{uuid.uuid4().hex}.arrow"
+    spool_schema = pa.schema([f.with_nullable(True) for f in FEEDBACK_EVENTS])
+    quarantine: list[pa.Table] = []
+    counts: Counter = Counter()
+    rows_in = 0
+    prior_rows = 0
+    new_state: dict[str, Any] = {}
+    try:
+        with pa.OSFile(str(spool_path), "wb") as sink, pa.ipc.new_stream(sink, spool_schema) as spool:
+            def put(t: pa.Table, is_new: bool) -> None:
+                acc.add(t, is_new)  # dictionary-encoded ids stay encoded for the codes
+                t = pa.Table.from_arrays([_plain(t.column(f.name)) for f in spool_schema], schema=spool_schema)
+                for b in t.to_batches():
+                    spool.write_batch(b)
+
+            if ctx.has("feedback_events"):
+                for b in store.read_batches(ctx.inputs["feedback_events"], batch_size=cfg.batch_rows):
+                    prior_rows += b.num_rows
+                    put(pa.Table.from_batches([b]), False)
+            for src in cfg.sources:
+                st = dict(state_all.get(src.name) or {})
+                ns: dict[str, Any] = {}
+                parse_q: list[pa.Table] = []
+                it = iter_files(src, st, cfg.batch_rows, parse_q, ns) if src.kind == "files" else iter_sql(src, st, ns)
+                for rb in it:
+                    rows_in += rb.table.num_rows
+                    v = validate(rb.table, cfg, now_us, rb.source, cand, src.columns)
+                    bad = v.bad
+                    reject = bad.copy()
+                    if bad.any() and len(seen_ids):
+                        # invalid rows whose event id was quarantined before: not again
+                        eid = v.typed.column("event_id").combine_chunks()
+                        has = ~_null_np(eid)
+                        h = np.zeros(len(has), np.uint64)
+                        h[has] = hash64(pc.filter(eid, pa.array(has)))
+                        seen = has & np.asarray(pc.is_in(pa.array(h), value_set=seen_ids_arr).to_numpy(
+                            zero_copy_only=False), bool) & bad
+                        again_ids += int(seen.sum())
+                        bad &= ~seen
+                    if bad.any():
+                        idx = np.nonzero(bad)[0]
+                        quarantine.append(quarantine_rows(rb.table, idx, v.reason[bad].tolist(), rb.source,
+                                                          idx + rb.row0, now))
+                    put(v.typed.filter(pa.array(~reject)) if reject.any() else v.typed, True)
+                for q in parse_q:
+                    rows_in += q.num_rows
+                    reasons = ["malformed row: invalid JSON" if r.startswith("invalid JSON") else
+                               "malformed row: CSV" if "CSV" in r else f"malformed row: {r}"
+                               for r in q.column("reason").to_pylist()]
+                    q = q.set_column(q.schema.get_field_index("reason"), QUARANTINE.field("reason"),
+                                     pa.array(reasons, pa.string()))
+                    quarantine.append(q)
+                new_state[src.name] = ns
+        outcome = acc.finish()
+        status = outcome.status
+        quarantine.append(_abuse_quarantine(spool_path, status, now))
+        q = pa.concat_tables(quarantine) if quarantine else quarantine_rows(pa.table({}), np.zeros(0, int), [], "", None, now)
+        for r, c in Counter(q.column("reason").to_pylist()).items():
+            counts[r] += c
+        # rows quarantined by an earlier run and seen again are not quarantined twice
+        again = np.array([r in seen_raw for r in q.column("raw").to_pylist()], bool)
+        if again.any():
+            q = q.filter(pa.array(~again))
+        new_mask = acc._cat("new", bool)
+        accepted_new = int(((status == OK) & new_mask).sum())
+        dropped = {"duplicate event_id": int(((status == DUP) & new_mask).sum()),
+                   "already quarantined": int(((status == DUP_QUARANTINED) & new_mask).sum()) + int(again.sum()) + again_ids}
+        moved = {ABUSE_REASONS[k]: int(((status == k) & ~new_mask).sum()) for k in ABUSE_REASONS}
+        report = {
+            "rows_in": rows_in, "prior_events": prior_rows, "accepted": accepted_new,
+            "events_total": int((status == OK).sum()), "quarantined": dict(counts),
+            "dropped": {k: v for k, v in dropped.items() if v},
+            "moved_from_prior_to_quarantine": {k: v for k, v in moved.items() if v},
+            "signals": outcome.signals.num_rows, "propensities": {str(k): v for k, v in outcome.propensities.items()},
+            "as_of": outcome.as_of.isoformat() if outcome.as_of else None, "watermarks": new_state,
+        }
+        ctx.logger.info("ingest: %s rows in, %s accepted, quarantined %s, dropped %s", rows_in, accepted_new,
+                        dict(counts), report["dropped"])
+        events = _kept_batches(spool_path, status, cfg.batch_rows)
+        meta = {"watermarks": new_state, "as_of": report["as_of"], "propensities": report["propensities"]}
+        return StageResult(outputs={"feedback_events": events, "signals": outcome.signals}, quarantine=q,
+                           report=report, metadata={"feedback_events": meta, "signals": meta})
+    except BaseException:
+        spool_path.unlink(missing_ok=True)
+        raise
+
+
+def _plain(col: pa.ChunkedArray) -> pa.Array:
+    arr = col.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _iter_spool(path: Path) -> Iterator[pa.RecordBatch]:
+    with pa.memory_map(str(path)) as src:
+        yield from pa.ipc.open_stream(src)
+
+
+def _kept_batches(path: Path, status: np.ndarray, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Second pass over the spool: the rows whose status is OK, streamed to the store; the spool
+    file is removed when the stream is exhausted."""
+    try:
+        off = 0
+        for b in _iter_spool(path):
+            m = status[off:off + b.num_rows] == OK
+            off += b.num_rows
+            if m.all():
+                yield b
+            elif m.any():
+                yield b.filter(pa.array(m))
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _abuse_quarantine(path: Path, status: np.ndarray, now: dt.datetime) -> pa.Table:
+    """Quarantine rows for events flagged as abuse (new or moved from the prior version)."""
+    parts = []
+    flagged = np.isin(status, list(ABUSE_REASONS))
+    if flagged.any():
+        off = 0
+        for b in _iter_spool(path):
+            st = status[off:off + b.num_rows]
+            off += b.num_rows
+            idx = np.nonzero(np.isin(st, list(ABUSE_REASONS)))[0]
+            if len(idx):
+                t = pa.Table.from_batches([b]).drop_columns(["source"])
+                srcs = b.column(b.schema.get_field_index("source")).take(pa.array(idx)).to_pylist()
+                parts.append(quarantine_rows(t, idx, [ABUSE_REASONS[int(s)] for s in st[idx]],
+                                             [s or "feedback_events" for s in srcs], None, now))
+    return pa.concat_tables(parts) if parts else quarantine_rows(pa.table({}), np.zeros(0, int), [], "", None, now)
+
+
+def signal_formulas_markdown() -> str:
+    """The formulas as markdown (README / benchmarks copy)."""
+    return (__doc__ or "").split("Signal formulas", 1)[-1]
+

@@ -1,0 +1,635 @@
+"""The `pairs` stage: merge every signal a candidate has into a per-prompt ordering and expand
+it into preference pairs, each with a record of why it exists.
+
+Why pair-level decisions: signals are partial (a human rated two of four answers, behaviour
+exists only for served ones), so a single sort key per candidate cannot say which source
+decided. We therefore decide every within-prompt pair (a, b) on its own:
+
+* ``priority``: the first level, in ``priority`` order, where both sides have a value and
+  differ by more than ``tie_tolerance`` decides; a lower source only breaks ties of a higher
+  one. Human evidence is, in order: an explicit pairwise label, a ranking, a rating.
+* ``weighted``: every source is z-normalised within the prompt and summed with ``weights``
+  (a missing value counts as the prompt mean); explicit pairwise labels still decide their pair.
+
+The ordering that strategies need (best, worst, adjacent) is the Copeland score of those
+decisions (wins - losses within the prompt), unsafe candidates last, so "best" is the best
+*safe* answer. A candidate flagged unsafe (``unsafe_flags``) is never ``chosen``: with
+``safe_beats_unsafe`` (default) a safe candidate wins against a flagged one whatever the
+other sources say (a useful pair: it teaches to avoid the unsafe answer; source "metrics",
+since rule flags come from the score stage), and a pair of two flagged candidates is dropped
+with reason ``unsafe_chosen``. When sources disagree about a pair (A > B by one,
+B > A by another), ``contradictions: resolve`` keeps the policy's decision (counted in the
+report) and ``drop`` drops the pair with reason ``contradiction``.
+
+Everything is numpy over arrays of pairs: within-prompt pairs are generated per distinct
+prompt size from one ``triu`` template, so there is no per-prompt Python loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from flows.config import Section
+from storage.schemas import PAIRS, QUARANTINE, conform
+from tasks.ids import stable_id
+from tasks.lang import detect_language
+from tasks.text import unit_interval
+
+SOURCES = ("human", "behaviour", "reward", "metrics")
+STRATEGIES = ("all_pairs", "best_vs_worst", "best_vs_rest", "adjacent", "best_vs_random_lower",
+              "best_vs_mean_minus_k_std")
+# internal evidence levels -> public source name
+LEVELS = (("pairwise", "human"), ("human_rank", "human"), ("human_rating", "human"),
+          ("behaviour", "behaviour"), ("reward", "reward"), ("metrics", "metrics"),
+          ("safety", "metrics"))  # rule flags come from the score stage: reported as "metrics"
+
+
+class PairsConfig(Section):
+    policy: Literal["priority", "weighted"] = Field(
+        "priority", description="priority: a lower source only breaks ties of a higher one; "
+        "weighted: per-prompt z-normalised weighted sum of sources")
+    priority: list[str] = Field(list(SOURCES), description="source order for the priority policy (highest first)")
+    weights: dict[str, float] = Field({"human": 4.0, "behaviour": 2.0, "reward": 1.0, "metrics": 1.0},
+                                      description="source weights for the weighted policy")
+    strategy: Literal["all_pairs", "best_vs_worst", "best_vs_rest", "adjacent", "best_vs_random_lower",
+                      "best_vs_mean_minus_k_std"] = Field("all_pairs", description="how an ordering becomes pairs")
+    k_std: float = Field(1.0, description="best_vs_mean_minus_k_std: reject candidates scoring <= mean - k*std")
+    seed: int = Field(0, description="seed of best_vs_random_lower (hashed with the prompt id: reproducible per prompt)")
+    min_margin: float = Field(0.0, description="drop pairs whose margin (in the deciding source's units) is below this")
+    min_margin_by_source: dict[str, float] = Field({}, description="per-source min margin, overrides min_margin")
+    tie_tolerance: float = Field(1e-9, description="score differences up to this are ties")
+    max_pairs_per_prompt: int | None = Field(None, description="cap per prompt (highest-priority source, then "
+                                             "largest margin kept); None = no cap")
+    contradictions: Literal["resolve", "drop"] = Field(
+        "resolve", description="sources disagreeing on a pair: resolve = the policy decides (counted), "
+        "drop = drop the pair with reason 'contradiction'")
+    unsafe_flags: list[str] = Field(["flag_safety", "flag_pii"],
+                                    description="scores flags that make a candidate unfit to be chosen")
+    metric_column: str = Field("auto_score", description="scores column used as the 'metrics' source")
+    reward_column: str = Field("reward", description="scores column used as the 'reward' source")
+    min_signal_confidence: float = Field(0.0, description="behaviour signals below this confidence are ignored")
+    safe_beats_unsafe: bool = Field(True, description="a safe candidate is preferred to a flagged one whatever "
+                                    "the other sources say (source 'metrics', margin 1); False = sources decide "
+                                    "and pairs with an unsafe chosen side are dropped")
+    pairwise_always: bool = Field(True, description="explicit human pairwise labels always become pairs, "
+                                  "whatever the strategy")
+
+    @field_validator("priority")
+    @classmethod
+    def _check_priority(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SOURCES]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"priority must be distinct names from {SOURCES}, got {v}")
+        return v + [s for s in SOURCES if s not in v]
+
+    @field_validator("weights", "min_margin_by_source")
+    @classmethod
+    def _check_sources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [s for s in v if s not in SOURCES]
+        if bad:
+            raise ValueError(f"unknown source(s) {bad}; sources: {SOURCES}")
+        return v
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _np(a: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Arrow column -> numpy with nulls as NaN (floats) / False (bools)."""
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    if pa.types.is_boolean(a.type):
+        return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.asarray(pc.fill_null(pc.cast(a, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _lookup(keys: Any, values: Any) -> np.ndarray:
+    """Position of each key in `values` (first occurrence), -1 when absent."""
+    idx = pc.index_in(keys, value_set=pc.cast(values, pa.string()) if not isinstance(values, pa.ChunkedArray)
+                      else values.combine_chunks())
+    return np.asarray(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _group_mean(idx: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
+    ok = (idx >= 0) & ~np.isnan(vals)
+    s = np.bincount(idx[ok], weights=vals[ok], minlength=n)
+    c = np.bincount(idx[ok], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+
+
+def _sign(d: np.ndarray, tol: float) -> np.ndarray:
+    """+1 / -1 / 0 (tie) / NaN (missing on a side)."""
+    out = np.sign(d)
+    out[np.abs(d) <= tol] = 0.0
+    return out
+
+
+def _quarantine(rows: pa.Table, reasons: list[str], dataset: str = "judgements") -> pa.Table:
+    now = dt.datetime.now(dt.UTC)
+    raws = [json.dumps(r, default=str, ensure_ascii=False) for r in rows.to_pylist()]
+    n = len(raws)
+    return pa.table({"source": [dataset] * n, "stage": ["pairs"] * n, "dataset": [dataset] * n,
+                     "reason": reasons, "raw": raws, "row_index": pa.nulls(n, pa.int64()),
+                     "quarantined_at": pa.array([now] * n, QUARANTINE.field("quarantined_at").type)},
+                    schema=QUARANTINE)
+
+
+def within_group_pairs(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (a, b) row pairs with a < b inside each group of consecutive rows, plus the group index.
+
+    One triu template per distinct group size, broadcast over the groups of that size.
+    """
+    a_parts, b_parts, g_parts = [], [], []
+    for k in np.unique(sizes):
+        if k < 2:
+            continue
+        gs = np.flatnonzero(sizes == k)
+        ti, tj = np.triu_indices(int(k), 1)
+        base = starts[gs][:, None]
+        a_parts.append((base + ti[None, :]).ravel())
+        b_parts.append((base + tj[None, :]).ravel())
+        g_parts.append(np.repeat(gs, len(ti)))
+    if not a_parts:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    a, b, g = np.concatenate(a_parts), np.concatenate(b_parts), np.concatenate(g_parts)
+    order = np.lexsort((b, a))  # deterministic order: by first row, then second
+    return a[order], b[order], g[order]
+
+
+# --- evidence per candidate ------------------------------------------------------------------
+
+def _judgement_evidence(judgements: pa.Table, cand_ids: pa.Array, group: np.ndarray, report: dict
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], pa.Table | None]:
+    """Human rank score and rating per candidate, and pairwise labels keyed by candidate pair."""
+    n = len(cand_ids)
+    hr = np.full(n, np.nan)
+    hrat = np.full(n, np.nan)
+    empty = {"lo": np.zeros(0, np.int64), "hi": np.zeros(0, np.int64), "label": np.zeros(0),
+             "strength": np.zeros(0)}
+    if judgements is None or judgements.num_rows == 0:
+        return hr, hrat, empty, None
+    judgements = conform("judgements", judgements)  # typed columns even for hand-built tables
+    kind = judgements.column("kind")
+    q_rows: list[pa.Table] = []
+    q_reasons: list[str] = []
+    unknown = 0
+
+    # rankings: normalised Borda score (max_rank - rank) / (max_rank - min_rank) in [0, 1].
+    rk = judgements.filter(pc.equal(kind, "ranking"))
+    rk = rk.filter(pc.greater(pc.list_value_length(rk.column("item_ids")), 0))
+    if rk.num_rows:
+        items = rk.column("item_ids").combine_chunks()
+        flat = pc.list_flatten(items)
+        parent = np.asarray(pc.list_parent_indices(items))
+        offsets = np.asarray(items.offsets)[:-1]
+        rank = (np.arange(len(flat)) - offsets[parent] + 1).astype(np.float64)
+        ranks = rk.column("ranks").combine_chunks()
+        good = pc.and_(pc.is_valid(ranks), pc.equal(pc.fill_null(pc.list_value_length(ranks), -1),
+                                                    pc.list_value_length(items)))
+        good_np = _np(good)
+        if good_np.any():
+            rank[good_np[parent]] = _np(pc.list_flatten(ranks.filter(good)))
+        rmax = np.maximum.reduceat(rank, offsets)
+        rmin = np.minimum.reduceat(rank, offsets)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(rmax[parent] > rmin[parent], (rmax[parent] - rank) / (rmax[parent] - rmin[parent]), np.nan)
+        idx = _lookup(flat, cand_ids)
+        unknown += int((idx < 0).sum())
+        hr = _group_mean(idx, score, n)
+
+    rt = judgements.filter(pc.and_(pc.equal(kind, "rating"), pc.is_valid(judgements.column("rating"))))
+    if rt.num_rows:
+        idx = _lookup(pc.list_element(rt.column("item_ids").combine_chunks(), 0), cand_ids) \
+            if rt.num_rows else np.zeros(0, np.int64)
+        unknown += int((idx < 0).sum())
+        hrat = _group_mean(idx, _np(rt.column("rating")), n)
+
+    pw = judgements.filter(pc.equal(kind, "pairwise"))
+    labels = empty
+    if pw.num_rows:
+        items = pw.column("item_ids").combine_chunks()
+        two = _np(pc.equal(pc.list_value_length(items), 2))
+        winner = pc.fill_null(pw.column("winner"), "").combine_chunks()
+        a_id = pc.list_element(items.filter(pa.array(two)), 0)
+        b_id = pc.list_element(items.filter(pa.array(two)), 1)
+        w2 = winner.filter(pa.array(two))
+        valid = np.zeros(pw.num_rows, bool)
+        lab = np.zeros(pw.num_rows)
+        ia = np.full(pw.num_rows, -1)
+        ib = np.full(pw.num_rows, -1)
+        if two.any():
+            wa, wb, wt = _np(pc.equal(w2, a_id)), _np(pc.equal(w2, b_id)), _np(pc.equal(w2, "tie"))
+            pos = np.flatnonzero(two)
+            valid[pos] = wa | wb | wt
+            lab[pos] = np.where(wa, 1.0, np.where(wb, -1.0, 0.0))
+            ia[pos] = _lookup(a_id, cand_ids)
+            ib[pos] = _lookup(b_id, cand_ids)
+        bad_shape = ~two
+        bad_winner = two & ~valid
+        if bad_shape.any():
+            q_rows.append(pw.filter(pa.array(bad_shape)))
+            q_reasons += ["pairwise judgement needs exactly 2 item_ids"] * int(bad_shape.sum())
+        if bad_winner.any():
+            q_rows.append(pw.filter(pa.array(bad_winner)))
+            q_reasons += ["pairwise winner is neither item nor 'tie'"] * int(bad_winner.sum())
+        known = valid & (ia >= 0) & (ib >= 0)
+        unknown += int((valid & ~known).sum())
+        cross = known & (group[np.maximum(ia, 0)] != group[np.maximum(ib, 0)])
+        if cross.any():
+            q_rows.append(pw.filter(pa.array(cross)))
+            q_reasons += ["pairwise items belong to different prompts"] * int(cross.sum())
+        same = known & (ia == ib)
+        if same.any():
+            q_rows.append(pw.filter(pa.array(same)))
+            q_reasons += ["pairwise judgement compares a candidate with itself"] * int(same.sum())
+        use = known & ~cross & ~same
+        if use.any():
+            a, b, lb = ia[use], ib[use], lab[use]
+            strength = _np(pw.column("strength"))[use]
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            lb = np.where(a == lo, lb, -lb)  # label from lo's point of view
+            key = lo * n + hi
+            uk, inv = np.unique(key, return_inverse=True)
+            lmin = np.full(len(uk), np.inf)
+            lmax = np.full(len(uk), -np.inf)
+            np.minimum.at(lmin, inv, lb)
+            np.maximum.at(lmax, inv, lb)
+            agg = np.where((lmin < 0) & (lmax > 0), np.nan, np.where(lmax > 0, 1.0, np.where(lmin < 0, -1.0, 0.0)))
+            report["pairwise_conflicts"] = int(np.isnan(agg).sum())
+            labels = {"lo": uk // n, "hi": uk % n, "label": agg, "strength": _group_mean(inv, strength, len(uk))}
+    report["judgement_items_unknown"] = unknown
+    quarantine = None
+    if q_rows:
+        quarantine = _quarantine(pa.concat_tables(q_rows), q_reasons)
+    return hr, hrat, labels, quarantine
+
+
+# --- the stage's core ------------------------------------------------------------------------
+
+def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prompts: pa.Table | None = None,
+                scores: pa.Table | None = None, signals: pa.Table | None = None,
+                judgements: pa.Table | None = None, imported: pa.Table | None = None
+                ) -> tuple[pa.Table, pa.Table | None, dict[str, Any]]:
+    """Candidates + whatever signals exist -> (pairs table, quarantine or None, report)."""
+    cfg = config or PairsConfig()
+    report: dict[str, Any] = {"policy": cfg.policy, "strategy": cfg.strategy}
+    dropped: dict[str, int] = {}
+
+    # candidates sorted by (prompt, candidate): groups are runs of rows, pair order is stable.
+    cand = candidates.select(["candidate_id", "prompt_id", "prompt", "response"])
+    if cand.num_rows:
+        first = cand.append_column("__i", pa.array(np.arange(cand.num_rows))).group_by(
+            "candidate_id", use_threads=False).aggregate([("__i", "min")])
+        if first.num_rows < cand.num_rows:
+            dropped["duplicate_candidate"] = cand.num_rows - first.num_rows
+            cand = cand.take(pc.sort_indices(first.column("__i_min")))
+    cand = cand.sort_by([("prompt_id", "ascending"), ("candidate_id", "ascending")])
+    n = cand.num_rows
+    pid = cand.column("prompt_id").combine_chunks()
+    cid = cand.column("candidate_id").combine_chunks()
+    if n:
+        change = np.concatenate([[True], _np(pc.not_equal(pid.slice(1), pid.slice(0, n - 1)))])
+    else:
+        change = np.zeros(0, bool)
+    starts = np.flatnonzero(change)
+    sizes = np.diff(np.append(starts, n))
+    group = np.cumsum(change) - 1
+    n_groups = len(starts)
+    report["prompts"] = n_groups
+    report["candidates"] = n
+    single = sizes == 1
+    dropped["single_candidate"] = int(single.sum())  # counted in candidates (= prompts), not pairs
+
+    # evidence per candidate, NaN where a source has nothing.
+    nanv = np.full(n, np.nan)
+    unsafe = np.zeros(n, bool)
+    reward, metric = nanv.copy(), nanv.copy()
+    if scores is not None and scores.num_rows:
+        si = _lookup(cid, scores.column("candidate_id"))
+        has = si >= 0
+        take = pa.array(np.where(has, si, 0))
+        for col, dst in ((cfg.reward_column, reward), (cfg.metric_column, metric)):
+            if col not in scores.column_names:
+                raise ValueError(f"scores has no column {col!r} (pairs.{'reward' if dst is reward else 'metric'}_column)")
+            dst[has] = _np(pc.take(scores.column(col), take))[has]
+        for flag in cfg.unsafe_flags:
+            if flag not in scores.column_names:
+                raise ValueError(f"scores has no flag column {flag!r} (pairs.unsafe_flags)")
+            unsafe |= has & _np(pc.take(scores.column(flag), take))
+    behaviour = nanv.copy()
+    if signals is not None and signals.num_rows:
+        si = _lookup(cid, signals.column("candidate_id"))
+        has = si >= 0
+        take = pa.array(np.where(has, si, 0))
+        conf = _np(pc.take(signals.column("confidence"), take))
+        ok = has & (conf >= cfg.min_signal_confidence)
+        behaviour[ok] = _np(pc.take(signals.column("behaviour_score"), take))[ok]
+    hr, hrat, labels, quarantine = _judgement_evidence(judgements, cid, group, report)
+
+    # every within-prompt pair (a < b in sorted order) and its evidence.
+    a, b, pg = within_group_pairs(starts, sizes)
+    pw_label = np.full(len(a), np.nan)
+    pw_strength = np.full(len(a), np.nan)
+    has_pw = np.zeros(len(a), bool)
+    if len(labels["lo"]):
+        key = a * n + b
+        lk = labels["lo"] * n + labels["hi"]
+        pos = np.searchsorted(key, lk)  # pairs are sorted by (a, b) -> key is sorted
+        pos = np.minimum(pos, max(len(key) - 1, 0))
+        hit = (len(key) > 0) & (key[pos] == lk) if len(key) else np.zeros(len(lk), bool)
+        has_pw[pos[hit]] = True
+        pw_label[pos[hit]] = labels["label"][hit]
+        pw_strength[pos[hit]] = labels["strength"][hit]
+
+    values = {"human_rank": hr, "human_rating": hrat, "behaviour": behaviour, "reward": reward, "metrics": metric}
+    tol = cfg.tie_tolerance
+    signs = {"pairwise": pw_label}
+    signs.update({lv: _sign(v[a] - v[b], tol) for lv, v in values.items()})
+    level_names = [lv for lv, _ in LEVELS]
+    level_source = dict(LEVELS)
+
+    decision = np.zeros(len(a))
+    decided_by = np.full(len(a), -1)  # index into level_names
+    if cfg.policy == "priority":
+        order = [lv for src in cfg.priority for lv, s in LEVELS if s == src and lv != "safety"]
+        for lv in order:
+            s = signs[lv]
+            take_it = (decided_by < 0) & ~np.isnan(s) & (s != 0)
+            decision[take_it] = s[take_it]
+            decided_by[take_it] = level_names.index(lv)
+        comb = None
+    else:
+        z = {}
+        for lv, v in values.items():
+            ok = ~np.isnan(v)
+            cnt = np.bincount(group[ok], minlength=n_groups)
+            mean = np.bincount(group[ok], weights=v[ok], minlength=n_groups) / np.maximum(cnt, 1)
+            var = np.bincount(group[ok], weights=(v[ok] - mean[group[ok]]) ** 2, minlength=n_groups) / np.maximum(cnt, 1)
+            std = np.sqrt(var)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                zz = np.where(std[group] > 0, (v - mean[group]) / std[group], 0.0)
+            z[lv] = np.where(ok, zz, np.nan)
+        hz = np.vstack([z["human_rank"], z["human_rating"]])
+        hc = (~np.isnan(hz)).sum(axis=0)
+        zsrc = {"human": np.where(hc > 0, np.nansum(hz, axis=0) / np.maximum(hc, 1), np.nan),
+                "behaviour": z["behaviour"], "reward": z["reward"], "metrics": z["metrics"]}
+        comb = np.zeros(n)
+        wsum = np.zeros(n_groups)
+        for src, zs in zsrc.items():
+            w = cfg.weights.get(src, 0.0)
+            present = np.bincount(group[~np.isnan(zs)], minlength=n_groups) > 0
+            wsum += w * present
+            comb += w * np.nan_to_num(zs)
+        comb = np.where(wsum[group] > 0, comb / np.where(wsum[group] > 0, wsum[group], 1), 0.0)
+        d = comb[a] - comb[b]
+        s = _sign(d, tol)
+        decision = s.copy()
+        contrib = np.vstack([cfg.weights.get(src, 0.0) * np.nan_to_num(zs[a] - zs[b]) * s
+                             for src, zs in zsrc.items()])
+        src_idx = np.argmax(contrib, axis=0) if len(a) else np.zeros(0, np.int64)
+        src_level = np.array([level_names.index(x) for x in ("human_rank", "behaviour", "reward", "metrics")])
+        decided_by = np.where(s != 0, src_level[src_idx], -1)
+        # explicit pairwise labels decide their pair
+        ovr = ~np.isnan(pw_label) & (pw_label != 0)
+        decision[ovr] = pw_label[ovr]
+        decided_by[ovr] = level_names.index("pairwise")
+
+    # contradictions: any level that says the opposite of the decision.
+    contra = np.zeros(len(a), bool)
+    for lv in level_names[:-1]:
+        sg = signs[lv]
+        contra |= (decision != 0) & ~np.isnan(sg) & (sg == -decision)
+    contra |= has_pw & np.isnan(pw_label)  # humans disagree among themselves
+    if cfg.safe_beats_unsafe:  # a hard rule above every source, not a contradiction
+        m = unsafe[a] != unsafe[b]
+        decision[m] = np.where(unsafe[a[m]], -1.0, 1.0)
+        decided_by[m] = level_names.index("safety")
+        contra[m] = False
+
+    # ordering: Copeland (wins - losses), unsafe last, then the weighted score, then id.
+    cope = np.bincount(a, weights=decision, minlength=n) - np.bincount(b, weights=decision, minlength=n)
+    keys = [np.arange(n)]  # candidate id order (rows are sorted by id within a prompt)
+    if comb is not None:
+        keys.append(-comb)
+    keys += [-cope, unsafe.astype(np.int8), group]
+    order = np.lexsort(keys)
+    rank_of = np.empty(n, np.int64)
+    rank_of[order] = np.arange(n) - starts[group[order]]
+    ra, rb = rank_of[a], rank_of[b]
+    top, bottom = np.minimum(ra, rb), np.maximum(ra, rb)
+    k = sizes[pg]
+    strat = cfg.strategy
+    if strat == "all_pairs":
+        sel = np.ones(len(a), bool)
+    elif strat == "best_vs_worst":
+        sel = (top == 0) & (bottom == k - 1)
+    elif strat == "best_vs_rest":
+        sel = top == 0
+    elif strat == "adjacent":
+        sel = (bottom - top) == 1
+    elif strat == "best_vs_random_lower":
+        u = unit_interval(pid.take(pa.array(starts)) if n_groups else pa.array([], pa.string()),
+                          salt=f"best_vs_random_lower:{cfg.seed}:")
+        pick = 1 + np.floor(u * np.maximum(sizes - 1, 1)).astype(np.int64)
+        sel = (top == 0) & (bottom == pick[pg])
+    else:  # best_vs_mean_minus_k_std
+        sc = comb if comb is not None else cope
+        cnt = np.bincount(group, minlength=n_groups)
+        mean = np.bincount(group, weights=sc, minlength=n_groups) / np.maximum(cnt, 1)
+        std = np.sqrt(np.bincount(group, weights=(sc - mean[group]) ** 2, minlength=n_groups) / np.maximum(cnt, 1))
+        thr = mean - cfg.k_std * std
+        lower = np.where(ra == 0, b, a)
+        sel = (top == 0) & (sc[lower] <= thr[pg]) & (rank_of[lower] != 0)
+    strategy_col = np.where(sel, strat, "pairwise")
+    if cfg.pairwise_always:
+        sel = sel | has_pw
+    report["pairs_possible"] = int(len(a))
+
+    # keep only considered pairs; orient chosen / rejected by the decision.
+    idx = np.flatnonzero(sel)
+    a, b, pg, decision, decided_by, contra = a[idx], b[idx], pg[idx], decision[idx], decided_by[idx], contra[idx]
+    strategy_col, pw_strength = strategy_col[idx], pw_strength[idx]
+    considered = len(idx)
+    chosen = np.where(decision < 0, b, a)
+    rejected = np.where(decision < 0, a, b)
+    keep = np.ones(considered, bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        m = keep & mask
+        dropped[reason] = dropped.get(reason, 0) + int(m.sum())
+        keep[m] = False
+
+    drop(decision == 0, "tie")
+    if cfg.contradictions == "drop":
+        drop(contra, "contradiction")
+    else:
+        report["contradictions_resolved"] = int((keep & contra).sum())
+    drop(unsafe[chosen], "unsafe_chosen")
+
+    # scores and margin in the deciding source's units (weighted: the combined score).
+    is_pw = decided_by == level_names.index("pairwise")
+    if comb is None:
+        cs = np.full(considered, np.nan)
+        rs = np.full(considered, np.nan)
+        for li, lv in enumerate(level_names):
+            if lv in ("pairwise", "safety"):
+                continue
+            m = decided_by == li
+            cs[m] = values[lv][chosen[m]]
+            rs[m] = values[lv][rejected[m]]
+        margin = cs - rs
+    else:
+        cs, rs = comb[chosen], comb[rejected]
+        margin = cs - rs
+    margin = np.where(is_pw, pw_strength, margin)
+    is_safety = decided_by == level_names.index("safety")
+    cs, rs, margin = np.where(is_safety, 1.0, cs), np.where(is_safety, 0.0, rs), np.where(is_safety, 1.0, margin)
+    source_names = np.array([level_source[lv] for lv in level_names] + ["none"])
+    src = source_names[decided_by]
+    thr = np.array([cfg.min_margin_by_source.get(s, cfg.min_margin) for s in source_names])[decided_by]
+    drop(~np.isnan(margin) & (margin < thr), "below_min_margin")
+
+    if cfg.max_pairs_per_prompt is not None:
+        prio = np.array([cfg.priority.index(s) if s in cfg.priority else 99 for s in source_names])[decided_by]
+        kidx = np.flatnonzero(keep)
+        o = kidx[np.lexsort((chosen[kidx], rejected[kidx], -np.nan_to_num(margin[kidx], nan=np.inf),
+                             prio[kidx], pg[kidx]))]
+        g_o = pg[o]
+        first_pos = np.concatenate([[0], np.flatnonzero(g_o[1:] != g_o[:-1]) + 1]) if len(o) else np.zeros(0, np.int64)
+        run_start = np.repeat(first_pos, np.diff(np.append(first_pos, len(o))))
+        over = (np.arange(len(o)) - run_start) >= cfg.max_pairs_per_prompt
+        m = np.zeros(considered, bool)
+        m[o[over]] = True
+        drop(m, "cap")
+
+    kidx = np.flatnonzero(keep)
+    ch, rj = pa.array(chosen[kidx]), pa.array(rejected[kidx])
+    prompt_id = pc.take(pid, ch)
+    ch_id, rj_id = pc.take(cid, ch), pc.take(cid, rj)
+    prompt_txt = pc.take(cand.column("prompt"), ch)
+    generated = pa.table({
+        "pair_id": stable_id(prompt_id, ch_id, rj_id),
+        "prompt_id": prompt_id,
+        "prompt": prompt_txt,
+        "chosen": pc.take(cand.column("response"), ch),
+        "rejected": pc.take(cand.column("response"), rj),
+        "chosen_id": ch_id,
+        "rejected_id": rj_id,
+        "chosen_score": pa.array(cs[kidx], pa.float64(), from_pandas=True),
+        "rejected_score": pa.array(rs[kidx], pa.float64(), from_pandas=True),
+        "margin": pa.array(margin[kidx], pa.float64(), from_pandas=True),
+        "source": pa.array(src[kidx], pa.string()),
+        "strategy": pa.array(strategy_col[kidx], pa.string()),
+    })
+    generated = _attach_prompt_info(generated, prompts)
+
+    # imported pairs pass through (source "imported"), after the same safety and duplicate rules.
+    total_considered = considered
+    if imported is not None and imported.num_rows:
+        imp = imported.select([c for c in PAIRS.names if c in imported.column_names])
+        total_considered += imp.num_rows
+        imp = imp.set_column(imp.schema.get_field_index("pair_id"), "pair_id",
+                             stable_id(imp.column("prompt_id"), imp.column("chosen_id"), imp.column("rejected_id")))
+        imp = imp.set_column(imp.schema.get_field_index("source"), "source", pa.array(["imported"] * imp.num_rows))
+        ikeep = np.ones(imp.num_rows, bool)
+        if scores is not None and scores.num_rows:
+            ui = _lookup(imp.column("chosen_id"), scores.column("candidate_id"))
+            take = pa.array(np.maximum(ui, 0))
+            bad = np.zeros(imp.num_rows, bool)
+            for flag in cfg.unsafe_flags:
+                bad |= (ui >= 0) & _np(pc.take(scores.column(flag), take))
+            dropped["unsafe_chosen"] = dropped.get("unsafe_chosen", 0) + int(bad.sum())
+            ikeep &= ~bad
+        dup = _lookup(imp.column("pair_id"), generated.column("pair_id")) >= 0
+        first = imp.append_column("__i", pa.array(np.arange(imp.num_rows))).group_by(
+            "pair_id", use_threads=False).aggregate([("__i", "min")])
+        not_first = np.ones(imp.num_rows, bool)
+        not_first[np.asarray(first.column("__i_min"))] = False
+        d = ikeep & (dup | not_first)
+        if d.any():
+            dropped["duplicate"] = dropped.get("duplicate", 0) + int(d.sum())
+        ikeep &= ~d
+        imp = _attach_prompt_info(imp.filter(pa.array(ikeep)), prompts)
+        generated = pa.concat_tables([generated.select(PAIRS.names).cast(PAIRS),
+                                      _conform_pairs(imp)])
+    out = _conform_pairs(generated)
+    report["considered"] = total_considered
+    report["kept"] = out.num_rows
+    report["dropped"] = dropped
+    report["sources"] = _counts(out.column("source"))
+    report["strategies"] = _counts(out.column("strategy"))
+    report["unsafe_candidates"] = int(unsafe.sum())
+    return out, quarantine, report
+
+
+def _counts(col: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    vc = pc.value_counts(col)
+    return {str(v["values"]): int(v["counts"]) for v in vc.to_pylist()} if len(col) else {}
+
+
+def _conform_pairs(t: pa.Table) -> pa.Table:
+    cols = []
+    for f in PAIRS:
+        if f.name in t.column_names:
+            cols.append(pc.cast(t.column(f.name), f.type))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=PAIRS)
+
+
+def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
+    """prompt_messages / category / language from `prompts`; language guessed when unknown."""
+    n = t.num_rows
+    msgs = pa.nulls(n, PAIRS.field("prompt_messages").type)
+    cat = pa.nulls(n, pa.string())
+    lang = pa.nulls(n, pa.string())
+    if prompts is not None and prompts.num_rows and n:
+        pi = _lookup(t.column("prompt_id"), prompts.column("prompt_id"))
+        has = pa.array(pi >= 0)
+        take = pa.array(np.where(pi >= 0, pi, 0))
+        null_of = {}
+        for name, col in (("messages", "prompt_messages"), ("category", "category"), ("language", "language")):
+            if name in prompts.column_names:
+                v = pc.take(prompts.column(name), take)
+                null_of[col] = pc.if_else(has, v, pa.nulls(n, v.type))
+        msgs = null_of.get("prompt_messages", msgs)
+        cat = null_of.get("category", cat)
+        lang = null_of.get("language", lang)
+    for name, col in (("prompt_messages", msgs), ("category", cat), ("language", lang)):
+        if name in t.column_names:
+            existing = t.column(name)
+            col = pc.coalesce(existing, pc.cast(col, existing.type))
+            t = t.set_column(t.schema.get_field_index(name), name, col)
+        else:
+            t = t.append_column(name, col)
+    lang_col = t.column("language")
+    if lang_col.null_count:
+        enc = pc.dictionary_encode(t.column("prompt")).combine_chunks()  # guess once per distinct prompt
+        guessed = pc.take(detect_language(enc.dictionary), enc.indices)
+        t = t.set_column(t.schema.get_field_index("language"), "language", pc.coalesce(lang_col, guessed))
+    return t
+
+
+def pairs(ctx) -> Any:
+    """Stage function: read whichever inputs exist, build pairs, return the StageResult."""
+    from flows.stage import StageResult
+
+    def opt(role: str) -> pa.Table | None:
+        return ctx.read(role) if ctx.has(role) else None
+
+    out, quarantine, report = build_pairs(
+        ctx.read("candidates"), ctx.config, prompts=opt("prompts"), scores=opt("scores"), signals=opt("signals"),
+        judgements=opt("judgements"), imported=opt("pairs_import"))
+    report["inputs"] = sorted(ctx.inputs)
+    if quarantine is not None:
+        report["quarantined"] = _counts(quarantine.column("reason"))
+    return StageResult(outputs={"pairs": out}, quarantine=quarantine, report=report,
+                       metadata={"pairs": {"report": report}})

@@ -1,0 +1,126 @@
+"""Multi-process training: `torchrun` as a child process group that we own and can always stop.
+
+Public API (stable):
+
+    launch(cfg, train_table, model_path, run_dir, *, ref_logps=None, ref_model_path=None,
+           resume=True, stop=None, logger=None) -> TrainResult
+        Called by trainer.train when cfg.devices x cfg.nnodes > 1. Reference log-probs are
+        computed here first when needed and not given (so workers hold only the policy), the
+        inputs are written to ``run_dir/launch/``, and ``python -m torch.distributed.run ... -m
+        tasks.training.worker spec.json`` runs in its own session. DDP (FSDP is not implemented yet and
+        is refused); NCCL on CUDA, gloo on CPU.
+    torchrun_command(cfg, spec_path, port) -> list[str]
+
+The child gets a hard wall-clock limit (cfg.launch_timeout_s); on timeout, on `stop` being
+set, or on any exception here (KeyboardInterrupt, Prefect cancellation) the whole process
+group is terminated, then killed, so no orphan workers keep a GPU. Rank 0 writes the final
+model and ``launch/result.json``; checkpoints let a rerun resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("dpoflow.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(cfg, spec_path: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.devices}",
+            f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", f"--master_addr={cfg.master_addr}",
+            f"--master_port={port}", "-m", "tasks.training.worker", str(spec_path)]
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Table | None = None,
+           ref_model_path=None, resume: bool = True, stop: threading.Event | None = None,
+           logger: logging.Logger | None = None):
+    from tasks.training.trainer import TrainingCancelled, TrainingError, TrainResult
+
+    logger = logger or log
+    run_dir = Path(run_dir)
+    work = run_dir / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    if ref_logps is None and cfg.needs_reference:
+        ref_logps = _reference(cfg, train_table, ref_model_path or model_path)
+    pq.write_table(train_table, work / "train.parquet")
+    if ref_logps is not None:
+        pq.write_table(ref_logps, work / "ref_logps.parquet")
+    (work / "result.json").unlink(missing_ok=True)
+    spec = {"config": cfg.model_dump(mode="json"), "model_path": str(model_path), "run_dir": str(run_dir),
+            "train": str(work / "train.parquet"), "resume": resume,
+            "ref_logps": str(work / "ref_logps.parquet") if ref_logps is not None else None}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = torchrun_command(cfg, spec_path, cfg.master_port or _free_port())
+    logger.info("launching %s", " ".join(cmd))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, cfg.devices))))
+    log_path = work / "torchrun.log"
+    deadline = time.monotonic() + cfg.launch_timeout_s
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            while proc.poll() is None:
+                if stop is not None and stop.is_set():
+                    _kill_group(proc)
+                    raise TrainingCancelled("training cancelled; rerun to resume from the last checkpoint")
+                if time.monotonic() > deadline:
+                    _kill_group(proc)
+                    raise TrainingError(f"torchrun exceeded launch_timeout_s={cfg.launch_timeout_s}; killed")
+                time.sleep(0.2)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise TrainingError(f"torchrun failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+    res = json.loads((work / "result.json").read_text())
+    return TrainResult(output_dir=Path(res["output_dir"]), run_dir=run_dir, metrics=res["metrics"],
+                       summary=res["summary"], tokenize_stats=res["tokenize_stats"])
+
+
+def _reference(cfg, train_table: pa.Table, ref_path) -> pa.Table:
+    """Reference log-probs in this process, so each worker holds only the policy."""
+    import torch
+
+    from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+    from tasks.training.tokenization import tokenize_pairs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_causal_lm(ref_path, device=device)
+    pairs = tokenize_pairs(train_table, tok, cfg)
+    ref = compute_ref_logps(model, pairs, cfg.eval_batch_size, device, cfg.logit_chunk, cfg.precision)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ref_logps_table(pairs, ref, str(ref_path))

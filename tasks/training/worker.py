@@ -1,0 +1,54 @@
+"""The torchrun worker: ``python -m torch.distributed.run ... -m tasks.training.worker spec.json``.
+
+Joins the process group (NCCL on CUDA, gloo on CPU) with the configured timeout, runs
+trainer.train on this rank, and on rank 0 writes ``result.json`` next to the spec.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(spec_path: str) -> int:
+    import pyarrow.parquet as pq
+    import torch
+    import torch.distributed as dist
+
+    from tasks.training.config import TrainConfig
+    from tasks.training.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(message)s")
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = TrainConfig.model_validate(spec["config"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    rank = dist.get_rank()
+    old = logging.getLogRecordFactory()
+
+    def factory(*a, **k):
+        rec = old(*a, **k)
+        rec.rank = rank
+        return rec
+
+    logging.setLogRecordFactory(factory)
+    try:
+        ref = pq.read_table(spec["ref_logps"]) if spec.get("ref_logps") else None
+        res = train(cfg, pq.read_table(spec["train"]), spec["model_path"], spec["run_dir"], ref_logps=ref,
+                    resume=spec.get("resume", True))
+        if rank == 0:
+            out = {"output_dir": str(res.output_dir), "metrics": res.metrics, "summary": res.summary,
+                   "tokenize_stats": res.tokenize_stats}
+            tmp = Path(spec_path).with_name("result.json.tmp")
+            tmp.write_text(json.dumps(out))
+            tmp.replace(Path(spec_path).with_name("result.json"))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

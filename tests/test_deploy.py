@@ -1,0 +1,293 @@
+"""deploy/prefect.yaml validates offline; serve builds the right deployments; the GPU guard
+serialises GPU work; the CLI rejects bad schedules. (The real-server test is test_deploy_server.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import deploy
+from flows.deploy import (
+    CPU_POOL,
+    GPU_POOL,
+    REPO_PREFECT_YAML,
+    build_deployments,
+    check_prefect_yaml,
+    flow_specs,
+    gpu_slot,
+)
+from flows.stages import STAGES
+
+RAW = yaml.safe_load(REPO_PREFECT_YAML.read_text())
+DEPLOYMENTS = {d["name"]: d for d in RAW["deployments"]}
+
+
+def _module_exists(spec: str) -> bool:
+    return importlib.util.find_spec(spec.partition(":")[0]) is not None
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[str]:
+    return check_prefect_yaml(REPO_PREFECT_YAML)
+
+
+def test_prefect_yaml_covers_every_stage_with_the_stage_registry_entrypoints():
+    assert RAW["deployments"] and len(DEPLOYMENTS) == len(RAW["deployments"]), "duplicate names"
+    # one deployment per stage + nightly + import, nothing else, entrypoints as in flows/stages.py
+    assert set(DEPLOYMENTS) == set(flow_specs()) == set(STAGES) | {"nightly", "import"}
+    for name, dep in DEPLOYMENTS.items():
+        assert dep["entrypoint"] == flow_specs()[name]
+        assert dep["work_pool"]["name"] == (GPU_POOL if name in {"sample", "train", "nightly"} else CPU_POOL)
+        assert set(dep["parameters"]) <= {"workspace", "overrides", "force"}
+    # the nightly schedule: 02:00 every day, with an explicit timezone; no other schedules
+    (sched,) = DEPLOYMENTS["nightly"]["schedules"]
+    assert sched["cron"] == "0 2 * * *" and sched["timezone"]
+    assert all(not d.get("schedules") for n, d in DEPLOYMENTS.items() if n != "nightly")
+
+
+@pytest.mark.parametrize("name", list(flow_specs()))
+def test_each_deployment_validates(problems, name):
+    spec = flow_specs()[name]
+    mine = [p for p in problems if p.startswith(f"deployment {name}:")]
+    if not _module_exists(spec):
+        assert mine and "does not load" in mine[0]  # the checker does notice
+        pytest.skip(f"{spec} is not in this checkout yet")
+    assert mine == []
+    assert not [p for p in problems if not p.startswith("deployment ")]  # file-level problems
+
+
+def _mutated(tmp_path: Path, edit) -> list[str]:
+    raw = yaml.safe_load(REPO_PREFECT_YAML.read_text())
+    raw.pop("definitions")
+    raw = json.loads(json.dumps(raw))  # YAML anchors load as shared dicts: unshare before editing
+    deps = {d["name"]: d for d in raw["deployments"]}
+    edit(deps)
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return [p for p in check_prefect_yaml(path) if "does not load: No module named" not in p]
+
+
+@pytest.mark.parametrize(("edit", "expect"), [
+    (lambda d: d["import"]["parameters"].update(batch_size=4), "['batch_size'] not in import's signature"),
+    (lambda d: d["import"]["parameters"].update(force="sometimes"), "parameter force"),
+    (lambda d: d["import"].update(entrypoint="flows.deploy:serve_all"), "does not load"),
+    (lambda d: d["import"].update(entrypoint="flows.importing:no_such_flow"), "does not load"),
+    (lambda d: d["import"]["work_pool"].update(name=GPU_POOL), "expected 'dpoflow-cpu'"),
+    (lambda d: d["import"].pop("work_pool"), "work_pool.name is missing"),
+    (lambda d: d["import"].update(schedules=[{"cron": "0 25 * * *"}]), "schedule"),
+    (lambda d: d["import"].update(schedules=[{"cron": "0 2 * * *", "timezone": "Mars/Phobos"}]), "schedule"),
+    # a scheduled run has nobody to type in the required parameters
+    (lambda d: d["import"].update(schedules=[{"cron": "0 2 * * *"}]), "required"),
+])
+def test_checker_rejects_broken_deployments(tmp_path, edit, expect):
+    found = _mutated(tmp_path, edit)
+    assert any(expect in p for p in found), found
+    assert all(p.startswith("deployment import:") for p in found), found
+
+
+def test_checker_accepts_the_unchanged_copy_and_rejects_garbage(tmp_path):
+    assert _mutated(tmp_path, lambda d: None) == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("deployments: {not: a list}\n")
+    assert check_prefect_yaml(bad) and "deployments" in check_prefect_yaml(bad)[0]
+    bad.write_text("deployments: [\n")
+    assert "cannot read" in check_prefect_yaml(bad)[0]
+
+
+def test_build_deployments_pins_workspace_and_schedules_only_nightly(tmp_path):
+    deps, missing = build_deployments(tmp_path / "ws", cron="30 3 * * 1-5", timezone="Europe/Berlin")
+    by_name = {d.name: d for d in deps}
+    assert "import" in by_name
+    assert sorted(list(by_name) + [m.split(" ")[0] for m in missing]) == sorted(flow_specs())
+    for name, d in by_name.items():
+        assert d.parameters["workspace"] == str((tmp_path / "ws").resolve())
+        assert d.entrypoint.startswith(flow_specs()[name].partition(":")[0])  # module path: cwd-independent
+        assert ("gpu" in d.tags) == (name in {"sample", "train", "nightly"})
+        if name == "nightly":
+            (s,) = d.schedules
+            assert s.schedule.cron == "30 3 * * 1-5" and s.schedule.timezone == "Europe/Berlin"
+        else:
+            assert not d.schedules
+    deps, _ = build_deployments(tmp_path, names=["import"], overrides=["import.on_bad_rows=fail"])
+    assert [d.name for d in deps] == ["import"] and deps[0].parameters["overrides"] == ["import.on_bad_rows=fail"]
+    with pytest.raises(ValueError, match="unknown deployment"):
+        build_deployments(tmp_path, names=["nope"])
+    with pytest.raises(ValueError):
+        build_deployments(tmp_path, timezone="Mars/Phobos")
+    with pytest.raises(ValueError):
+        build_deployments(tmp_path, cron="61 * * * *")
+
+
+def test_ensure_server_uses_a_configured_server(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with deploy.ensure_server() as url:  # must not start anything: nothing listens on port 9
+        assert url == "http://127.0.0.1:9/api"
+
+
+def test_gpu_slot_outside_a_flow_run_needs_no_server():
+    ran = []
+    with gpu_slot():
+        ran.append(1)
+    assert ran == [1]
+
+
+def test_gpu_slot_serialises_concurrent_gpu_flows(prefect_harness, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    limit = f"gpu-test-{time.monotonic_ns()}"
+    monkeypatch.setenv(deploy.GPU_LIMIT_ENV, limit)
+    spans: list[tuple[float, float]] = []
+
+    @flow
+    def fake_gpu_stage() -> None:
+        with gpu_slot(timeout_s=60):
+            t0 = time.monotonic()
+            time.sleep(0.8)
+            spans.append((t0, time.monotonic()))
+
+    threads = [threading.Thread(target=fake_gpu_stage) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(spans) == 2
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1 - 0.05, f"GPU blocks overlapped: {spans}"
+    with get_client(sync_client=True) as client:
+        gcl = client.read_global_concurrency_limit_by_name(limit)
+    assert gcl.limit == 1 and gcl.active_slots == 0  # created on first use, released after
+
+
+def test_gpu_slot_times_out_while_the_gpu_is_busy(prefect_harness, monkeypatch):
+    from prefect import flow
+
+    monkeypatch.setenv(deploy.GPU_LIMIT_ENV, f"gpu-busy-{time.monotonic_ns()}")
+    holding, release = threading.Event(), threading.Event()
+
+    @flow
+    def holder() -> None:
+        with gpu_slot():
+            holding.set()
+            release.wait(60)
+
+    @flow
+    def waiter() -> str:
+        try:
+            with gpu_slot(timeout_s=1.5):
+                return "got it"
+        except TimeoutError:
+            return "timed out"
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert holding.wait(60)
+        assert waiter() == "timed out"
+    finally:
+        release.set()
+        t.join(60)
+    assert waiter() == "got it"
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    # a clean Prefect environment: no API URL from the harness or a user profile
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_deploy_check_and_serve_argument_errors(tmp_path, capsys):
+    from flows.cli import main
+
+    bad = tmp_path / "prefect.yaml"
+    raw = yaml.safe_load(REPO_PREFECT_YAML.read_text())
+    for d in raw["deployments"]:
+        if d["name"] == "import":
+            d["parameters"] = {"nonsense": 1}
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["deploy", "check", "--file", str(bad), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["file"] == str(bad) and any("nonsense" in p for p in out["problems"])
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--timezone", "Mars/Phobos"])
+    assert exc.value.code == 2 and "unknown timezone" in capsys.readouterr().err
+    # without any server configured, --no-server refuses instead of using a throwaway server
+    r = _cli(tmp_path, "serve", "--no-server", "--no-schedule", "--only", "import", "--workspace", str(tmp_path))
+    assert r.returncode == 2 and "PREFECT_API_URL" in r.stderr
+
+DEPLOY_DIR = REPO_PREFECT_YAML.parent
+
+
+def test_dockerfile_copies_what_exists_and_defaults_to_cpu_torch():
+    text = (DEPLOY_DIR / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    root = DEPLOY_DIR.parent
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                if not src.endswith("*"):  # globs may match nothing (README.md*)
+                    assert (root / src).exists(), f"Dockerfile copies missing {src}"
+    # the module paths in prefect.yaml are importable from the packages the image installs
+    packages = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
+    for dep in DEPLOYMENTS.values():
+        assert dep["entrypoint"].split(".")[0] in packages
+
+
+def test_k8s_gpu_job_template_is_consistent_and_renders():
+    import re
+
+    from prefect.utilities.schema_tools import validate
+    from prefect.utilities.templating import apply_values
+
+    tmpl = json.loads((DEPLOY_DIR / "k8s-gpu-job-template.json").read_text())
+    variables = tmpl["variables"]
+    used = set(re.findall(r"{{\s*([\w]+)\s*}}", json.dumps(tmpl["job_configuration"])))
+    assert used <= set(variables["properties"]), used - set(variables["properties"])
+    defaults = {k: p["default"] for k, p in variables["properties"].items() if "default" in p}
+    assert validate(defaults, variables, ignore_required=True) == []
+    job = apply_values(tmpl["job_configuration"], {**defaults, "command": "prefect flow-run execute"})
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "workspace", "mountPath": "/data"} in container["volumeMounts"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "dpoflow-workspace"
+    assert container["env"]["DPOFLOW_WORKSPACE"] == "/data/dpoflow"
+
+
+def test_nightly_schedule_and_concurrency_validate_against_a_nightly_shaped_flow(tmp_path, monkeypatch):
+    """The nightly entry (cron, timezone, concurrency ENQUEUE, GPU pool) checked against a flow
+    with nightly's signature, so this holds even before flows/nightly.py exists."""
+    (tmp_path / "fake_nightly_mod.py").write_text(
+        "from prefect import flow\n\n"
+        "@flow(name='nightly')\n"
+        "def nightly(workspace: str | None = None, overrides: list[str] | None = None, force: bool = False):\n"
+        "    return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def point(deps, **extra):
+        deps["nightly"]["entrypoint"] = "fake_nightly_mod:nightly"
+        for k, v in extra.items():
+            deps["nightly"][k] = v
+        return deps
+
+    def nightly_problems(edit):
+        return [p for p in _mutated(tmp_path, edit) if p.startswith("deployment nightly:")]
+
+    assert nightly_problems(lambda d: point(d)) == []
+    bad = nightly_problems(lambda d: point(d, concurrency_limit={"limit": 1, "collision_strategy": "WAIT"}))
+    assert bad and "not a valid deployment" in bad[0]
+    bad = nightly_problems(lambda d: point(d, schedules=[{"cron": "0 2 * * *", "timezone": "Berlin"}]))
+    assert bad and "schedule" in bad[0]
+    bad = nightly_problems(lambda d: point(d, work_pool={"name": CPU_POOL}))
+    assert bad and "expected 'dpoflow-gpu'" in bad[0]

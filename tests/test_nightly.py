@@ -1,0 +1,142 @@
+"""The nightly flow end to end on the demo workspace, restarts after a kill, and the config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config
+from flows.workspace import Workspace
+
+# Small enough for CI's 2 cores; the production tag is not moved, so a rerun sees no change.
+FAST = ["sample.samplers=[{model: models@production, n: 2, max_new_tokens: 12, seed: 0}]",
+        "train.max_steps=4", "train.batch_size=4", "train.eval.n_prompts=2", "train.eval.max_new_tokens=8",
+        "train.promote.auto_promote=false", "train.checkpoint_every=0"]
+
+
+def _demo_workspace(root: Path, night: int = 1) -> Workspace:
+    from flows.demo import _ensure_model, demo_config
+    from tasks.demo_data import demo_night
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dpoflow.yaml").write_text(yaml.safe_dump(demo_config(root)))
+    ws = Workspace.open(root, FAST)
+    _ensure_model(ws)
+    demo_night(root / "inbox", night)
+    return ws
+
+
+def _versions(ws: Workspace) -> dict[str, int]:
+    return {n: ws.store.latest(n) for n in ws.store.list()}
+
+
+@pytest.mark.slow
+def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
+    from flows.nightly import nightly_flow
+
+    ws = _demo_workspace(tmp_path / "ws")
+    out = nightly_flow(workspace=str(ws.root), overrides=FAST)
+    for name in ("prompts", "served", "candidates", "scores", "feedback_events", "signals", "judgements",
+                 "pairs", "dpo_train", "dpo_eval"):
+        assert ws.store.exists(name), name
+    # lineage: dpo_train <- pairs <- (candidates, scores, signals, judgements) <- prompts
+    train = ws.store.info(out["dpo_train"])
+    assert train.parents == [out["pairs"]]
+    pairs_parents = set(ws.store.info(out["pairs"]).parents)
+    assert {out["candidates"], out["scores"], out["signals"]} <= pairs_parents
+    assert out["prompts"] in ws.store.info(out["candidates"]).parents
+    assert out["train"]["model_version"] and out["train"]["decision"] is not None
+    assert ws.registry.version_of("models@production") != out["train"]["model_version"]  # not auto-promoted
+    before = _versions(ws)
+    t0 = time.perf_counter()
+    again = nightly_flow(workspace=str(ws.root), overrides=FAST)
+    rerun_s = time.perf_counter() - t0
+    assert _versions(ws) == before, "a rerun with unchanged inputs must write nothing"
+    assert again["train"]["model_version"] == out["train"]["model_version"]
+    assert {k: v for k, v in again.items() if k != "train"} == {k: v for k, v in out.items() if k != "train"}
+    assert rerun_s < 60
+
+
+NIGHTLY = """
+import sys
+from flows.nightly import nightly_flow
+nightly_flow(workspace=sys.argv[1], overrides=sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_without_redoing_finished_stages(tmp_path, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    ws = _demo_workspace(tmp_path / "ws")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen([sys.executable, "-c", NIGHTLY, str(ws.root), *FAST], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not ws.store.exists("signals"):
+        assert proc.poll() is None, "the nightly run ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _versions(ws)
+    assert "candidates" in done and "signals" in done
+    from flows.nightly import nightly_flow
+
+    out = nightly_flow(workspace=str(ws.root), overrides=FAST)
+    after = _versions(ws)
+    for name in ("prompts", "served", "candidates", "signals", "feedback_events"):
+        assert after[name] == done[name], f"{name} was redone"
+    assert ws.store.exists("dpo_train") and out["train"]["model_version"]
+    events = ws.store.read("feedback_events", columns=["event_id"]).column(0).to_pylist()
+    assert len(events) == len(set(events)), "duplicate events after the restart"
+
+
+def test_config_errors_name_key_and_line(tmp_path):
+    p = tmp_path / "dpoflow.yaml"
+    p.write_text("storage:\n  root: null\ntrain:\n  beta: 0.2\n  betta: 0.3\n")
+    with pytest.raises(ConfigError, match=r"dpoflow.yaml:5: train.betta: unknown key"):
+        load_config(p)
+    p.write_text("sample:\n  token_budget: lots\n")
+    with pytest.raises(ConfigError, match=r"dpoflow.yaml:2: sample.token_budget"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"nosuchsection: unknown key"):
+        load_config(None, ["nosuchsection.x=1"])
+
+
+def test_config_precedence_file_env_overrides(tmp_path):
+    p = tmp_path / "dpoflow.yaml"
+    p.write_text("train:\n  beta: 0.2\n  lr: 0.001\n")
+    cfg = load_config(p, ["train.lr=0.5"], env={"DPOFLOW__TRAIN__BETA": "0.3"})
+    assert cfg.train.beta == 0.3 and cfg.train.lr == 0.5
+    assert load_config(p, env={}).train.beta == 0.2
+
+
+def test_config_show_has_no_secrets(tmp_path, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key")
+    monkeypatch.setenv("EVENTS_DB_URL", "postgresql://u:hunter2@db/x")
+    (tmp_path / "dpoflow.yaml").write_text(
+        "storage:\n  root: s3://bucket/x\ningest:\n  sources:\n    - {name: db, kind: sql, url_env: EVENTS_DB_URL, table: ev}\n")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["config", "show", "--workspace", str(tmp_path)]) == 0
+    text = buf.getvalue()
+    assert "EVENTS_DB_URL" in text and "hunter2" not in text and "very-secret-key" not in text
+
+
+def test_readme_documents_every_config_key():
+    from flows.config import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert reference_markdown() in readme, "README config reference is stale: run `python -m flows.config`"

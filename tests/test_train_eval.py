@@ -1,0 +1,255 @@
+"""ref_logps reuse, evaluation metrics, the promotion gate and `dpoflow train` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from flows.workspace import Workspace
+from tasks.training.promotion import PromoteConfig, decide_and_apply, gate
+
+_GOOD = ["A clear and correct answer.", "清楚、正确、简洁的回答。", "Python lists are ordered collections.",
+         "Binary search halves the range every step.", "北京是中国的首都。", "Drink water and sleep well."]
+_BAD = ["no", "不知道", "I cannot help.", "blah blah", "随便", "whatever"]
+
+
+def make_pairs(n: int, offset: int = 0) -> pa.Table:
+    """n preference pairs with distinct prompts (English / Chinese mixed)."""
+    idx = np.arange(offset, offset + n)
+    prompts = [f"Question {i}: explain item {i}. 问题 {i}" for i in idx]
+    chosen = [_GOOD[i % len(_GOOD)] + f" ({i})" for i in idx]
+    rejected = [_BAD[i % len(_BAD)] for i in idx]
+    return pa.table({
+        "pair_id": [f"p{i:04d}" for i in idx], "prompt_id": [f"q{i:04d}" for i in idx], "prompt": prompts,
+        "chosen": chosen, "rejected": rejected, "chosen_id": [f"c{i}" for i in idx],
+        "rejected_id": [f"r{i}" for i in idx], "source": ["imported"] * n, "strategy": ["imported"] * n,
+    })
+
+
+@pytest.fixture
+def trained_ws(tmp_path, tiny_model_dir):
+    """A workspace with the tiny model registered as production and small dpo_train / dpo_eval."""
+    ws = Workspace.open(tmp_path / "ws")
+    ws.registry.register(tiny_model_dir, tags=["production"], note="tiny base")
+    ws.store.write("dpo_train", make_pairs(16))
+    ws.store.write("dpo_eval", make_pairs(6, offset=100))
+    return ws
+
+
+# --- ref_logps ----------------------------------------------------------------------------
+
+def test_ref_logps_reused_without_loading_the_reference(trained_ws):
+    from tasks.training.ref_logps import ref_logps_for
+
+    ws = trained_ws
+    first = ref_logps_for(ws, "dpo_train@0", ws.config.train)
+    assert not first.skipped
+    table = ws.store.read(first.outputs["ref_logps"])
+    assert table.num_rows == 16
+    assert (np.asarray(table.column("ref_chosen_logp")) < 0).all()
+    assert (np.asarray(table.column("chosen_tokens")) > 1).all()
+    prod = ws.registry.version_of("models@production")
+    assert set(table.column("ref_model_version").to_pylist()) == {prod}
+
+    # The reference model's files disappear: a rerun (also with another β and loss setting)
+    # must still succeed, which it can only do by not loading the model at all.
+    shutil.rmtree(ws.registry.local_path("models@production"))
+    ws2 = Workspace.open(ws.root, ["train.beta=0.5", "train.lr=1e-4"])
+    again = ref_logps_for(ws2, "dpo_train@0", ws2.config.train)
+    assert again.skipped and again.outputs == first.outputs
+    # ... and forcing the computation really needs the (now missing) model.
+    with pytest.raises(FileNotFoundError):
+        ref_logps_for(ws2, "dpo_train@0", ws2.config.train, force=True)
+    # A tokenization change is a different computation: not reused.
+    ws3 = Workspace.open(ws.root, ["train.max_length=64", "train.max_prompt_length=32"])
+    with pytest.raises(FileNotFoundError):
+        ref_logps_for(ws3, "dpo_train@0", ws3.config.train)
+
+
+def test_ref_logps_for_a_local_model_folder(tmp_path, tiny_model_dir):
+    from tasks.training.ref_logps import ref_logps_for, resolve_model
+
+    ws = Workspace.open(tmp_path / "ws", [f"train.model={tiny_model_dir}"])
+    ws.store.write("dpo_train", make_pairs(4))
+    m = resolve_model(ws, str(tiny_model_dir))
+    assert m.version.startswith("local:") and m.local is not None
+    run = ref_logps_for(ws, "dpo_train", ws.config.train)
+    assert ws.store.read(run.outputs["ref_logps"]).column("ref_model_version")[0].as_py() == m.version
+    with pytest.raises(ValueError, match="neither a local model folder nor a registered model"):
+        resolve_model(ws, "models@production")
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+def test_eval_metrics_are_hand_checkable(tiny_model_dir):
+    """Policy = the tiny model; stored reference = policy log-probs shifted by known offsets, so
+    every reward is β·offset and accuracy, margin and loss can be computed by hand."""
+    from flows.config import load_config
+    from tasks.training.evaluation import EvalConfig, evaluate_preferences
+    from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+    from tasks.training.tokenization import tokenize_pairs
+
+    cfg = load_config(None, ["train.beta=0.1"]).train
+    model, tok = load_causal_lm(tiny_model_dir)
+    pairs = make_pairs(6)
+    tp = tokenize_pairs(pairs, tok, cfg)
+    pol = compute_ref_logps(model, tp, batch_size=4)
+    a = np.array([1.0, 2.0, 0.0, 3.0, 0.5, 0.0])  # chosen log-ratio
+    b = np.array([0.0, 1.0, 1.0, 1.0, 2.0, 0.0])  # rejected log-ratio
+    pol.chosen_logp, pol.rejected_logp = pol.chosen_logp - a, pol.rejected_logp - b
+    ref = ref_logps_table(tp, pol, "hand")
+    m, per_pair = evaluate_preferences(model, tok, pairs, ref, cfg, EvalConfig())
+    assert m["n_pairs"] == 6
+    assert m["reward_accuracy"] == pytest.approx(3 / 6)  # pairs 0, 1, 3 (a tie is not a win)
+    assert m["reward_margin"] == pytest.approx(0.1 * 1.5 / 6, abs=1e-5)
+    expect = np.mean([math.log1p(math.exp(-0.1 * d)) for d in a - b])
+    assert m["eval_loss"] == pytest.approx(expect, abs=1e-5)
+    assert per_pair.column("correct").to_pylist() == [True, True, False, True, False, False]
+
+
+def test_win_rate_counts_ties_half_and_skips_unscored():
+    from tasks.training.evaluation import win_rate
+
+    r = win_rate(np.array([1.0, 2.0, np.nan, 3.0]), np.array([0.0, 2.0, 1.0, 4.0]))
+    assert (r["wins"], r["ties"], r["losses"], r["n_compared"], r["n_unscored"]) == (1, 1, 1, 3, 1)
+    assert r["win_rate"] == pytest.approx(0.5)
+
+
+def test_generation_comparison_of_a_model_with_itself_is_all_ties(tiny_model_dir):
+    from tasks.training.evaluation import EvalConfig, generation_comparison
+    from tasks.training.logprobs import load_causal_lm
+
+    m = load_causal_lm(tiny_model_dir)
+    ecfg = EvalConfig(n_prompts=3, max_new_tokens=6)
+    r = generation_comparison(m, m, make_pairs(5), ecfg)
+    assert r["n_compared"] + r["n_unscored"] == 3
+    assert r["wins"] == r["losses"] == 0
+    if r["n_compared"]:
+        assert r["win_rate"] == 0.5
+
+
+def test_training_curves_png(tmp_path):
+    from tasks.training.evaluation import plot_training_curves
+
+    hist = [{"step": i, "loss": 0.7 - 0.01 * i, "rewards/accuracies": i / 10, "lr": 1e-5} for i in range(1, 11)]
+    p = plot_training_curves(hist, tmp_path / "c.png")
+    assert p is not None and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_training_curves([], tmp_path / "none.png") is None
+
+
+# --- promotion ----------------------------------------------------------------------------
+
+def test_gate_reasons_and_failures():
+    cfg = PromoteConfig(min_reward_accuracy=0.6, min_reward_margin=0.0, max_eval_loss=0.69, min_win_rate=0.5)
+    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": 0.6, "win_rate": 0.55}, cfg)
+    assert ok and len(reasons) == 4 and all(r.startswith("pass") for r in reasons)
+    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": float("nan"),
+                        "win_rate": 0.55}, cfg)
+    assert not ok and any(r.startswith("FAIL eval loss") for r in reasons)
+    ok, reasons = gate({}, cfg)
+    assert not ok and "no held-out evaluation" in reasons[0]
+    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": 0.6}, cfg, has_production=False)
+    assert ok and any(r.startswith("skip win rate") for r in reasons)
+
+
+def test_promotion_gate_both_ways(tmp_path, tiny_model_dir):
+    ws = Workspace.open(tmp_path / "ws")
+    reg = ws.registry
+    base = reg.register(tiny_model_dir, tags=["production"])
+    cfg = PromoteConfig(min_reward_accuracy=0.6, min_win_rate=0.5)
+
+    # fails: production stays where it was
+    weak = reg.register(tiny_model_dir, tags=["candidate"], parents=["models@" + base])
+    d = decide_and_apply(reg, weak, {"reward_accuracy": 0.55, "reward_margin": 0.2, "win_rate": 0.7}, cfg)
+    assert not d.passed and not d.promoted
+    assert reg.version_of("models@production") == base
+    assert any(r.startswith("FAIL reward accuracy 0.55") for r in d.reasons)
+
+    # passes: production moves to the candidate
+    good = reg.register(tiny_model_dir, tags=["candidate"], parents=["models@" + base])
+    d = decide_and_apply(reg, good, {"reward_accuracy": 0.9, "reward_margin": 0.2, "win_rate": 0.7}, cfg)
+    assert d.passed and d.promoted and d.previous_production == base
+    assert reg.version_of("models@production") == good
+
+    # passes but auto_promote is off: a human decides
+    other = reg.register(tiny_model_dir)
+    d = decide_and_apply(reg, other, {"reward_accuracy": 0.9, "reward_margin": 0.2, "win_rate": 0.7},
+                         PromoteConfig(auto_promote=False))
+    assert d.passed and not d.promoted and reg.version_of("models@production") == good
+
+
+# --- dpoflow train end to end --------------------------------------------------------------
+
+def test_cli_train_end_to_end(trained_ws, capsys):
+    from flows.cli import main
+
+    ws = trained_ws
+    base = ws.registry.version_of("models@production")
+    args = ["train", "--workspace", str(ws.root), "--data", "dpo_train@0", "--eval", "dpo_eval@0", "--json",
+            "--set", f"train.model=models@{base}",
+            "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "train.lr=1e-3",
+            "--set", "train.warmup_steps=0", "--set", "train.eval.n_prompts=2",
+            "--set", "train.eval.max_new_tokens=4"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    version = out["model_version"]
+    assert version != base
+    assert not any(out["skipped"].values())
+
+    model = ws.registry.get(version)
+    assert "candidate" in model["tags"]
+    assert {"dpo_train@0", out["outputs"]["ref_logps"], f"models@{base}"} <= set(model["parents"])
+    assert model["config"]["train"]["max_steps"] == 3
+    run = ws.store.read(out["outputs"]["train_runs"]).to_pylist()[0]
+    assert run["steps"] == 3 and run["model_version"] == version
+    assert run["curves"] and Path(run["curves"]).read_bytes()[:4] == b"\x89PNG"
+    ev = ws.store.read(out["outputs"]["model_evals"]).to_pylist()[0]
+    assert ev["n_pairs"] == 6 and 0 <= ev["reward_accuracy"] <= 1 and ev["baseline_model"] == base
+    assert ev["win_rate"] is not None
+    assert "# Evaluation of" in Path(ev["report"]).read_text()
+
+    d = out["decision"]
+    assert d["model_version"] == version and d["reasons"]
+    prod_now = ws.registry.version_of("models@production")
+    assert prod_now == (version if d["promoted"] else base)
+
+    # Same command again (policy pinned to the base model): every step is reused, nothing retrains.
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["model_version"] == version
+    assert again["skipped"]["ref_logps"] and again["skipped"]["train"]
+    # the eval baseline is the production model: re-evaluated only if production moved
+    assert again["skipped"]["evaluate"] == (not d["promoted"])
+    assert ws.registry.version_of("models@production") == prod_now
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_training_hard_timeout_kills_the_process_group(trained_ws):
+    """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process."""
+    from flows.train import train_pipeline
+    from tasks.training.trainer import TrainingError
+
+    ws = Workspace.open(trained_ws.root, ["train.max_steps=100000", "train.batch_size=4",
+                                          "train.launch_timeout_s=6", "train.checkpoint_every=0"])
+    with pytest.raises(TrainingError, match="launch_timeout_s"):
+        train_pipeline(ws, "dpo_train@0", None, promote=False)
+    assert _procs_mentioning(str(ws.root)) == []
+    assert ws.registry.version_of("models@production")  # nothing registered or promoted
+    assert len(ws.registry.list()) == 1
