@@ -156,7 +156,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     store = _ws(args).store
-    removed = store.gc(keep_last=args.keep_last, dry_run=args.dry_run)
+    removed = store.gc(keep_last=args.keep_last, dry_run=args.dry_run,
+                       shard_max_age_s=args.shard_max_age_hours * 3600)
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"{verb} {name}@{','.join(map(str, vs))}" for name, vs in removed.items()] or ["nothing to remove"]
     _print(args, removed, lines)
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = ds.add_parser("gc", parents=[common, listing], help="delete unreferenced old versions")
     s.add_argument("--keep-last", type=int, default=3, help="newest versions of each dataset to keep")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--shard-max-age-hours", type=float, default=24.0,
+                   help="remove stage work units (shard_* datasets) older than this")
     s.set_defaults(func=cmd_gc)
 
     ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="sub", required=True)

@@ -70,5 +70,8 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
 def sample_flow(prompts: str = "prompts@latest", served: str | None = None, workspace: str | None = None,
                 overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Sample candidate responses for `prompts` (and add `served` responses, when given)."""
+    from flows.deploy import gpu_slot
+
     ws = Workspace.open(workspace, overrides)
-    return sample(ws, prompts, served, force=force).outputs
+    with gpu_slot():  # sampling holds the GPU: never alongside training on the same device
+        return sample(ws, prompts, served, force=force).outputs

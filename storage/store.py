@@ -195,6 +195,7 @@ class DatasetStore:
 
     def list(self) -> list[str]:
         base = self._join("datasets")
+        self.fs.invalidate_cache()  # object-store listings are cached; other writers add tables
         if not self.fs.exists(base):
             return []
         names = sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
@@ -309,7 +310,11 @@ class DatasetStore:
         raise StoreError(f"could not find the commit just written to {name!r}")
 
     def read(self, ref: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
-        """The rows of a version as a pyarrow Table (in its contract schema)."""
+        """The rows of a version as a pyarrow Table (in its contract schema).
+
+        Like any table format, row order is not part of a version: sort by an id column
+        where order matters.
+        """
         table = self.dataset(ref).to_table(columns=columns, filter=filter)
         r = self.resolve(ref)
         contract = SCHEMAS.get(r.name)
@@ -498,11 +503,25 @@ class DatasetStore:
             stack += [p for p in self.info(str(r)).parents if not p.startswith("models@")]
         return keep
 
-    def gc(self, keep_last: int = 3, dry_run: bool = False) -> dict[str, list[int]]:
-        """Delete the data files of unreferenced versions; return {dataset: removed versions}."""
+    def gc(self, keep_last: int = 3, dry_run: bool = False, shard_max_age_s: float = 86400
+           ) -> dict[str, list[int]]:
+        """Delete the data files of unreferenced versions; return {dataset: removed versions}.
+
+        ``shard_*`` datasets are a stage's resumable work units (e.g. sampling shards): once
+        older than `shard_max_age_s` their stage has long finished or been abandoned, so they
+        are removed whole.
+        """
         keep = self.referenced_versions(keep_last)
         removed: dict[str, list[int]] = {}
+        now = dt.datetime.now(dt.UTC)
         for name in self.list():
+            if name.startswith("shard_"):
+                created = dt.datetime.fromisoformat(self.info(name).created)
+                if (now - created).total_seconds() > shard_max_age_s:
+                    removed[name] = list(range(self.latest(name) + 1))
+                    if not dry_run:
+                        self.fs.rm(self.table_uri(name), recursive=True)
+                continue
             latest = self.latest(name)
             already = set(self._gc_record(name))
             kept = keep.get(name, set()) | {latest}
@@ -557,13 +576,8 @@ def _plain_types(schema: pa.Schema) -> pa.Schema:
 
 
 def _count_rows(table: DeltaTable) -> int:
-    """Row count from the Delta log's per-file statistics, falling back to a count scan."""
-    try:
-        actions = table.get_add_actions(flatten=True)
-        col = actions.column("num_records")
-        vals = col.to_pylist()
-        if all(v is not None for v in vals):
-            return int(sum(vals))
-    except Exception:  # statistics are optional in Delta
-        pass
-    raise StoreError("row count statistics missing from the Delta log")
+    """Row count from the Delta log's per-file statistics (our writer always records them)."""
+    vals = pa.table(table.get_add_actions(flatten=True)).column("num_records").to_pylist()
+    if any(v is None for v in vals):
+        raise StoreError("row count statistics missing from the Delta log")
+    return int(sum(vals))

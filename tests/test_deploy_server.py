@@ -87,7 +87,7 @@ def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout_s: float)
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM (serve pauses its schedules and stops its server), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 45), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -138,30 +138,38 @@ def test_serve_trigger_run_and_read_artifacts_on_a_real_server(tmp_path):
             **env, "PREFECT_API_URL": f"{ui_url}/api"}, capture_output=True, text=True, timeout=200)
         assert client.returncode == 0, f"{client.stderr[-4000:]}\n--- serve log:\n{log.read_text()[-4000:]}"
         result = json.loads(client.stdout.split("RESULT ", 1)[1])
-
-        assert result["state"] == "COMPLETED", (result["message"], log.read_text()[-4000:])
-        assert result["parameters"] == params
-        # every flow of this checkout is served; only nightly has a schedule, the one asked for
-        expected = {f"{n}/{n}" for n, spec in flow_specs().items()
-                    if importlib.util.find_spec(spec.partition(":")[0])}
-        assert set(result["served"]) == expected and "import/import" in expected
-        assert all(not s for n, s in result["served"].items() if n != "nightly/nightly")
-        if "nightly/nightly" in expected:
-            assert result["served"]["nightly/nightly"] == [
-                {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}]
-        assert result["gpu_limit"] == 1  # serve creates the GPU guard's limit
-
-        (report,) = [a for a in result["artifacts"] if a["key"] == "import-prompts-report"]
-        assert report["type"] == "table"
-        rows = json.loads(report["data"]) if isinstance(report["data"], str) else report["data"]
-        assert {"stage": "import:prompts", "what": "out: prompts", "rows": 3} in rows
-
-        # the data landed in the workspace, stamped with the run that wrote it
-        info = Workspace.open(ws_dir).store.info("prompts")
-        assert info.rows == 3 and info.flow_run_id == result["id"]
+        try:
+            _check(result, params, ws_dir)
+        except AssertionError as exc:  # say what serve saw (e.g. a flow module that failed to import)
+            raise AssertionError(f"{exc}\n--- serve log:\n{log.read_text()[-4000:]}") from exc
     finally:
         _kill_group(serve)
     with pytest.raises(ProcessLookupError):
         os.killpg(serve.pid, 0)  # serve and the server it started are gone
     assert ui_url is None or not _healthy(ui_url)
     assert "Pausing all deployments" in log.read_text()  # shut down gracefully, not killed
+
+
+def _check(result: dict, params: dict, ws_dir: Path) -> None:
+    """What the triggered run must show: completed with our parameters, its table artifact,
+    the dataset it wrote, and the deployments `serve` registered."""
+    assert result["state"] == "COMPLETED", result["message"]
+    assert result["parameters"] == params
+    # every flow of this checkout is served; only nightly has a schedule, the one asked for
+    expected = {f"{n}/{n}" for n, spec in flow_specs().items()
+                if importlib.util.find_spec(spec.partition(":")[0])}
+    assert set(result["served"]) == expected and "import/import" in expected
+    assert all(not s for n, s in result["served"].items() if n != "nightly/nightly")
+    if "nightly/nightly" in expected:
+        assert result["served"]["nightly/nightly"] == [
+            {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}]
+    assert result["gpu_limit"] == 1  # serve creates the GPU guard's limit
+
+    (report,) = [a for a in result["artifacts"] if a["key"] == "import-prompts-report"]
+    assert report["type"] == "table"
+    rows = json.loads(report["data"]) if isinstance(report["data"], str) else report["data"]
+    assert {"stage": "import:prompts", "what": "out: prompts", "rows": 3} in rows
+
+    # the data landed in the workspace, stamped with the run that wrote it
+    info = Workspace.open(ws_dir).store.info("prompts")
+    assert info.rows == 3 and info.flow_run_id == result["id"]

@@ -11,6 +11,12 @@ Layout of ``<run_dir>/checkpoints/step-00000010/``: ``model.safetensors`` (train
 ``torch.load(weights_only=True)``: scheduler, RNG states, loss state), ``meta.json`` (step, data
 position, metrics so far, fingerprint). A checkpoint is written to a temporary folder and
 renamed into place, so a run killed mid-write leaves the previous checkpoint as the latest.
+
+With strategy=fsdp the trainer gathers full (unsharded) weights and the full optimizer state
+(``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True, cpu_offload=True``) to
+rank 0 before calling ``save_checkpoint``, so the files have the same layout as a single-process
+run (optimizer state keyed by parameter name instead of index); on resume every rank reads the
+full tensors and keeps its own shard (``set_model_state_dict`` / ``set_optimizer_state_dict``).
 """
 
 from __future__ import annotations

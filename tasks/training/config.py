@@ -96,7 +96,11 @@ class TrainConfig(Section):
     node_rank: int = Field(0, ge=0, description="this node's rank (multi-node)")
     master_addr: str = Field("127.0.0.1", description="rendezvous host (multi-node)")
     master_port: int | None = Field(None, description="rendezvous port; None = a free local port")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallel: ddp (fsdp is reserved: refused until sharded checkpoints exist)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp = a full model copy per process; fsdp = FSDP2 "
+        "(fully_shard per transformer block, then the root): weights, gradients and AdamW state sharded "
+        "across processes, for models that do not fit one GPU; checkpoints and the final model are "
+        "gathered to full tensors on rank 0")
     launch_timeout_s: float = Field(24 * 3600, gt=0, description="hard limit for a torchrun launch")
     dist_timeout_s: float = Field(1800, gt=0, description="collective timeout inside the process group")
 

@@ -7,8 +7,12 @@ Public API (stable):
         Called by trainer.train when cfg.devices x cfg.nnodes > 1. Reference log-probs are
         computed here first when needed and not given (so workers hold only the policy), the
         inputs are written to ``run_dir/launch/``, and ``python -m torch.distributed.run ... -m
-        tasks.training.worker spec.json`` runs in its own session. DDP (FSDP is not implemented yet and
-        is refused); NCCL on CUDA, gloo on CPU.
+        tasks.training.worker spec.json`` runs in its own session. cfg.strategy picks DDP (a model
+        copy per process) or FSDP (FSDP2 ``fully_shard`` of each transformer block, then the root:
+        each process holds 1/N of the weights, gradients and optimizer state; bf16 compute with
+        fp32 reduction on CUDA, fp32 on CPU). NCCL on CUDA, gloo on CPU; both strategies run on
+        CPU for tests. With FSDP, checkpoints and the final model are gathered to full tensors on
+        rank 0 (same files as a single-process run), so resume works across both.
     torchrun_command(cfg, spec_path, port) -> list[str]
 
 The child gets a hard wall-clock limit (cfg.launch_timeout_s); on timeout, on `stop` being

@@ -24,9 +24,14 @@ rewards/accuracies, logps/chosen, logps/rejected, grad_norm, lr, tokens_per_s, p
 skipped (1 when a non-finite loss / gradient skipped the update), nan_steps, seconds.
 
 Normalisation: each micro-batch's loss is Σ pair_losses / (pairs in the whole optimizer step)
-(+ α·NLL / chosen tokens of the whole step), scaled by the process count because DDP averages
-gradients. So the gradient of a step does not depend on how its pairs are split into
+(+ α·NLL / chosen tokens of the whole step), scaled by the process count because DDP and FSDP
+average gradients. So the gradient of a step does not depend on how its pairs are split into
 micro-batches or processes.
+
+Strategies with several processes: ``ddp`` replicates the model; ``fsdp`` (FSDP2
+``fully_shard``) shards every transformer block and the root, so each process holds 1/N of the
+weights, gradients and AdamW state. Checkpoints and the final model are gathered to rank 0 as
+full tensors, in the same layout as a single-process run.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from tasks.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tasks.training.config import TrainConfig
@@ -64,6 +77,8 @@ from tasks.training.losses import LogpBatch, PreferenceLoss
 from tasks.training.tokenization import tokenize_pairs
 
 log = logging.getLogger("dpoflow.train")
+
+_ROOT_PREFIX = "model."  # SequenceLogps holds the causal LM as `.model`: FQNs under the FSDP root
 
 # Fields that do not change the trained weights: a resume may change them.
 _RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
@@ -163,8 +178,6 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
     logger = logger or log
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.world_size > 1 and cfg.strategy != "ddp":
-        raise TrainingError("strategy=fsdp is not implemented yet; use strategy=ddp (or LoRA for large models)")
     if cfg.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         from tasks.training.distributed import launch
 
@@ -217,10 +230,14 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         model = _apply_lora(model, cfg)
-    model.to(device).train()
+    fsdp = world > 1 and cfg.strategy == "fsdp"
+    amp = autocast_dtype(cfg.precision, device)
+    if not fsdp:  # FSDP moves each block to the device as it shards it (never the whole model at once)
+        model.to(device)
+    model.train()
     policy: torch.nn.Module = SequenceLogps(model, cfg.logit_chunk)
     if world > 1:
-        policy = _wrap_parallel(policy, cfg, device)
+        policy = _wrap_parallel(policy, cfg, device, amp)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -228,7 +245,6 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                             fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    amp = autocast_dtype(cfg.precision, device)
 
     # 3. resume ---------------------------------------------------------------------------------
     fingerprint = _fingerprint(cfg, str(model_path), tok.pair_ids, world)
@@ -239,8 +255,11 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
         if meta["fingerprint"] != fingerprint:
             raise TrainingError(f"checkpoint {ckpt} was made with another config, model or data; "
                                 "use a new run folder or resume=False")
-        _load_model_state(model, m_state, named)
-        opt.load_state_dict(o_state)
+        _load_model_state(model, m_state, named, policy if fsdp else None)
+        if fsdp:
+            set_optimizer_state_dict(policy, opt, o_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(o_state)
         sched.load_state_dict(t_state["scheduler"])
         loss_fn.load_state_dict(t_state["loss"])
         _set_rng_state(t_state["rng"])
@@ -248,11 +267,17 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
         logger.info("resumed from %s (step %d of %d)", ckpt, step, total_steps)
 
     def checkpoint() -> None:
+        # FSDP: gathering the full weights / optimizer state is a collective (every rank calls it);
+        # only rank 0 receives the tensors and writes them, in the same layout as single-process / DDP.
+        m_state = _full_state(policy, {n for n, _ in named}) if fsdp else {n: p for n, p in named}
+        o_state = (get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+                   if fsdp else None)
         if rank == 0:
             meta = {"step": step, "nan_steps": nan_steps, "metrics": metrics, "fingerprint": fingerprint,
                     "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch}
             t_state = {"scheduler": sched.state_dict(), "loss": loss_fn.state_dict(), "rng": _rng_state()}
-            save_checkpoint(run_dir, step, {n: p for n, p in named}, opt.state_dict(), t_state, meta,
+            save_checkpoint(run_dir, step, m_state, o_state if fsdp else opt.state_dict(), t_state, meta,
                             keep=cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
@@ -280,8 +305,10 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
             acc = np.zeros(9)
             for i, idx in enumerate(parts):
                 batch = collate(tok, idx).to(device)
-                sync = world == 1 or i == len(parts) - 1 or not hasattr(policy, "no_sync")
-                with (contextlib.nullcontext() if sync else policy.no_sync()):
+                sync = world == 1 or i == len(parts) - 1
+                if fsdp:  # reduce-scatter gradients only after the step's last micro-batch
+                    policy.set_requires_gradient_sync(sync)
+                with (contextlib.nullcontext() if sync or fsdp else policy.no_sync()):
                     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                         logps = policy(batch)
                     b = len(idx)
@@ -298,6 +325,8 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
             acc[8] = float(not math.isfinite(acc[0]))
             tot = _all_sum(acc.tolist(), device, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards (same on every rank)
+                grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)
             bad = tot[8] > 0 or not math.isfinite(tot[0]) or not math.isfinite(grad_norm)
             lr = sched.get_last_lr()[0]
@@ -340,6 +369,14 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
 
     # 5. final weights ----------------------------------------------------------------------------
     out = run_dir / "model"
+    if fsdp:  # gather the full weights to rank 0 (collective), load them into a CPU copy of the model
+        full = _full_state(policy, None)
+        if rank == 0:
+            model = load_causal_lm(model_path, device="cpu")[0]
+            if cfg.lora:
+                model = _apply_lora(model, cfg)
+            model.load_state_dict(full, strict=True)
+            del full
     if rank == 0:
         final = model.merge_and_unload() if cfg.lora else model
         final.config.use_cache = True
@@ -358,20 +395,67 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
                        tokenize_stats=tok.stats.as_dict())
 
 
-def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], named) -> None:
+def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], named,
+                      fsdp_root: torch.nn.Module | None = None) -> None:
     names = {n for n, _ in named}
     if set(state) != names:
         raise TrainingError("checkpoint weights do not match the model's trainable parameters")
+    if fsdp_root is not None:  # every rank holds the full tensors; each keeps its own shard
+        set_model_state_dict(fsdp_root, {_ROOT_PREFIX + n: t for n, t in state.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for n, p in named:
             p.copy_(state[n].to(p.device, p.dtype))
 
 
-def _wrap_parallel(policy: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    if cfg.strategy != "ddp":
-        # Sharded weights need gathered state dicts for checkpoints and the final save; until that
-        # exists, refuse rather than write sharded tensors as if they were whole.
-        raise TrainingError("strategy=fsdp is not implemented yet; use strategy=ddp (or LoRA for large models)")
+def _full_state(policy: torch.nn.Module, names: set[str] | None) -> dict[str, torch.Tensor]:
+    """FSDP: the unsharded weights on rank 0's CPU (empty dict elsewhere), keyed like model.named_parameters.
+
+    A collective: every rank must call it. `names` filters (None = everything, frozen and tied too).
+    """
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    n = len(_ROOT_PREFIX)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(_ROOT_PREFIX) and (names is None or k[n:] in names)}
+
+
+def _wrap_parallel(policy: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   amp: torch.dtype | None) -> torch.nn.Module:
+    if cfg.strategy == "fsdp":
+        return _shard(policy, device, amp)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _shard(policy: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2: shard every transformer block, then the root (embeddings, final norm, lm head).
+
+    The root is the SequenceLogps wrapper, not the bare model, because its forward calls the
+    decoder and the lm head separately: the root's hooks must gather the embedding / head for
+    the whole forward. Mixed precision follows autocast: bf16 compute with fp32 gradient
+    reduction on CUDA, plain fp32 on CPU; the sharded master weights stay fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from tasks.training.logprobs import _causal_lm
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    lm = _causal_lm(policy.model)
+    block_types = set(getattr(lm, "_no_split_modules", None) or [])
+    blocks = [m for m in policy.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        layers = getattr(lm.get_decoder(), "layers", None)
+        blocks = list(layers) if layers is not None else []
+    if not blocks:
+        raise TrainingError(f"strategy=fsdp: cannot find the transformer blocks of {type(lm).__name__} "
+                            "(no _no_split_modules, no decoder.layers); use strategy=ddp")
+    kind = type(blocks[0]).__name__  # before fully_shard renames the class to FSDP<name>
+    for block in reversed(blocks):  # innermost first, so nested blocks are sharded before their parents
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    log.info("fsdp: sharded %d %s blocks and the root over %d %s processes (mixed precision: %s)", len(blocks),
+             kind, dist.get_world_size(), device.type, amp or "off, fp32")
+    return policy
