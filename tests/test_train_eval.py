@@ -241,6 +241,37 @@ def _procs_mentioning(text: str) -> list[int]:
     return out
 
 
+LAUNCHER = """
+import sys
+from flows.train import train_pipeline
+from flows.workspace import Workspace
+ws = Workspace.open(sys.argv[1], ["train.max_steps=100000", "train.batch_size=4", "train.checkpoint_every=0"])
+train_pipeline(ws, "dpo_train@0", None, promote=False)
+"""
+
+
+def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
+    """SIGKILL of the flow process (or a cancelled run) must not leave training orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(trained_ws.root)])
+    deadline = time.time() + 180
+    while time.time() < deadline and not [p for p in _procs_mentioning("tasks.training.worker")
+                                          if str(trained_ws.root) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]:
+        assert proc.poll() is None, "launcher ended before training started"
+        time.sleep(0.3)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _procs_mentioning(str(trained_ws.root)):
+        time.sleep(0.5)
+    assert _procs_mentioning(str(trained_ws.root)) == []
+
+
 def test_training_hard_timeout_kills_the_process_group(trained_ws):
     """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process."""
     from flows.train import train_pipeline

@@ -89,6 +89,7 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
     logger.info("launching %s", " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, cfg.devices))))
+    env["DPOFLOW_LAUNCHER_PID"] = str(os.getpid())  # workers stop if this process dies
     log_path = work / "torchrun.log"
     deadline = time.monotonic() + cfg.launch_timeout_s
     with open(log_path, "ab") as out:

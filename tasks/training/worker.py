@@ -9,8 +9,39 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
+
+PARENT_ENV = "DPOFLOW_LAUNCHER_PID"
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """End the whole training process group when the launching process is gone.
+
+    torchrun runs in its own session (so a hard timeout can kill it as a group); the flow
+    process that launched it may itself be killed (SIGKILL, or a cancelled Prefect flow run).
+    Each worker then takes the group down instead of training on, orphaned, on the GPU.
+    """
+    pid = int(os.environ.get(PARENT_ENV, "0") or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logging.getLogger("dpoflow.train").error("launcher %d is gone: stopping the training group", pid)
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            except PermissionError:
+                pass
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 def main(spec_path: str) -> int:
@@ -22,6 +53,7 @@ def main(spec_path: str) -> int:
     from tasks.training.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(message)s")
+    watch_launcher()
     spec = json.loads(Path(spec_path).read_text())
     cfg = TrainConfig.model_validate(spec["config"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
