@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 K = 4
 MIN_MARGIN = 0.05
 EVAL_FRACTION = 0.05
-EN = "the a quick brown fox jumps over lazy dog please explain binary search python list tuple sort data model".split()
+EN = ["the", "a", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "please", "explain", "binary", "search", "python", "list", "tuple", "sort", "data", "model"]
 ZH = list("今天天气很好我们去公园散步吧请用简单的话解释二分查找是如何工作的机器学习模型从数据中规律")
 
 

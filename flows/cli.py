@@ -137,19 +137,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _ws(args).store
     ref = str(store.resolve(args.ref))
     out = args.output
+    table = store.read(ref)
+    if args.trl:
+        from tasks.balance import to_trl
+
+        table = to_trl(table)  # TRL's prompt / chosen / rejected (message lists for chats)
     if args.format == "parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(store.read(ref), out)
+        pq.write_table(table, out)
     elif args.format == "jsonl":
-        import pyarrow.json  # noqa: F401  (ensures pyarrow is complete)
-
         with open(out, "w", encoding="utf-8") as f:
-            for batch in store.read_batches(ref):
+            for batch in table.to_batches(max_chunksize=8192):
                 for row in batch.to_pylist():
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     else:
-        store.to_hf(ref).save_to_disk(out)
+        import datasets
+
+        datasets.Dataset(table).save_to_disk(out)
     print(f"exported {ref} to {out} ({args.format})")
     return 0
 
@@ -197,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="dpoflow", description="Preference data and DPO retraining pipeline.",
                                 parents=[common])
-    p.set_defaults(workspace=None, set=[])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     sub.common = common  # type: ignore[attr-defined]  # plugins reuse these parents
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref")
     s.add_argument("--format", choices=["parquet", "jsonl", "hf"], default="parquet")
     s.add_argument("--output", required=True)
+    s.add_argument("--trl", action="store_true",
+                   help="only TRL's DPO columns (prompt, chosen, rejected; message lists for chat prompts)")
     s.set_defaults(func=cmd_export)
     s = ds.add_parser("gc", parents=[common, listing], help="delete unreferenced old versions")
     s.add_argument("--keep-last", type=int, default=3, help="newest versions of each dataset to keep")
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Options are SUPPRESSed when absent, so one given before the subcommand survives it.
+    args.workspace = getattr(args, "workspace", None)
+    args.set = getattr(args, "set", None) or []
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from flows.config import ConfigError

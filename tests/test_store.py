@@ -99,6 +99,17 @@ def test_append_mode_and_streamed_write(store):
     assert sorted(store.read(info.ref).column("prompt_id").to_pylist()) == [f"p{i}" for i in range(8)]
 
 
+def test_large_versions_roll_over_files_and_empty_versions_keep_the_schema(store, monkeypatch):
+    import storage.store as st
+
+    monkeypatch.setattr(st, "ROWS_PER_FILE", 3)
+    info = store.write("prompts", prompts(8))
+    assert len(store.dataset(info.ref).files) == 3 and info.rows == 8
+    assert sorted(store.read(info.ref).column("prompt_id").to_pylist()) == sorted(f"p{i}" for i in range(8))
+    empty = store.write("prompts", iter([]))
+    assert empty.rows == 0 and store.read(empty.ref).schema.names == store.read(info.ref).schema.names
+
+
 def test_lineage_two_levels(store):
     store.write("prompts", prompts(2), stage="import")
     cands = pa.table({"candidate_id": ["c1"], "prompt_id": ["p0"], "prompt": ["x"], "response": ["y"],
