@@ -48,6 +48,10 @@ def main() -> None:
 
     from flows.nightly import nightly_direct, nightly_flow
 
+    from flows.stages import STAGES, stage_flow
+
+    for name in STAGES:  # import every stage (torch, transformers...) before timing either side
+        stage_flow(name)
     base = Path(tempfile.mkdtemp(prefix="bench_orch_"))
     try:
         t0 = time.perf_counter()

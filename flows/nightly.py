@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.tasks import exponential_backoff
 
 from flows.stage import publish_markdown, publish_table
@@ -41,9 +42,14 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
       retry_condition_fn=_transient)
 def run_stage_task(stage: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run one stage flow as a subflow (a task, so independent stages can run side by side)."""
+    """Run one stage flow as a subflow (a task, so independent stages can run side by side).
+
+    Subflows run inside the nightly flow's process, whose own heartbeat already tells the
+    server it is alive; their heartbeat threads would only add ~1 s each at exit.
+    """
     f = stage_flow(stage).with_options(timeout_seconds=timeout_s)
-    return f(**params)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return f(**params)
 
 
 def _present(ws: Workspace, name: str) -> str | None:

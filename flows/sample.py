@@ -61,17 +61,17 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
     Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task."""
     if shard_runner is None and _flow_run_id():
         shard_runner = _prefect_runner
+    from flows.deploy import gpu_slot
+
+    # The GPU slot is held only while sampling really runs (never alongside training).
     return run_stage(ws, "sample", stage_fn(shard_runner, force), {"prompts": prompts, "served": served},
                      ws.config.sample, force=force, code=(sampling, generation),
-                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)})
+                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)}, hold=gpu_slot)
 
 
 @flow(name="sample")
 def sample_flow(prompts: str = "prompts@latest", served: str | None = None, workspace: str | None = None,
                 overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Sample candidate responses for `prompts` (and add `served` responses, when given)."""
-    from flows.deploy import gpu_slot
-
     ws = Workspace.open(workspace, overrides)
-    with gpu_slot():  # sampling holds the GPU: never alongside training on the same device
-        return sample(ws, prompts, served, force=force).outputs
+    return sample(ws, prompts, served, force=force).outputs

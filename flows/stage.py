@@ -9,6 +9,7 @@ It never imports Prefect; this module reports to Prefect only when a flow run is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -165,13 +166,15 @@ def run_stage(
     force: bool = False,
     code: tuple[Any, ...] = (),
     key_extra: dict[str, Any] | None = None,
+    hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> StageRun:
     """Run one stage with versioned inputs and outputs; skip it when nothing changed.
 
     `inputs` maps roles to refs (``None`` = optional input absent); refs are pinned to
     versions before anything else, so the content key and the lineage name exact versions.
     `key_extra` adds things the key must cover that are not dataset versions (e.g. the
-    fingerprint of an external file being imported).
+    fingerprint of an external file being imported). `hold` is a resource to hold while the
+    stage function runs (e.g. a GPU slot); a skipped stage never waits for it.
     """
     t0 = time.perf_counter()
     store = ws.store
@@ -190,7 +193,8 @@ def run_stage(
             return run
     flow_run_id = _flow_run_id()
     ctx = StageContext(stage, ws, pinned, config, logger, flow_run_id)
-    result = fn(ctx)
+    with hold() if hold else contextlib.nullcontext():
+        result = fn(ctx)
     parents = list(pinned.values())
     outputs: dict[str, str] = {}
     rows_out: dict[str, int] = {}

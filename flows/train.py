@@ -41,7 +41,9 @@ def optional_ref(ws: Workspace, ref: str | None) -> str | None:
 
 def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
-    return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force)
+    from flows.deploy import gpu_slot
+
+    return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
 
 
 def _modules(names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -99,10 +101,10 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     def train_step() -> StageRun:
         from flows.deploy import gpu_slot
 
-        with gpu_slot(occupy=cfg.devices):
-            return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference), inputs,
-                             stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
-                             key_extra={"policy": policy.version, "ref_model": reference.version})
+        return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference), inputs,
+                         stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
+                         key_extra={"policy": policy.version, "ref_model": reference.version},
+                         hold=lambda: gpu_slot(occupy=cfg.devices))
 
     t = runner("train", train_step)
     out.outputs["train_runs"] = t.outputs["train_runs"]
@@ -121,11 +123,10 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
         def eval_step() -> StageRun:
             from flows.deploy import gpu_slot
 
-            with gpu_slot(occupy=1):
-                return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
-                                 {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},
-                                 stage.eval_key_config(cfg), force=force, code=_modules(EVAL_CODE),
-                                 key_extra={"baseline": baseline.version if baseline else None})
+            return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
+                             {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},
+                             stage.eval_key_config(cfg), force=force, code=_modules(EVAL_CODE),
+                             key_extra={"baseline": baseline.version if baseline else None}, hold=gpu_slot)
 
         eval_run = runner("evaluate", eval_step)
         out.outputs["model_evals"] = eval_run.outputs["model_evals"]

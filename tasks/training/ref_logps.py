@@ -122,12 +122,13 @@ def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
     return ref_logps_stage
 
 
-def ref_logps_for(ws: Any, pairs_ref: str, cfg: Any, *, model: ModelRef | None = None, force: bool = False):
+def ref_logps_for(ws: Any, pairs_ref: str, cfg: Any, *, model: ModelRef | None = None, force: bool = False,
+                  hold: Callable[[], Any] | None = None):
     """Compute (or reuse) the stored reference log-probs of one pairs version."""
     from flows.stage import run_stage
     from tasks.training import logprobs, tokenization
 
     model = model or resolve_model(ws, cfg.ref_model or cfg.model)
     fn = make_ref_logps_stage(cfg, model)
-    return run_stage(ws, "ref_logps", fn, {"pairs": pairs_ref}, ref_key_config(cfg), force=force,
+    return run_stage(ws, "ref_logps", fn, {"pairs": pairs_ref}, ref_key_config(cfg), force=force, hold=hold,
                      code=(logprobs, tokenization), key_extra={"ref_model": model.version})
