@@ -47,7 +47,6 @@ def main() -> None:
     from prefect import flow
 
     from flows.nightly import nightly_direct, nightly_flow
-
     from flows.stages import STAGES, stage_flow
 
     for name in STAGES:  # import every stage (torch, transformers...) before timing either side

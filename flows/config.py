@@ -4,7 +4,7 @@ Precedence (last wins): defaults < ``dpoflow.yaml`` < ``DPOFLOW__SECTION__KEY=va
 environment variables < ``--set section.key=value`` overrides. Unknown keys are errors that
 name the key and, for the YAML file, its line. Secrets (database URLs with passwords, S3
 keys) are read from the environment by name (``*_env`` fields) or from Prefect Secret blocks
-(``prefect-secret:NAME``), so the config itself, ``config show``, logs and dataset metadata
+by name (``url_secret``), so the config itself, ``config show``, logs and dataset metadata
 never hold them.
 
 Each stage owns its section's model (in its ``tasks`` module); this file only composes them.

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prefect import flow
@@ -35,6 +36,22 @@ def _still_latest(ws: Workspace, outputs: dict[str, str]) -> bool:
         return False
 
 
+def _with_secrets(cfg: feedback.IngestConfig) -> feedback.IngestConfig:
+    """Load `url_secret` Prefect Secret blocks into this process's environment and point the
+    source at that variable, so the core reads every URL the same way and the value never
+    enters the config, the content key, logs or dataset metadata."""
+    sources = []
+    for src in cfg.sources:
+        if src.url_secret and not src.url_env:
+            from prefect.blocks.system import Secret
+
+            var = "DPOFLOW_SECRET_" + "".join(c if c.isalnum() else "_" for c in src.url_secret).upper()
+            os.environ[var] = str(Secret.load(src.url_secret).get())
+            src = src.model_copy(update={"url_env": var})
+        sources.append(src)
+    return cfg.model_copy(update={"sources": sources})
+
+
 def run_ingest(ws: Workspace, candidates: str | None = "candidates@latest",
                feedback_events: str | None = "feedback_events@latest", *, force: bool = False,
                config: feedback.IngestConfig | None = None) -> StageRun:
@@ -43,7 +60,7 @@ def run_ingest(ws: Workspace, candidates: str | None = "candidates@latest",
     The content key covers a fingerprint of every source (files: names, sizes, mtimes; SQL:
     row count and max watermark), so new events are never skipped as "unchanged". Watermarks
     are stored only after the outputs were committed: a crash mid-run re-reads, never loses."""
-    cfg = config or ws.config.ingest
+    cfg = _with_secrets(config or ws.config.ingest)
     state = ws.store.get_state(feedback.STATE_KEY, {}) or {}
     fp = {s.name: feedback.source_fingerprint(s, state.get(s.name) or {}) for s in cfg.sources}
     inputs = {"candidates": _optional(ws, candidates), "feedback_events": _optional(ws, feedback_events)}

@@ -67,13 +67,16 @@ ABUSE_REASONS = {RATE_CAP: "abuse: rate cap", UNIFORM: "abuse: uniform voter", B
 # --- config ---------------------------------------------------------------------------------
 
 class SourceConfig(Section):
-    """One event source. Secrets never live here: SQL URLs are read from the env var `url_env`."""
+    """One event source. Secrets never live here: SQL URLs are read from the env var `url_env`
+    (or, through the flow layer, from the Prefect Secret block `url_secret`)."""
 
     name: str = Field(..., description="source name: the watermark key and the quarantine `source` label")
     kind: Literal["files", "sql"] = Field("files", description="files (Parquet / JSONL / CSV) or sql")
     path: str | None = Field(None, description="files: a file, a folder, or a glob such as events/*.parquet")
     format: Literal["auto", "parquet", "jsonl", "csv"] = Field("auto", description="files: format (auto = by suffix)")
     url_env: str | None = Field(None, description="sql: NAME of the env var holding the SQLAlchemy URL")
+    url_secret: str | None = Field(None, description="sql: NAME of a Prefect Secret block holding the URL "
+                                   "(instead of url_env; needs a Prefect server)")
     query: str | None = Field(None, description="sql: a SELECT returning event columns (or use `table`)")
     table: str | None = Field(None, description="sql: a table to read instead of a query")
     watermark_column: str = Field("ts", description="sql: monotone column for incremental reads")
@@ -150,7 +153,7 @@ def _sql_engine(src: SourceConfig):
     import sqlalchemy as sa
 
     if not src.url_env:
-        raise SourceError(f"source {src.name!r}: `url_env` (name of the env var with the URL) is required")
+        raise SourceError(f"source {src.name!r}: `url_env` or `url_secret` (where the URL is kept) is required")
     url = os.environ.get(src.url_env)
     if not url:
         raise SourceError(f"source {src.name!r}: environment variable {src.url_env} is not set")

@@ -370,3 +370,18 @@ def _has_user(pwd, name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def test_sql_url_from_a_prefect_secret_block(ws, tmp_path, prefect_harness):
+    """A Secret block holds the URL with its password; nothing downstream ever sees it."""
+    from prefect.blocks.system import Secret
+
+    candidates(ws)
+    db = tmp_path / "secret-ev.db"
+    _sqlite_events(db, [ev(f"k{i}", f"u{i}", "c2", ts=iso(seconds=i)) for i in range(4)])
+    Secret(value=f"sqlite:///{db}").save("events-db-url", overwrite=True)
+    configure(ws, sources=[{"name": "db", "kind": "sql", "url_secret": "events-db-url", "table": "events"}])
+    run = run_ingest(ws)
+    assert run.report["accepted"] == 4
+    meta = json.dumps(ws.store.info(run.outputs["feedback_events"]).to_dict())
+    assert "secret-ev.db" not in meta and "events-db-url" in meta  # the block's name, never its value
