@@ -13,6 +13,7 @@ Each stage owns its section's model (in its ``tasks`` module); this file only co
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,14 @@ def dump_config(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json", by_alias=True)
 
 
+def _item_model(ann: Any) -> type[BaseModel] | None:
+    """The section model inside ``list[Model]`` / ``dict[str, Model]`` annotations, if any."""
+    for arg in typing.get_args(ann):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def reference_markdown() -> str:
     """Every config key with its type, default and description, as markdown tables per section.
 
@@ -198,7 +207,7 @@ def reference_markdown() -> str:
     import json as _json
 
     def type_name(ann: Any) -> str:
-        text = getattr(ann, "__name__", None) or str(ann)
+        text = str(ann) if typing.get_args(ann) else (getattr(ann, "__name__", None) or str(ann))
         return text.replace("typing.", "").replace("NoneType", "None").replace("|", "\\|")
 
     def rows(model: type[BaseModel], prefix: str) -> list[str]:
@@ -209,6 +218,7 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out += rows(ann, key)
                 continue
+            item = _item_model(ann)
             default = f.get_default(call_default_factory=True)
             if isinstance(default, BaseModel):
                 default = default.model_dump(mode="json")
@@ -217,6 +227,8 @@ def reference_markdown() -> str:
             dflt = _json.dumps(default, default=str, ensure_ascii=False)
             desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
             out.append(f"| `{key}` | `{type_name(ann)}` | `{dflt}` | {desc} |".replace("`|", "` |"))
+            if item is not None:  # list / dict of sections: document the fields of one item
+                out += rows(item, key + ("[]" if typing.get_origin(ann) is list else ".<name>"))
         return out
 
     model = pipeline_model()
