@@ -78,6 +78,8 @@ def summary(out: dict[str, Any], workspace: Path) -> str:
     ws = Workspace.open(workspace)
     lines = [f"\nnight {out['night']} finished in {out['seconds']} s", "", "datasets:"]
     for name in ws.store.list():
+        if name.startswith("shard_"):
+            continue  # sampling's resumable work units
         info = ws.store.info(name)
         lines.append(f"  {info.ref:<22} {info.rows:>7} rows   ({info.stage})")
     lines.append("\nmodels:")
