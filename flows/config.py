@@ -82,10 +82,13 @@ def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
 def _build_model() -> type[BaseModel]:
     from pydantic import create_model
 
+    from tasks.annotations import AnnotationsConfig as annotations_model  # aggregation of annotators
+
     fields: dict[str, Any] = {
         "storage": (StorageConfig, Field(default_factory=StorageConfig)),
         "import_": (ImportConfig, Field(default_factory=ImportConfig, alias="import")),
         "nightly": (NightlyConfig, Field(default_factory=NightlyConfig)),
+        "annotations": (annotations_model, Field(default_factory=annotations_model)),
     }
     for name, (model, _) in _stage_models().items():
         fields[name] = (model, Field(default_factory=model))

@@ -116,7 +116,7 @@ _annotations_stage.__module__ = annot.__name__
 def run_annotations(ws: Workspace, annotations: str = "annotations@latest", *, force: bool = False,
                     config: Any = None) -> StageRun:
     """annotations@V -> judgements (majority / mean / Bradley-Terry with agreement stats)."""
-    cfg = config or getattr(ws.config, "annotations", None) or annot.AnnotationsConfig()
+    cfg = config or ws.config.annotations
     return run_stage(ws, "annotations", _annotations_stage, {"annotations": annotations}, cfg,
                      force=force, code=(annot,))
 

@@ -687,14 +687,19 @@ class EventAccumulator:
         P["new"].append(np.full(n, new, bool))
 
     def _cat(self, k: str, dtype: Any) -> np.ndarray:
-        return np.concatenate(self.parts[k]) if self.parts[k] else np.zeros(0, dtype)
+        """One column as one array; the batch chunks are released (peak = one copy + one column)."""
+        if not self.parts[k]:
+            return np.zeros(0, dtype)
+        if len(self.parts[k]) > 1:
+            self.parts[k] = [np.concatenate(self.parts[k])]
+        return self.parts[k][0]
 
     def finish(self) -> Outcome:
         cfg, ab = self.cfg, self.cfg.abuse
         eh = self._cat("eh", np.uint64)
         user = self._cat("user", np.int32).astype(np.int64)
         resp = self._cat("resp", np.int32).astype(np.int64)
-        etype = self._cat("etype", np.int8).astype(np.int64)
+        etype = self._cat("etype", np.int8)
         ts = self._cat("ts", np.int64)
         value = self._cat("value", np.float64)
         pos = self._cat("pos", np.int32)
