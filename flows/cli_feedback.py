@@ -22,7 +22,7 @@ def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) 
     from tasks.importing import fingerprint
 
     p = Path(path)
-    new, quarantine, report = annot.read_annotations(p)
+    new, quarantine, report = annot.read_annotations(p, ws.config.annotations)
     # the import reads its own previous version, so its content key changes after each import:
     # a file already imported (same path, size, mtime) is recognised by a record in the store
     fp = fingerprint([p])
@@ -33,12 +33,15 @@ def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) 
                 "judgements": jrun.outputs.get("judgements"), "skipped": True}
 
     def stage(ctx: StageContext) -> StageResult:
-        table = new
+        table, q = new, quarantine
+        if q.num_rows and ws.store.exists("quarantine"):  # a bad row seen in an earlier import: once
+            old = ws.store.read("quarantine", columns=["raw"], filter=pa.compute.field("dataset") == "annotations")
+            q = q.filter(pa.compute.invert(pa.compute.is_in(q.column("raw"), value_set=old.column("raw"))))
         if ctx.has("annotations"):
             prev = ctx.read("annotations")
             keep = pa.compute.invert(pa.compute.is_in(prev.column("annotation_id"), value_set=new.column("annotation_id")))
             table = pa.concat_tables([prev.filter(keep), new])
-        return StageResult(outputs={"annotations": table}, quarantine=quarantine, report=report,
+        return StageResult(outputs={"annotations": table}, quarantine=q, report=report,
                            metadata={"annotations": {"file": str(p)}})
 
     stage.__module__ = annot.__name__

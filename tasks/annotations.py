@@ -101,8 +101,9 @@ def _ts(v: Any) -> dt.datetime | None:
         return None
 
 
-def normalise_row(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """One flat record -> an ANNOTATIONS row, or (None, reason)."""
+def normalise_row(row: dict[str, Any], cfg: AnnotationsConfig | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """One flat record -> an ANNOTATIONS row, or (None, reason). With `cfg`, ratings off its
+    scale are rejected (a 7 on a 1-5 Likert scale is an input error, not a strong vote)."""
     annotator = _text(row.get("annotator") or row.get("annotator_id") or row.get("user_id"))
     if annotator is None:
         return None, "missing annotator"
@@ -131,14 +132,14 @@ def normalise_row(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
         if w is None:
             return None, "missing winner"
         wl = w.lower()
-        if wl in ("a", "left", "1"):
+        if w in items:  # an item id first: ids such as "1", "2" or "A" must not read as a side
+            winner = w
+        elif wl in ("a", "left", "1"):
             winner = items[0]
         elif wl in ("b", "right", "2"):
             winner = items[1]
         elif wl in ("tie", "draw", "equal", "both", "neither"):
             winner = "tie"
-        elif w in items:
-            winner = w
         else:
             return None, "invalid winner"
     elif kind == "ranking":
@@ -157,6 +158,8 @@ def normalise_row(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
             return None, "invalid rating"
         if not math.isfinite(rating):
             return None, "invalid rating"
+        if cfg is not None and not cfg.rating_min <= rating <= cfg.rating_max:
+            return None, "rating out of scale"
     prompt_id = _text(row.get("prompt_id"))
     key_items = sorted(items) if kind != "ranking" else items
     return {
@@ -185,8 +188,9 @@ def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, st
             who = ann.get("completed_by")
             common = {**base, "annotator": who, "ts": ann.get("created_at")}
             for res in ann.get("result") or []:
-                value = (res or {}).get("value") or {}
-                typ = (res or {}).get("type")
+                value = res.get("value") if isinstance(res, dict) else None
+                value = value if isinstance(value, dict) else {}
+                typ = res.get("type") if isinstance(res, dict) else None
                 rec: dict[str, Any] = dict(common)
                 if typ == "pairwise" or (typ == "choices" and a and b):
                     sel = value.get("selected")
@@ -208,7 +212,7 @@ def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, st
     return out
 
 
-def read_annotations(path: str | Path) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """(annotations rows, quarantine rows, report) from a JSONL / CSV / Label Studio JSON file."""
     p = Path(path)
     if not p.is_file():
@@ -245,7 +249,7 @@ def read_annotations(path: str | Path) -> tuple[pa.Table, pa.Table, dict[str, An
         if rec is None:
             bad.append(("invalid JSON" if fmt != "label-studio" else "invalid Label Studio task", raw, i))
             continue
-        row, why = normalise_row(rec)
+        row, why = normalise_row(rec, cfg)
         if row is None:
             bad.append((why or "invalid", raw, i))
         else:
@@ -271,7 +275,12 @@ def bradley_terry(items: list[str], wins: dict[tuple[str, str], float], prior: f
 
     P(i beats j) = s_i / (s_i + s_j). Update: s_i = W_i / sum_j n_ij / (s_i + s_j), where W_i are
     i's wins and n_ij the games between i and j (ties count half a win each). `prior` adds that
-    many games of every item against a virtual item of strength 1, won half the time."""
+    many games of every item against a virtual item of strength 1, won half the time. That
+    virtual item fixes the scale, so with a prior the strengths are not renormalised each step
+    (that would move the fixed point away from the regularised fit). Instead each MM step is
+    followed by the exact best common rescaling, which the likelihood gives in closed form as
+    sum_i s_i / (s_i + 1) = m / 2 (solved by Newton in log scale): MM alone creeps along that
+    direction very slowly. The result is rescaled to geometric mean 1, which keeps every s_i / s_j."""
     idx = {it: k for k, it in enumerate(items)}
     m = len(items)
     W = np.zeros((m, m))
@@ -283,11 +292,23 @@ def bradley_terry(items: list[str], wins: dict[tuple[str, str], float], prior: f
         denom = (N / (s[:, None] + s[None, :])).sum(axis=1) + prior / (s + 1.0)
         new = (W.sum(axis=1) + prior / 2) / np.maximum(denom, 1e-300)
         new = np.where(new > 0, new, 1e-12)
-        new /= math.exp(np.log(new).mean())
-        if np.max(np.abs(new - s)) < tol:
+        if prior <= 0:  # without the anchor the likelihood is scale-free: pin the scale
+            new /= math.exp(np.log(new).mean())
+        else:  # best common scale against the virtual item (each step raises the likelihood)
+            u, ls = 0.0, np.log(new)
+            for _ in range(50):
+                with np.errstate(over="ignore"):
+                    q = 1.0 / (1.0 + np.exp(-(ls + u)))
+                step = float(np.clip((q.sum() - m / 2) / max((q * (1 - q)).sum(), 1e-12), -4, 4))
+                u -= step
+                if abs(step) < 1e-13:
+                    break
+            new = new * math.exp(u)
+        if np.max(np.abs(new - s) / np.maximum(s, 1e-300)) < tol:
             s = new
             break
         s = new
+    s = s / math.exp(np.log(s).mean())
     return {it: float(s[idx[it]]) for it in items}
 
 
@@ -322,7 +343,8 @@ def fleiss_kappa(counts: list[list[int]]) -> float | None:
 
 
 def _judgement(kind: str, prompt_id: str | None, items: list[str], annotators: list[str], **kw: Any) -> dict[str, Any]:
-    return {"judgement_id": stable_id_one(kind, prompt_id, "\x1e".join(items), prefix="j-"), "kind": kind,
+    # the id names the item set, not the consensus order, so it survives a re-ranking
+    return {"judgement_id": stable_id_one(kind, prompt_id, "\x1e".join(sorted(items)), prefix="j-"), "kind": kind,
             "prompt_id": prompt_id, "item_ids": items, "winner": kw.get("winner"), "ranks": kw.get("ranks"),
             "rating": kw.get("rating"), "strength": kw.get("strength"), "n_annotators": len(set(annotators)),
             "agreement": kw.get("agreement"), "annotators": sorted(set(annotators))}
