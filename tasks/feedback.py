@@ -16,7 +16,7 @@ can move older events to quarantine. The hot path works on compact numeric array
 hashes of ids, integer codes), streamed batch by batch; raw rows are spooled to an uncompressed
 Arrow IPC file in scratch space, never held in memory whole.
 
-Signal formulas (also in benchmarks/results_feedback.md, "Signal formulas"), per response r over
+Signal formulas (also in README.md, "Feedback signals"), per response r over
 its winning votes v (after dedup and abuse filtering):
 
     s_v   = w[type_v]                                  (dwell: w_dwell * min(value_v / dwell_full_ms, 1))
