@@ -153,3 +153,11 @@ def test_config_validates_losses():
     assert not cfg.needs_reference
     assert TrainConfig(loss=["simpo", "sigmoid"], loss_weights=[1, 2]).needs_reference
     assert PreferenceLoss.from_config(cfg).gamma == 1.0
+
+
+def test_torch_free_loss_names_list_every_loss():
+    """The config validates loss names without torch; that list must match the real losses."""
+    from tasks.training.loss_names import LOSS_NAMES
+    from tasks.training.losses import LOSSES
+
+    assert tuple(LOSSES) == LOSS_NAMES

@@ -118,7 +118,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_losses(self) -> TrainConfig:
-        from tasks.training.losses import validate_loss_params
+        from tasks.training.loss_names import validate_loss_params
 
         validate_loss_params(self.loss_names, self.loss_weights, label_smoothing=self.label_smoothing,
                              simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha)
@@ -136,7 +136,7 @@ class TrainConfig(Section):
 
     @property
     def needs_reference(self) -> bool:
-        from tasks.training.losses import REFERENCE_FREE
+        from tasks.training.loss_names import REFERENCE_FREE
 
         return any(n not in REFERENCE_FREE for n in self.loss_names)
 
