@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows.stage import StageContext, StageResult, StageRun, code_version, publish_table, run_stage
 from flows.workspace import Workspace
+from storage.store import StoreError
 from tasks import annotations as annot
 from tasks import feedback
 
@@ -32,7 +33,7 @@ def _still_latest(ws: Workspace, outputs: dict[str, str]) -> bool:
     try:
         return all(ws.store.latest(ref.partition("@")[0]) == int(ref.partition("@")[2])
                    for name, ref in outputs.items() if name != "quarantine")
-    except Exception:
+    except (StoreError, ValueError):  # a dataset was removed, or a malformed record
         return False
 
 
