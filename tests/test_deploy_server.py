@@ -30,17 +30,18 @@ CLIENT = textwrap.dedent("""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    params = json.loads(sys.argv[1])
+    params, expected = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 90
-        while True:  # serve registers its deployments right after printing its banner
-            try:
-                client.read_deployment_by_name("import/import")
-                break
-            except ObjectNotFound:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        for name in expected:  # serve registers its deployments one by one after its banner
+            while True:
+                try:
+                    client.read_deployment_by_name(name)
+                    break
+                except ObjectNotFound:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
         served = {}
         for d in client.read_deployments():
             flow = client.read_flow(d.flow_id)
@@ -134,7 +135,8 @@ def test_serve_trigger_run_and_read_artifacts_on_a_real_server(tmp_path):
         _wait_for(r"dpoflow serve: \d+ deployment", log, serve, 150)
         assert _healthy(ui_url)
         params = {"name": "prompts", "path": str(data), "workspace": str(ws_dir)}
-        client = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(params)], env={
+        argv = [sys.executable, "-c", CLIENT, json.dumps(params), json.dumps(sorted(_expected()))]
+        client = subprocess.run(argv, env={
             **env, "PREFECT_API_URL": f"{ui_url}/api"}, capture_output=True, text=True, timeout=200)
         assert client.returncode == 0, f"{client.stderr[-4000:]}\n--- serve log:\n{log.read_text()[-4000:]}"
         result = json.loads(client.stdout.split("RESULT ", 1)[1])
@@ -150,14 +152,19 @@ def test_serve_trigger_run_and_read_artifacts_on_a_real_server(tmp_path):
     assert "Pausing all deployments" in log.read_text()  # shut down gracefully, not killed
 
 
+def _expected() -> set[str]:
+    """Every flow of this checkout whose module can be found is served as ``<flow>/<flow>``."""
+    return {f"{n}/{n}" for n, spec in flow_specs().items()
+            if importlib.util.find_spec(spec.partition(":")[0])}
+
+
 def _check(result: dict, params: dict, ws_dir: Path) -> None:
     """What the triggered run must show: completed with our parameters, its table artifact,
     the dataset it wrote, and the deployments `serve` registered."""
     assert result["state"] == "COMPLETED", result["message"]
     assert result["parameters"] == params
     # every flow of this checkout is served; only nightly has a schedule, the one asked for
-    expected = {f"{n}/{n}" for n, spec in flow_specs().items()
-                if importlib.util.find_spec(spec.partition(":")[0])}
+    expected = _expected()
     assert set(result["served"]) == expected and "import/import" in expected
     assert all(not s for n, s in result["served"].items() if n != "nightly/nightly")
     if "nightly/nightly" in expected:
