@@ -54,7 +54,10 @@ def run_stages(stage: str, inputs: list[str], workspace: str | None, overrides: 
                 raise SystemExit(f"dpoflow: error: {name} deployment run ended {fr.state.name}: {fr.state.message}")
             res = fr.state.result()
         else:
-            res = stage_flow(name)(**kw)
+            from flows.deploy import flow_run_settings
+
+            with flow_run_settings():
+                res = stage_flow(name)(**kw)
         results[name] = res
         flat = res.get("outputs", res) if isinstance(res, dict) else {}
         produced.update({k: v for k, v in flat.items() if isinstance(v, str) and "@" in v})
@@ -69,9 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
+    from flows.deploy import flow_run_settings
     from flows.nightly import nightly_flow
 
-    res = nightly_flow(workspace=args.workspace, overrides=args.set or None, force=args.force)
+    with flow_run_settings():
+        res = nightly_flow(workspace=args.workspace, overrides=args.set or None, force=args.force)
     print(json.dumps(res, indent=1, default=str, ensure_ascii=False))
     return 0
 

@@ -46,6 +46,7 @@ def _ensure_model(ws: Workspace) -> str:
 
 
 def run_demo(workspace: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    from flows.deploy import flow_run_settings
     from flows.nightly import nightly_flow
     from tasks.demo_data import demo_night
 
@@ -66,7 +67,8 @@ def run_demo(workspace: str | Path | None = None, overrides: list[str] | None = 
     files = demo_night(root / "inbox", night, extra_response_ids=earlier)
     print(f"dpoflow demo: night {night} in {root} (production model {model})")
     t0 = time.perf_counter()
-    out = nightly_flow(workspace=str(root), overrides=overrides)
+    with flow_run_settings():
+        out = nightly_flow(workspace=str(root), overrides=overrides)
     ws.store.set_state("demo_night", night)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["night"] = night

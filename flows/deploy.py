@@ -97,20 +97,22 @@ def ensure_gpu_limit(name: str | None = None, slots: int | None = None) -> str |
 
 
 @contextlib.contextmanager
-def gpu_slot(occupy: int = 1, timeout_s: float | None = None) -> Iterator[None]:
+def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, cpu_too: bool = False) -> Iterator[None]:
     """Hold ``occupy`` slots of the GPU concurrency limit for the duration of the block.
 
     Wrap only the GPU work of a stage flow (the model load + generate / train loop), never
     the nightly flow as a whole: its GPU subflows take their own slots, and a slot held by
     the parent would deadlock them. Outside a flow run (plain Python, the CLI's local fast
-    path) there is no server to ask and the block just runs. ``occupy`` = GPUs the stage
-    uses (a torchrun launch over 4 GPUs takes 4 of a 4-slot limit). ``timeout_s`` bounds the
-    wait for a free GPU (``TimeoutError`` after it); ``None`` waits as long as it takes.
+    path) there is no server to ask and the block just runs. On a machine without a visible
+    CUDA device the stage runs on CPU and there is no GPU to guard, so the block just runs
+    too (``cpu_too=True`` takes the slot anyway). ``occupy`` = GPUs the stage uses (a
+    torchrun launch over 4 GPUs takes 4 of a 4-slot limit). ``timeout_s`` bounds the wait
+    for a free GPU (``TimeoutError`` after it); ``None`` waits as long as it takes.
     """
     from flows.stage import _flow_run_id
 
     name = gpu_limit_name()
-    if not name or not _flow_run_id():
+    if not name or not _flow_run_id() or not (cpu_too or _cuda_visible()):
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -118,6 +120,12 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None) -> Iterator[None]:
     ensure_gpu_limit(name)
     with concurrency(name, occupy=occupy, timeout_seconds=timeout_s, strict=True):
         yield
+
+
+def _cuda_visible() -> bool:
+    import torch  # the GPU stages calling this have imported it already
+
+    return torch.cuda.is_available()
 
 
 # --- building and serving deployments -----------------------------------------------------
@@ -211,6 +219,25 @@ def configured_api_url() -> str | None:
     from prefect.settings import get_current_settings
 
     return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or None
+
+
+@contextlib.contextmanager
+def flow_run_settings() -> Iterator[None]:
+    """Prefect settings for flows started from this process (CLI, demo, benchmarks).
+
+    With no server configured, Prefect runs flows against a temporary server that lives only
+    as long as this process. Flow heartbeats exist so that a long-lived server can mark runs
+    whose process died as crashed; a temporary server dies with the process, so nothing acts
+    on them there, and each heartbeat thread still costs up to 1 s at the end of a flow. They
+    are turned off in that case only.
+    """
+    if configured_api_url():
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1", *, fallback: bool = True) -> int:

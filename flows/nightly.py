@@ -10,46 +10,108 @@ no-change rerun costs seconds. Score and ingest run concurrently.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from prefect.tasks import exponential_backoff
+from prefect import flow
+from prefect.context import SettingsContext
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-from flows.stage import publish_markdown, publish_table
+from flows.stage import publish_markdown, publish_table, stage_logger
 from flows.stages import stage_flow
 from flows.workspace import Workspace
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Retry I/O hiccups, store write races and CUDA OOM; never bad data or bad config."""
-    try:
-        state.result()
-    except TRANSIENT:
+    if isinstance(exc, TRANSIENT):
         return True
-    except Exception as exc:  # noqa: BLE001
-        name = type(exc).__name__
-        return name in ("ConcurrentWriteError", "OutOfMemoryError") or "out of memory" in str(exc).lower()
-    return False
+    name = type(exc).__name__
+    return name in ("ConcurrentWriteError", "OutOfMemoryError") or "out of memory" in str(exc).lower()
 
 
-@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=_transient)
-def run_stage_task(stage: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run one stage flow as a subflow (a task, so independent stages can run side by side).
+def with_retries(fn: Callable[[], Any], retries: int, delay_s: float, what: str,
+                 sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``fn()``, called again after a transient error up to ``retries`` times (delay doubling)."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            wait = delay_s * 2 ** attempt
+            stage_logger(what).warning("%s failed (%s: %s); retry %d of %d in %.0f s",
+                                       what, type(exc).__name__, exc, attempt + 1, retries, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def run_stage_flow(stage: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run one stage flow as a subflow of the calling flow.
 
     Subflows run inside the nightly flow's process, whose own heartbeat already tells the
     server it is alive; their heartbeat threads would only add ~1 s each at exit.
     """
     f = stage_flow(stage).with_options(timeout_seconds=timeout_s)
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    gate = _GATE.get()
+    if gate is not None:
+        f = f.with_options(on_running=[gate.arrive])
+    with _without_heartbeat():
         return f(**params)
+
+
+class _StaggeredStart:
+    """Start side-by-side stage subflows one after another, then let them run together.
+
+    Prefect's temporary server keeps its state in SQLite, which answers two runs created at
+    the same moment with a 503 that the client retries only after 2 s (+2.2 s measured on the
+    demo night). So the next subflow is created only once the previous one is running, and
+    each running one waits (in its on_running hook) until all of them run.
+    """
+
+    def __init__(self, n: int, wait_s: float = 60.0) -> None:
+        self.n, self.wait_s = n, wait_s
+        self.running = 0
+        self._cond = threading.Condition()
+
+    def arrive(self, *_: Any) -> None:
+        with self._cond:
+            self.running += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self.running >= self.n, self.wait_s)
+
+    def wait_until(self, k: int, future: Future) -> None:
+        """Wait until `k` subflows run; a future that ended before running releases the rest."""
+        with self._cond:
+            while self.running < k and not future.done():
+                self._cond.wait(0.05)
+            if self.running < k:
+                self.running = self.n
+                self._cond.notify_all()
+
+
+_GATE: contextvars.ContextVar[_StaggeredStart | None] = contextvars.ContextVar("dpoflow_gate", default=None)
+
+
+_NO_HEARTBEAT: dict[int, tuple[Any, Any]] = {}
+
+
+def _without_heartbeat() -> Any:
+    """The current Prefect settings with flow heartbeats off, built once per settings object
+    (rebuilding Prefect's settings costs ~50 ms, as much as a whole stage of the demo night)."""
+    ctx = SettingsContext.get()
+    base, off = _NO_HEARTBEAT.get(id(ctx.settings), (None, None))
+    if base is not ctx.settings:
+        base, off = ctx.settings, ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        _NO_HEARTBEAT[id(base)] = (base, off)
+    return SettingsContext(profile=ctx.profile, settings=off)
 
 
 def _present(ws: Workspace, name: str) -> str | None:
@@ -155,17 +217,23 @@ def nightly_flow(workspace: str | None = None, overrides: list[str] | None = Non
     t0 = time.perf_counter()
     ws = Workspace.open(workspace, overrides)
     cfg = ws.config.nightly
-    stage = run_stage_task.with_options(retries=cfg.retries,
-                                        retry_delay_seconds=exponential_backoff(cfg.retry_delay_s))
 
     def call(name: str, params: dict[str, Any]) -> Any:
         timeout = cfg.train_timeout_s if name == "train" else cfg.stage_timeout_s
-        return stage(name, params, timeout)
+        return with_retries(lambda: run_stage_flow(name, params, timeout), cfg.retries, cfg.retry_delay_s, name)
 
     def call_pair(a: tuple[str, dict], b: tuple[str, dict]) -> tuple[Any, Any]:
-        fa = stage.submit(a[0], a[1], cfg.stage_timeout_s)
-        fb = stage.submit(b[0], b[1], cfg.stage_timeout_s)
-        return fa.result(), fb.result()
+        gate = _StaggeredStart(2)
+        token = _GATE.set(gate)  # each thread runs in a copy of this context (the flow run's)
+        try:
+            with ThreadPoolExecutor(2, thread_name_prefix="dpoflow-stage") as pool:
+                fa = pool.submit(contextvars.copy_context().run, call, *a)
+                gate.wait_until(1, fa)
+                fb = pool.submit(contextvars.copy_context().run, call, *b)
+                gate.wait_until(2, fb)
+                return fa.result(), fb.result()
+        finally:
+            _GATE.reset(token)
 
     common = {"workspace": str(ws.root), "overrides": overrides, "force": force}
     out = run_pipeline(ws, call, call_pair, common, force)

@@ -10,10 +10,12 @@ It never imports Prefect; this module reports to Prefect only when a flow run is
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import inspect
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,17 +134,62 @@ def artifact_key(text: str) -> str:
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
     if not _flow_run_id() or not rows:
         return
-    from prefect.artifacts import create_table_artifact
+    from prefect.artifacts import TableArtifact
 
-    create_table_artifact(key=artifact_key(key), table=rows, description=description)
+    _publish("table", key, TableArtifact(table=rows).format(_sync=True), description)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     if not _flow_run_id():
         return
-    from prefect.artifacts import create_markdown_artifact
+    _publish("markdown", key, markdown, description)
 
-    create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+
+class _ArtifactPoster:
+    """Posts run-report artifacts through one long-lived API client on one worker thread.
+
+    Prefect's ``create_table_artifact`` opens a new client per call, which costs a CSRF round
+    trip per artifact (a nightly run publishes ~25). The call still waits for the post:
+    posting in the background was tried and made things worse on the temporary server, whose
+    SQLite answers concurrent writes with 503s that the client retries only after 2 s.
+    """
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._clients: dict[str | None, Any] = {}  # touched by the worker thread only
+        self._lock = threading.Lock()
+
+    def post(self, request: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpoflow-artifacts")
+        ctx = contextvars.copy_context()  # the flow's settings (which API) travel along
+        self._pool.submit(ctx.run, self._send, request).result()
+
+    def _send(self, request: Any) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+        if url not in self._clients:
+            client = get_client(sync_client=True)
+            client.__enter__()
+            self._clients[url] = client
+        self._clients[url].create_artifact(request)
+
+
+_POSTER = _ArtifactPoster()
+
+
+def _publish(kind: str, key: str, data: str, description: str) -> None:
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.utilities.context import get_task_and_flow_run_ids
+
+    task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    _POSTER.post(ArtifactCreate(type=kind, key=artifact_key(key), description=description, data=data,
+                                flow_run_id=flow_run_id, task_run_id=task_run_id))
 
 
 def report_rows(stage: str, run: StageRun, rows_in: dict[str, int], rows_out: dict[str, int]) -> list[dict]:

@@ -1,7 +1,7 @@
 """The `ref_logps` and `train` flows: reference log-probs -> DPO training -> evaluation -> promotion.
 
 ``train_flow`` runs four kinds of steps, each a versioned stage with its own content key:
-``ref_logps`` (a subflow, once for dpo_train and once for dpo_eval), ``train`` (the trainer in
+``ref_logps`` (one subflow, computing dpo_train's and dpo_eval's), ``train`` (the trainer in
 its own process group with a hard timeout, killed with its children when the flow run is
 cancelled or fails), ``evaluate`` and ``promote``. A rerun with unchanged inputs reuses every
 step; a β sweep reuses the stored reference log-probs; a changed promotion threshold re-runs
@@ -46,6 +46,11 @@ def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRu
     return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
 
 
+def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> list[StageRun]:
+    """Reference log-probs of several pairs versions (the train and the eval set), in order."""
+    return [ref_logps_step(ws, p, force=force) for p in pairs]
+
+
 def _modules(names: tuple[str, ...]) -> tuple[Any, ...]:
     import importlib
 
@@ -88,15 +93,13 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     inputs: dict[str, str | None] = {"train": train_ref, "train_ref": None}
     eval_ref_logps = None
     if cfg.needs_reference:
-        r = runner("ref_logps", ref_logps_step, ws, train_ref, force=force)
-        inputs["train_ref"] = r.outputs["ref_logps"]
-        out.outputs["ref_logps"] = r.outputs["ref_logps"]
-        out.skipped["ref_logps"] = r.skipped
-        if eval_ref and cfg.eval.enabled:
-            r = runner("ref_logps", ref_logps_step, ws, eval_ref, force=force)
-            eval_ref_logps = r.outputs["ref_logps"]
-            out.outputs["eval_ref_logps"] = eval_ref_logps
-            out.skipped["eval_ref_logps"] = r.skipped
+        sets = [train_ref] + ([eval_ref] if eval_ref and cfg.eval.enabled else [])
+        runs = runner("ref_logps", ref_logps_steps, ws, sets, force=force)
+        inputs["train_ref"] = out.outputs["ref_logps"] = runs[0].outputs["ref_logps"]
+        out.skipped["ref_logps"] = runs[0].skipped
+        if len(runs) > 1:
+            eval_ref_logps = out.outputs["eval_ref_logps"] = runs[1].outputs["ref_logps"]
+            out.skipped["eval_ref_logps"] = runs[1].skipped
 
     def train_step() -> StageRun:
         from flows.deploy import gpu_slot
@@ -183,12 +186,14 @@ def publish_outcome(ws: Workspace, out: TrainOutcome) -> None:
 
 
 @flow(name="ref_logps")
-def ref_logps_flow(pairs: str = "dpo_train@latest", workspace: str | None = None,
+def ref_logps_flow(pairs: list[str] | None = None, workspace: str | None = None,
                    overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
-    """Reference log-probs of `pairs` with the configured reference model (stored once per
-    pairs version and reference model version)."""
+    """Reference log-probs of each pairs version (default: dpo_train@latest) with the configured
+    reference model, stored once per pairs version and reference model version. Returns pairs
+    version -> ref_logps version."""
     ws = Workspace.open(workspace, overrides)
-    return ref_logps_step(ws, pairs, force=force).outputs
+    refs = pairs or ["dpo_train@latest"]
+    return {p: r.outputs["ref_logps"] for p, r in zip(refs, ref_logps_steps(ws, refs, force=force), strict=True)}
 
 
 @task(name="train-step", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
@@ -198,11 +203,11 @@ def _step_task(name: str, fn: Callable[[], StageRun]) -> StageRun:
 
 def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Callable[..., Any]:
     def runner(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        if name == "ref_logps":
+        if name == "ref_logps":  # one subflow for the train and the eval set
             pairs = args[1]
             outputs = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False))
-            skipped = False  # the subflow reports reuse in its own logs / artifact
-            return StageRun("ref_logps", outputs, skipped, "", {}, 0.0)
+            # skipped=False: the subflow reports reuse in its own logs / artifacts
+            return [StageRun("ref_logps", {"ref_logps": outputs[p]}, False, "", {}, 0.0) for p in pairs]
         return _step_task(name, lambda: fn(*args, **kw))
 
     return runner

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flows import deploy
@@ -131,6 +132,24 @@ def test_ensure_server_uses_a_configured_server(monkeypatch):
         assert url == "http://127.0.0.1:9/api"
 
 
+def test_flow_run_settings_turn_heartbeats_off_only_on_the_temporary_server(monkeypatch):
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    server = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}
+    with temporary_settings(updates=server), deploy.flow_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == 30  # a real server uses them
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}, restore_defaults={PREFECT_API_URL}):
+        with deploy.flow_run_settings():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == 30
+
+
 def test_gpu_slot_outside_a_flow_run_needs_no_server():
     ran = []
     with gpu_slot():
@@ -148,7 +167,7 @@ def test_gpu_slot_serialises_concurrent_gpu_flows(prefect_harness, monkeypatch):
 
     @flow
     def fake_gpu_stage() -> None:
-        with gpu_slot(timeout_s=60):
+        with gpu_slot(timeout_s=60, cpu_too=True):
             t0 = time.monotonic()
             time.sleep(0.8)
             spans.append((t0, time.monotonic()))
@@ -174,14 +193,14 @@ def test_gpu_slot_times_out_while_the_gpu_is_busy(prefect_harness, monkeypatch):
 
     @flow
     def holder() -> None:
-        with gpu_slot():
+        with gpu_slot(cpu_too=True):
             holding.set()
             release.wait(60)
 
     @flow
-    def waiter() -> str:
+    def waiter(cpu_too: bool = True) -> str:
         try:
-            with gpu_slot(timeout_s=1.5):
+            with gpu_slot(timeout_s=1.5, cpu_too=cpu_too):
                 return "got it"
         except TimeoutError:
             return "timed out"
@@ -191,6 +210,8 @@ def test_gpu_slot_times_out_while_the_gpu_is_busy(prefect_harness, monkeypatch):
     try:
         assert holding.wait(60)
         assert waiter() == "timed out"
+        # a stage on a machine without a visible GPU runs on CPU: it has no GPU to wait for
+        assert waiter(cpu_too=False) == ("timed out" if torch.cuda.is_available() else "got it")
     finally:
         release.set()
         t.join(60)

@@ -39,10 +39,32 @@ def _versions(ws: Workspace) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
     from flows.nightly import nightly_flow
 
     ws = _demo_workspace(tmp_path / "ws")
-    out = nightly_flow(workspace=str(ws.root), overrides=FAST)
+    state = nightly_flow(workspace=str(ws.root), overrides=FAST, return_state=True)
+    out = state.result()
+    # in the Prefect UI each stage is its own flow run under the night, with its report
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        runs = {client.read_flow(r.flow_id).name: r for r in children}
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in children])))
+    assert set(runs) == {"sample", "score", "ingest", "pairs", "balance", "train"} and len(children) == 6
+    assert all(r.state.is_completed() for r in children)
+    score, ingest = runs["score"], runs["ingest"]
+    assert score.start_time < ingest.end_time and ingest.start_time < score.end_time, "ran side by side"
+    assert {"sample-report", "score-report", "ingest-report", "pairs-report", "balance-report",
+            "train-report"} <= {a.key for a in arts}
     for name in ("prompts", "served", "candidates", "scores", "feedback_events", "signals", "judgements",
                  "pairs", "dpo_train", "dpo_eval"):
         assert ws.store.exists(name), name
@@ -62,6 +84,35 @@ def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
     assert again["train"]["model_version"] == out["train"]["model_version"]
     assert {k: v for k, v in again.items() if k != "train"} == {k: v for k, v in out.items() if k != "train"}
     assert rerun_s < 60
+
+
+def test_stage_retries_only_after_transient_errors():
+    from flows.nightly import with_retries
+
+    calls: list[int] = []
+    slept: list[float] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("disk hiccup")
+        return "ok"
+
+    assert with_retries(flaky, 2, 5.0, "score", sleep=slept.append) == "ok"
+    assert len(calls) == 3 and slept == [5.0, 10.0]  # the delay doubles
+    calls.clear()
+    with pytest.raises(OSError):
+        with_retries(flaky, 1, 5.0, "score", sleep=slept.append)  # retries used up
+    assert len(calls) == 2
+
+    def bad_config() -> None:
+        calls.append(1)
+        raise ValueError("unknown loss 'dpo2'")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        with_retries(bad_config, 3, 1.0, "train", sleep=slept.append)
+    assert len(calls) == 1  # never retried
 
 
 NIGHTLY = """
