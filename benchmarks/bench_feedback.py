@@ -2,8 +2,9 @@
 
 Compares, in the same run and on the same files:
   dpoflow-stage  the full `ingest` stage (validate, dedup, abuse filters, votes, signals, and the
-                 writes of feedback_events + signals to the Delta store), streamed in batches
-  dpoflow-core   the same without the store writes (validation + aggregation only)
+                 writes of feedback_events + signals to the Delta store), streamed in batches,
+                 as `run_ingest` runs it (two worker threads, two writer threads)
+  dpoflow-core   the same core in one thread, without the spool and the store writes
   pandas         a plain pandas script doing the same validation and aggregation in memory
 Each runs in its own process; peak RSS is that process's ru_maxrss.
 
@@ -90,7 +91,7 @@ def run_ours(data: Path, write: bool) -> dict:
             "origin": pa.array(["sampled"] * n_c), "model_version": pa.array(["m"] * n_c),
             "dup_count": pa.array(np.ones(n_c, np.int32))}))
     base = rss_mb()
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     if write:
         run = run_ingest(ws, config=cfg)
         rep = run.report
@@ -98,14 +99,15 @@ def run_ours(data: Path, write: bool) -> dict:
     else:  # the core alone: validation + aggregation, no spool / store
         cands = pc.unique(cand)
         acc = fb.EventAccumulator(cfg)
+        acc.preload(cands)
         rep = {"rows_in": 0, "accepted": 0}
         now = int(time.time() * 1e6)
         for f in sorted(data.glob("*.parquet")):
-            pf = pq.ParquetFile(f, read_dictionary=["user_id", "response_id", "event_type"])
+            pf = pq.ParquetFile(f, pre_buffer=True)
             for b in pf.iter_batches(batch_size=cfg.batch_rows):
                 v = fb.validate(pa.Table.from_batches([b]), cfg, now, str(f), cands)
                 rep["rows_in"] += b.num_rows
-                acc.add(v.typed.filter(pa.array(~v.bad)), True)
+                acc.merge(acc.prepare(v.typed, v.response_codes, ~v.bad), True)
         out = acc.finish()
         rep["accepted"] = int((out.status == 0).sum())
         n_signals = out.signals.num_rows
@@ -113,7 +115,8 @@ def run_ours(data: Path, write: bool) -> dict:
     if write:
         shutil.rmtree(ws.root, ignore_errors=True)  # ~0.3 GB of Delta files per 10M events
     return {"seconds": secs, "rows_in": rep["rows_in"], "accepted": rep["accepted"], "signals": n_signals,
-            "rss_before_mb": base}
+            "rss_before_mb": base, "phases": rep.get("seconds"), "phases_cpu": rep.get("cpu_seconds"),
+            "cpu_s": time.process_time() - c0}
 
 
 def run_pandas(data: Path) -> dict:
@@ -121,7 +124,7 @@ def run_pandas(data: Path) -> dict:
     import pandas as pd
 
     base = rss_mb()
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     cands = set(pd.read_parquet(data.parent / "candidates.parquet")["candidate_id"])
     df = pd.read_parquet(data)
     weights = {"like": 1.0, "dislike": -1.0, "favourite": 2.0, "copy": 0.5, "share": 1.5, "regenerate": -0.5,
@@ -154,7 +157,7 @@ def run_pandas(data: Path) -> dict:
     g["behaviour_score"] = (g["P"] - g["N"]) / (n + 2)
     secs = time.perf_counter() - t
     return {"seconds": secs, "rows_in": int(ok.size), "accepted": int(len(df)), "signals": int(len(g)),
-            "rss_before_mb": base}
+            "rss_before_mb": base, "cpu_s": time.process_time() - c0}
 
 
 def child(mode: str, data: Path) -> None:
@@ -183,6 +186,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        load0 = os.getloadavg()[0]
         p = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data)], capture_output=True,
                            text=True, env=env)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -191,6 +195,7 @@ def main() -> None:
             continue
         r = json.loads(line[7:])
         r["mode"] = mode
+        r["load"] = (load0, os.getloadavg()[0])
         r["events_per_s"] = r["rows_in"] / r["seconds"]
         rows.append(r)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -202,6 +207,10 @@ def main() -> None:
         sp = f"{base['seconds'] / r['seconds']:.1f}x" if base else "-"
         print(f"| {r['mode']} | {r['rows_in']:,} | {r['accepted']:,} | {r['signals']:,} | {r['seconds']:.1f} | "
               f"{r['events_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['rss_before_mb']:,.0f} | {sp} |")
+    print()
+    for r in rows:  # CPU seconds (all threads) and the 1-minute load average before / after each mode
+        extra = f", phases (s) {r['phases']}" if r.get("phases") else ""
+        print(f"{r['mode']}: CPU {r.get('cpu_s', float('nan')):.1f} s, load {r['load'][0]:.1f} -> {r['load'][1]:.1f}{extra}")
 
 
 if __name__ == "__main__":

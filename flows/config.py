@@ -70,6 +70,8 @@ class NightlyConfig(Section):
     train_timeout_s: float = Field(24 * 3600, gt=0, description="timeout of the train flow")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient error (I/O, CUDA OOM)")
     retry_delay_s: float = Field(30, ge=0, description="first retry delay; doubles on each retry")
+    report_delay_s: float = Field(10, ge=0, description="longest a stage's report artifacts wait before they are "
+                                  "posted to Prefect (short stages are posted in batches, e.g. while training runs)")
 
 
 def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:

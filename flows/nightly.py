@@ -22,7 +22,13 @@ from prefect import flow
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-from flows.stage import publish_markdown, publish_table, stage_logger
+from flows.stage import (
+    batched_artifacts,
+    post_overdue_artifacts,
+    publish_markdown,
+    publish_table,
+    stage_logger,
+)
 from flows.stages import stage_flow
 from flows.workspace import Workspace
 
@@ -218,26 +224,32 @@ def nightly_flow(workspace: str | None = None, overrides: list[str] | None = Non
     ws = Workspace.open(workspace, overrides)
     cfg = ws.config.nightly
 
-    def call(name: str, params: dict[str, Any]) -> Any:
+    def run(name: str, params: dict[str, Any]) -> Any:
         timeout = cfg.train_timeout_s if name == "train" else cfg.stage_timeout_s
         return with_retries(lambda: run_stage_flow(name, params, timeout), cfg.retries, cfg.retry_delay_s, name)
 
+    def call(name: str, params: dict[str, Any]) -> Any:
+        post_overdue_artifacts(cfg.report_delay_s)
+        return run(name, params)
+
     def call_pair(a: tuple[str, dict], b: tuple[str, dict]) -> tuple[Any, Any]:
+        post_overdue_artifacts(cfg.report_delay_s)
         gate = _StaggeredStart(2)
         token = _GATE.set(gate)  # each thread runs in a copy of this context (the flow run's)
         try:
             with ThreadPoolExecutor(2, thread_name_prefix="dpoflow-stage") as pool:
-                fa = pool.submit(contextvars.copy_context().run, call, *a)
+                fa = pool.submit(contextvars.copy_context().run, run, *a)
                 gate.wait_until(1, fa)
-                fb = pool.submit(contextvars.copy_context().run, call, *b)
+                fb = pool.submit(contextvars.copy_context().run, run, *b)
                 gate.wait_until(2, fb)
                 return fa.result(), fb.result()
         finally:
             _GATE.reset(token)
 
     common = {"workspace": str(ws.root), "overrides": overrides, "force": force}
-    out = run_pipeline(ws, call, call_pair, common, force)
-    _report(ws, out, time.perf_counter() - t0)
+    with batched_artifacts():  # stage reports are posted in batches (see flows.stage)
+        out = run_pipeline(ws, call, call_pair, common, force)
+        _report(ws, out, time.perf_counter() - t0)
     return out
 
 

@@ -10,15 +10,16 @@ only the gate. The same steps run without Prefect for ``dpoflow train`` (the fas
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage import StageRun, publish_markdown, publish_table, run_stage
+from flows.stage import StageRun, artifacts_posted_meanwhile, publish_markdown, publish_table, run_stage
 from flows.workspace import Workspace
 from tasks.training import promotion, ref_logps, stage
 
@@ -49,6 +50,16 @@ def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRu
 def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> list[StageRun]:
     """Reference log-probs of several pairs versions (the train and the eval set), in order."""
     return [ref_logps_step(ws, p, force=force) for p in pairs]
+
+
+@contextlib.contextmanager
+def _while_training(devices: int) -> Iterator[None]:
+    """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
+    artifacts are posted then (see flows.stage.batched_artifacts)."""
+    from flows.deploy import gpu_slot
+
+    with gpu_slot(occupy=devices), artifacts_posted_meanwhile():
+        yield
 
 
 def _modules(names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -102,12 +113,10 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             out.skipped["eval_ref_logps"] = runs[1].skipped
 
     def train_step() -> StageRun:
-        from flows.deploy import gpu_slot
-
         return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference), inputs,
                          stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
                          key_extra={"policy": policy.version, "ref_model": reference.version},
-                         hold=lambda: gpu_slot(occupy=cfg.devices))
+                         hold=lambda: _while_training(cfg.devices))
 
     t = runner("train", train_step)
     out.outputs["train_runs"] = t.outputs["train_runs"]

@@ -50,6 +50,15 @@ TABLE_CONFIG = {
 }
 
 
+@dataclass(frozen=True)
+class StagedFiles:
+    """Data files written by `DatasetStore.stage_files`, not yet part of any version: pass it
+    to `write` to commit them as one version (several threads may stage files in parallel)."""
+
+    name: str
+    actions: tuple[AddAction, ...]
+
+
 class StoreError(RuntimeError):
     """A store operation failed in a way the user should read (bad ref, missing version...)."""
 
@@ -251,7 +260,11 @@ class DatasetStore:
         if mode not in ("overwrite", "append"):
             raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
         contract = schema or schema_for(name)
-        if isinstance(data, pa.Table):
+        if isinstance(data, StagedFiles):
+            if data.name != name or contract is None:
+                raise StoreError(f"files staged for {data.name!r} cannot be committed to {name!r}")
+            arrow_schema, batches = contract, []
+        elif isinstance(data, pa.Table):
             table = conform(name, data, contract)
             arrow_schema = table.schema
             batches: Iterable[pa.Table | pa.RecordBatch] = [table]
@@ -281,7 +294,7 @@ class DatasetStore:
         }
         meta_json = json.dumps(meta, default=str, sort_keys=True)
         # Data files first (invisible until committed), then one atomic Delta commit.
-        actions = self._write_files(name, batches, arrow_schema)
+        actions = list(data.actions) if isinstance(data, StagedFiles) else self._write_files(name, batches, arrow_schema)
         commit = CommitProperties(custom_metadata={META_KEY: meta_json})
         try:
             self._commit(name, actions, mode, arrow_schema, commit)
@@ -292,6 +305,22 @@ class DatasetStore:
             ) from exc
         version = self._find_commit(name, meta_json)
         return self.info(f"{name}@{version}")
+
+    def stage_files(self, name: str, batches: Iterable[pa.Table | pa.RecordBatch]) -> StagedFiles:
+        """Write (contract-checked) data files for a later `write(name, StagedFiles)`; they are
+        invisible until then. Thread-safe, so one version's files can be encoded in parallel."""
+        contract = schema_for(name)
+        if contract is None:
+            raise StoreError(f"stage_files needs a dataset with a contract, not {name!r}")
+
+        def gen() -> Iterator[pa.Table | pa.RecordBatch]:
+            for b in batches:
+                if isinstance(b, pa.RecordBatch):
+                    yield from _conform_batch(name, b, contract)
+                else:
+                    yield conform(name, b, contract)
+
+        return StagedFiles(name, tuple(self._write_files(name, gen(), contract)))
 
     def _write_files(self, name: str, batches: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema
                      ) -> list[AddAction]:

@@ -16,6 +16,13 @@ can move older events to quarantine. The hot path works on compact numeric array
 hashes of ids, integer codes), streamed batch by batch; raw rows are spooled to an uncompressed
 Arrow IPC file in scratch space, never held in memory whole.
 
+Performance shape (benchmarks/README.md, "Feedback ingestion"): pass 1 validates and encodes
+batches in two worker threads (Arrow and numpy release the GIL) and merges them in order in the
+main thread (exactly-once through an open-addressing hash table of id hashes, dictionary codes
+looked up by hash); every row is spooled once with a status. Pass 2 encodes the accepted rows
+into the version's Parquet files from two threads (`DatasetStore.stage_files`) while a third
+computes the votes and signals.
+
 Signal formulas (also in README.md, "Feedback signals"), per response r over
 its winning votes v (after dedup and abuse filtering):
 
@@ -36,9 +43,11 @@ import datetime as dt
 import glob
 import json
 import os
+import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,7 +109,7 @@ class IngestConfig(Section):
     """Feedback ingestion and aggregation (see the module docstring for the formulas)."""
 
     sources: list[SourceConfig] = Field(default_factory=list, description="event sources, read in order")
-    batch_rows: int = Field(1_000_000, gt=0, description="rows per processing batch (memory vs speed)")
+    batch_rows: int = Field(500_000, gt=0, description="rows per processing batch (memory vs speed)")
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
                                             description="event type -> weight; unknown types are quarantined")
     exclusive_groups: list[list[str]] = Field(default_factory=lambda: [["like", "dislike"]],
@@ -240,10 +249,9 @@ def iter_files(src: SourceConfig, state: dict[str, Any], batch_rows: int,
             continue  # watermark: this exact file content was ingested before
         fmt = src.format if src.format != "auto" else FILE_FORMATS[f.suffix.lower()]
         if fmt == "parquet":
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            dict_cols = [c for c in ("user_id", "response_id", "event_type") if c in names]
-            pf = pq.ParquetFile(f, read_dictionary=dict_cols)
+            # plain (not dictionary) columns: Arrow's dictionary reads re-hash every value and
+            # cost 3x the decode; the stage encodes the few columns it needs itself
+            pf = pq.ParquetFile(f, pre_buffer=True)
             row0 = 0
             for b in pf.iter_batches(batch_size=batch_rows):
                 yield RawBatch(pa.Table.from_batches([b]), str(f), row0)
@@ -315,7 +323,10 @@ def _to_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             arr = pa.array([None if v is None else json.dumps(v, default=str) for v in arr.to_pylist()], pa.string())
     trimmed = pc.utf8_trim_whitespace(arr)
-    return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), pa.scalar(None, pa.string()), trimmed)
+    empty = pc.equal(pc.binary_length(trimmed), 0)
+    if not pc.any(empty).as_py():  # the usual case: no copy through if_else
+        return trimmed
+    return pc.if_else(empty, pa.scalar(None, pa.string()), trimmed)
 
 
 def _null_np(arr: pa.Array) -> np.ndarray:
@@ -403,6 +414,7 @@ class Validated:
     typed: pa.Table  # FEEDBACK_EVENTS columns (all nullable), same rows as the raw batch
     code: np.ndarray  # int16 per row: 0 = valid, else an index into `names`
     names: list[str | None]
+    response_codes: np.ndarray | None = None  # int32 index of response_id in the candidate ids, -1 = none
 
     @property
     def bad(self) -> np.ndarray:
@@ -480,18 +492,21 @@ def validate(raw: pa.Table, cfg: IngestConfig, now_us: int, source: str,
         pc.fill_null(ts.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
     mark(ts_us > now_us + int(cfg.future_tolerance_s * 1e6), "future timestamp")
     if candidate_ids is not None:
+        # the candidate index doubles as the response code (see EventAccumulator.preload)
         r = cols["response_id"]
-        r_d = r if pa.types.is_dictionary(r.type) else pc.dictionary_encode(r)
-        hit = np.asarray(pc.is_in(r_d.dictionary, value_set=candidate_ids).to_numpy(zero_copy_only=False), bool)
-        ridx = r_d.indices.to_numpy(zero_copy_only=False)
-        rvalid = ~_null_np(r_d.indices)
-        row_hit = np.zeros(n, bool)
-        row_hit[rvalid] = hit[ridx[rvalid].astype(np.int64)]
-        mark(rvalid & ~row_hit, "orphan")
+        if pa.types.is_dictionary(r.type):
+            di = pc.fill_null(pc.index_in(r.dictionary, value_set=candidate_ids), -1).to_numpy().astype(np.int32)
+            rcodes = np.append(di, np.int32(-1))[_indices(r, len(di))]
+        else:
+            rcodes = pc.fill_null(pc.index_in(r, value_set=candidate_ids), -1).to_numpy().astype(np.int32)
+        mark(~_null_np(r) & (rcodes < 0), "orphan")
+    else:
+        rcodes = None
     cols["ts"] = ts
-    cols["source"] = pa.array([source] * n, pa.string()) if n else pa.nulls(0, pa.string())
+    # one path per batch: a dictionary column, not n copies of the path
+    cols["source"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source], pa.string()))
     typed = pa.table({f.name: cols[f.name] for f in FEEDBACK_EVENTS})
-    return Validated(typed, code, names)
+    return Validated(typed, code, names, rcodes)
 
 
 def quarantine_rows(raw: pa.Table, idx: np.ndarray, reasons: list[str], source: str | list[str],
@@ -546,7 +561,8 @@ def hash64(arr: pa.Array) -> np.ndarray:
     if n == 0 or int(lens.max()) == 0:
         return h
     # rows grouped by byte length: each group is one fixed-width gather, no per-row work
-    order = np.argsort(lens.astype(np.int32), kind="stable")
+    # lengths fit 16 bits almost always: numpy's stable sort is then a radix sort
+    order = np.argsort(lens.astype(np.int16 if lens.max() < 2**15 else np.int32), kind="stable")
     sl = lens[order]
     cut = np.flatnonzero(np.diff(sl)) + 1
     for grp in np.split(order, cut):
@@ -568,46 +584,193 @@ def hash64(arr: pa.Array) -> np.ndarray:
 
 
 class Codes:
-    """A growing string -> dense int32 code map, looked up per batch on its distinct values only
-    (Arrow hash lookups; new values are appended)."""
+    """A growing string -> dense int32 code map keyed by 64-bit string hashes.
+
+    Looked up per batch on the batch's distinct values only, with a binary search over the
+    sorted known hashes: no hash table is rebuilt per batch, and the hashing itself is
+    stateless, so worker threads do it in parallel."""
 
     def __init__(self) -> None:
         self.chunks: list[pa.Array] = []
-        self.known: pa.Array = pa.array([], pa.string())
+        self._index = (np.zeros(0, np.uint64), np.zeros(0, np.int32))  # sorted hashes, their codes
         self.size = 0
+
+    @property
+    def known(self) -> pa.Array:
+        """The known values, in code order."""
+        if len(self.chunks) != 1:
+            self.chunks = [pa.concat_arrays(self.chunks) if self.chunks else pa.array([], pa.string())]
+        return self.chunks[0]
 
     @property
     def values(self) -> list[str]:
         return self.known.to_pylist()
 
-    def encode(self, arr: pa.Array) -> np.ndarray:
-        d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
-        dvals = d.dictionary
-        if pa.types.is_large_string(dvals.type):
-            dvals = dvals.cast(pa.string())
-        idx = pc.index_in(dvals, value_set=self.known) if self.size else pa.nulls(len(dvals), pa.int32())
-        missing = _null_np(idx)
-        codes = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int32)
-        if missing.any():
-            fresh = pc.filter(dvals, pa.array(missing))
-            codes[missing] = self.size + np.arange(len(fresh), dtype=np.int32)
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current (sorted hashes, codes); replaced, never mutated, so a worker thread may
+        look up against it while `resolve` adds values."""
+        return self._index
+
+    def preload(self, values: pa.Array) -> None:
+        """Codes 0..n-1 for the distinct `values`, in their order (before any other value)."""
+        if self.size:
+            raise ValueError("preload before any other value")
+        values = values.cast(pa.string()) if values.type != pa.string() else values
+        dh = hash64(values)
+        o = np.argsort(dh)
+        self._index = (dh[o], o.astype(np.int32))
+        self.chunks, self.size = [values], len(values)
+
+    @staticmethod
+    def find(index: tuple[np.ndarray, np.ndarray], dh: np.ndarray) -> np.ndarray:
+        """Codes of hashes `dh` in `index`, -1 where unknown (queries sorted first: the binary
+        searches then walk memory in order, about 2x faster)."""
+        keys, kcodes = index
+        codes = np.full(len(dh), -1, np.int32)
+        if len(keys) and len(dh):
+            o = np.argsort(dh)
+            q = dh[o]
+            at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            hit = keys[at] == q
+            codes[o[hit]] = kcodes[at[hit]]
+        return codes
+
+    def resolve(self, dvals: pa.Array, dh: np.ndarray, pre: np.ndarray | None = None) -> np.ndarray:
+        """Codes of dictionary values `dvals` (hashes `dh`); `pre`: codes found earlier against
+        an older index (-1 = not found). Unseen values get new codes."""
+        codes = self.find(self._index, dh) if pre is None else pre.copy()
+        miss = codes < 0
+        if miss.any() and pre is not None:
+            codes[miss] = self.find(self._index, dh[miss])
+            miss = codes < 0
+        if miss.any():
+            # a trimmed dictionary can hold the same value twice: one code per distinct hash
+            mi = np.nonzero(miss)[0]
+            o = np.argsort(dh[mi], kind="stable")
+            sm = dh[mi][o]
+            first = np.ones(len(sm), bool)
+            first[1:] = sm[1:] != sm[:-1]
+            fresh = sm[first]
+            new_codes = self.size + np.arange(len(fresh), dtype=np.int32)
+            codes[mi[o]] = new_codes[np.cumsum(first) - 1]
+            vals = dvals.take(pa.array(mi[o][first]))
+            self.chunks.append(vals.cast(pa.string()) if vals.type != pa.string() else vals)
             self.size += len(fresh)
-            self.known = pa.concat_arrays([self.known, fresh])
-        return codes[d.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
+            keys, kcodes = self._index
+            keys = np.concatenate([keys, fresh])
+            kc = np.concatenate([kcodes, new_codes])
+            order = np.argsort(keys, kind="stable")  # two sorted runs: a linear merge
+            self._index = (keys[order], kc[order])
+        return codes
+
+    def encode(self, arr: pa.Array) -> np.ndarray:
+        """Codes of every value of `arr`."""
+        d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+        return self.resolve(d.dictionary, hash64(d.dictionary))[d.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
+
+
+def _zeros(n: int, dtype: Any) -> np.ndarray:
+    """np.zeros through np.empty + fill: calloc'd memory skips numpy's huge-page advice, and on
+    small pages first-touch faults cost far more than the fill (10x on the benchmark VM)."""
+    a = np.empty(n, dtype)
+    a.fill(0)
+    return a
+
+
+class SeenIds:
+    """Hashes of every event id seen so far, in an open-addressing hash table (linear probing)
+    that numpy probes for a whole batch at once: a few vectorised gathers and scatters per batch,
+    no sort. 12 bytes per slot, at most half the slots used; 0 marks a free slot (a hash of 0 is
+    stored as 1)."""
+
+    def __init__(self, expected: int = 0) -> None:
+        self.size = 0
+        self._alloc(max(1 << 16, 1 << int(2 * max(expected, 1) - 1).bit_length()))
+
+    def _alloc(self, n: int) -> None:
+        self.table = _zeros(n, np.uint64)
+        self.owner = np.empty(n, np.int32)  # scratch: which row claims a free slot this round
+
+    def check_add(self, q: np.ndarray) -> np.ndarray:
+        """For hashes `q` in arrival order: True where the id was seen before, in an earlier
+        batch or earlier in `q` (the first occurrence is the one added)."""
+        q = np.where(q == 0, np.uint64(1), q)
+        if 2 * (self.size + len(q)) > len(self.table):
+            self._grow(2 * (self.size + len(q)))
+        found = np.zeros(len(q), bool)
+        self._probe(q, found)
+        self.size += int((~found).sum())
+        return found
+
+    def _probe(self, q: np.ndarray, found: np.ndarray) -> None:
+        table, owner, mask = self.table, self.owner, len(self.table) - 1
+        idx = np.arange(len(q), dtype=np.int32)
+        # the slot is the hash's top bits (any bits would do: the hash is well mixed)
+        slot = (q >> np.uint64(65 - len(table).bit_length())).astype(np.int64)
+        while len(idx):
+            want = q[idx]
+            cur = table[slot]
+            hit = cur == want
+            found[idx[hit]] = True
+            empty = cur == 0
+            move = ~hit & ~empty  # slot holds another id: probe the next one
+            if empty.any():
+                es, ei = slot[empty], idx[empty]
+                owner[es] = np.iinfo(np.int32).max
+                np.minimum.at(owner, es, ei)  # rows racing for one free slot: the earliest wins
+                won = owner[es] == ei
+                table[es[won]] = want[empty][won]
+                retry = np.zeros(len(idx), bool)
+                retry[np.nonzero(empty)[0][~won]] = True  # losers look at the same slot again
+            else:
+                retry = np.zeros(len(idx), bool)
+            slot = np.where(move, (slot + 1) & mask, slot)
+            keep = move | retry
+            idx, slot = idx[keep], slot[keep]
+
+    def _grow(self, need: int) -> None:
+        old = self.table[self.table != 0]
+        self._alloc(1 << (2 * need - 1).bit_length())
+        if len(old):
+            self._probe(old, np.zeros(len(old), bool))
+
+
+@dataclass
+class Compact:
+    """The compact columns of one batch of valid rows. Built without shared state, so worker
+    threads prepare batches in parallel; `EventAccumulator.merge` then takes them in order."""
+
+    eh: np.ndarray  # uint64 event id hashes
+    blocked: np.ndarray  # event id was quarantined as abuse before
+    user: tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]  # indices, dictionary, its hashes, pre-codes
+    resp: tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray] | np.ndarray  # or codes (candidate indices)
+    etype: np.ndarray
+    ts: np.ndarray
+    value: np.ndarray
+    pos: np.ndarray
+    rand: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.eh)
+
+
+def _indices(d: pa.DictionaryArray, null_to: int = 0) -> np.ndarray:
+    """Dictionary indices as int64 (null entries -> `null_to`)."""
+    i = d.indices
+    return (pc.fill_null(i, null_to) if i.null_count else i).to_numpy().astype(np.int64)
+
+
+def _dict_parts(arr: pa.Array, codes: Codes, sel: Any) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
+    """Dictionary-encode, hash the distinct values, and look them up in a snapshot of `codes`
+    (in the worker thread; `merge` resolves only what the snapshot did not know)."""
+    d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+    idx = sel(_indices(d))
+    dh = hash64(d.dictionary)
+    return idx, d.dictionary, dh, Codes.find(codes.index(), dh)
 
 
 # --- accumulation and aggregation -----------------------------------------------------------
-
-def _dup_mask(keys: np.ndarray) -> np.ndarray:
-    """Rows whose key occurs more than once (sort-based; usually few, handled apart)."""
-    if len(keys) < 2:
-        return np.zeros(len(keys), bool)
-    s = np.sort(keys)
-    rep = s[1:][s[1:] == s[:-1]]
-    if len(rep) == 0:
-        return np.zeros(len(keys), bool)
-    return np.asarray(pc.is_in(pa.array(keys), value_set=pa.array(np.unique(rep))).to_numpy(zero_copy_only=False), bool)
-
 
 def _group_counts(keys: np.ndarray) -> np.ndarray:
     """For each row, how many rows share its key (sort-based: faster than np.unique's hashing)."""
@@ -645,46 +808,106 @@ def wilson_interval(p: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray,
 
 @dataclass
 class Outcome:
-    status: np.ndarray  # per spooled row: OK / DUP / abuse codes
-    signals: pa.Table
+    status: np.ndarray  # per kept row: OK or an abuse code
+    signals: pa.Table | None
     propensities: dict[int, float]
     as_of: dt.datetime | None
     counts: dict[str, int] = field(default_factory=dict)
 
 
 class EventAccumulator:
-    """Compact per-event state (hash, codes, ts, value, position) for the whole run.
+    """Compact per-event state (codes, ts, value, position) of every kept event of the run.
 
-    ~40 bytes per event whatever the id lengths; the events themselves stream to the spool."""
+    Exactly-once is decided as batches arrive (`merge`): a row whose event id was seen earlier
+    in the run (or in the prior version, which comes first) is dropped on the spot, so only
+    kept rows are stored and spooled. About 30 bytes per kept event plus 8 per distinct id;
+    the events themselves stream to the spool."""
 
     def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
         self.types = list(cfg.event_weights)
         self.type_code = {t: i for i, t in enumerate(self.types)}
         self.users, self.responses = Codes(), Codes()
+        self.seen = SeenIds(0)
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                                    ("eh", "user", "resp", "etype", "ts", "value", "pos", "rand", "new")}
-        self.blocked: np.ndarray = np.zeros(0, np.uint64)  # hashes of event ids quarantined before
+                                                    ("user", "resp", "etype", "ts", "value", "pos", "rand", "new")}
+        self.blocked: np.ndarray = np.zeros(0, np.uint64)  # hashes of event ids quarantined as abuse before
+        self.dropped = Counter()  # new rows dropped on arrival: DUP / DUP_QUARANTINED
+        self._n_users: np.ndarray | None = None
+        self.candidates = 0
 
-    def add(self, typed: pa.Table, new: bool) -> None:
-        """Add valid, typed rows (FEEDBACK_EVENTS columns) in spool order."""
-        n = typed.num_rows
-        if n == 0:
-            return
-        P = self.parts
-        P["eh"].append(hash64(typed.column("event_id").combine_chunks()))
-        P["user"].append(self.users.encode(typed.column("user_id").combine_chunks()))
-        P["resp"].append(self.responses.encode(typed.column("response_id").combine_chunks()))
+    def preload(self, candidate_ids: pa.Array) -> None:
+        """Response codes = index in `candidate_ids` (distinct), as `validate` computes them
+        for its orphan check: batches then need no response encoding of their own."""
+        self.responses.preload(candidate_ids)
+        self.candidates = len(candidate_ids)
+
+    def prepare(self, typed: pa.Table, response_codes: np.ndarray | None = None,
+                valid: np.ndarray | None = None) -> Compact:
+        """Compact columns of typed rows (FEEDBACK_EVENTS columns), only the `valid` ones (the
+        Arrow columns are not filtered: that would copy every string). Thread-safe: reads no
+        state that `merge` changes (`blocked` is set before the run)."""
+        sel = (lambda x: x) if valid is None or valid.all() else (lambda x: x[valid])
+        eh = sel(hash64(typed.column("event_id").combine_chunks()))
+        blocked = (np.asarray(pc.is_in(pa.array(eh), value_set=pa.array(self.blocked)).to_numpy(
+            zero_copy_only=False), bool) if len(self.blocked) else np.zeros(len(eh), bool))
         et = typed.column("event_type").combine_chunks()
         et = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
         dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()], np.int8)
-        P["etype"].append(dcodes[et.indices.to_numpy(zero_copy_only=False).astype(np.int64)])
-        P["ts"].append(typed.column("ts").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False))
-        P["value"].append(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64))
-        P["pos"].append(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32))
         var = typed.column("variant")
-        P["rand"].append(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool))
-        P["new"].append(np.full(n, new, bool))
+        return Compact(
+            eh=eh, blocked=blocked,
+            user=_dict_parts(typed.column("user_id").combine_chunks(), self.users, sel),
+            resp=(sel(response_codes) if response_codes is not None and self.candidates else
+                  _dict_parts(typed.column("response_id").combine_chunks(), self.responses, sel)),
+            etype=dcodes[sel(_indices(et))],
+            ts=sel(pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy()),
+            value=sel(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64)),
+            pos=sel(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32)),
+            rand=sel(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool)
+                     if var.null_count < len(var) else np.zeros(typed.num_rows, bool)),
+        )
+
+    def merge(self, c: Compact, new: bool) -> np.ndarray:
+        """Take a prepared batch (in arrival order); returns a status per row: OK (kept), DUP
+        or DUP_QUARANTINED.
+
+        The first occurrence of an event id wins; a new event whose id was quarantined as
+        abuse before is dropped too ("already quarantined")."""
+        n = c.n
+        if n == 0:
+            return np.zeros(0, np.int8)
+        dup = self.seen.check_add(c.eh)  # seen before, or earlier in this batch
+        keep = ~dup
+        status = dup.astype(np.int8) * np.int8(DUP)
+        if new:
+            self.dropped[DUP] += int(dup.sum())
+            if c.blocked.any():
+                b = keep & c.blocked
+                self.dropped[DUP_QUARANTINED] += int(b.sum())
+                keep &= ~b
+                status[b] = DUP_QUARANTINED
+        allk = bool(keep.all())
+
+        def k(x: np.ndarray) -> np.ndarray:
+            return x if allk else x[keep]
+
+        P = self.parts
+        ui, ud, uh, upre = c.user
+        P["user"].append(self.users.resolve(ud, uh, upre)[k(ui).astype(np.int64)])
+        if isinstance(c.resp, np.ndarray):  # candidate indices (preload)
+            P["resp"].append(k(c.resp))
+        else:
+            ri, rd, rh, rpre = c.resp
+            P["resp"].append(self.responses.resolve(rd, rh, rpre)[k(ri).astype(np.int64)])
+        for name in ("etype", "ts", "value", "pos", "rand"):
+            P[name].append(k(getattr(c, name)))
+        P["new"].append(np.full(int(keep.sum()), new, bool))
+        return status
+
+    def add(self, typed: pa.Table, new: bool) -> np.ndarray:
+        """prepare + merge of valid, typed rows; returns their status (OK = kept)."""
+        return self.merge(self.prepare(typed), new)
 
     def _cat(self, k: str, dtype: Any) -> np.ndarray:
         """One column as one array; the batch chunks are released (peak = one copy + one column)."""
@@ -695,29 +918,27 @@ class EventAccumulator:
         return self.parts[k][0]
 
     def finish(self) -> Outcome:
+        """Abuse filters, one vote per user per (response, vote group), signals; `status` is per
+        kept row (OK or an abuse code), in merge order."""
+        out = self.abuse()
+        out.signals = self.signals(out)
+        return out
+
+    def abuse(self) -> Outcome:
+        """Abuse filters, propensities and as_of: everything the `feedback_events` output needs
+        (`signals` is left None: `signals()` computes it, e.g. in a thread while the events
+        are written)."""
         cfg, ab = self.cfg, self.cfg.abuse
-        eh = self._cat("eh", np.uint64)
-        user = self._cat("user", np.int32).astype(np.int64)
-        resp = self._cat("resp", np.int32).astype(np.int64)
+        self.seen = SeenIds(0)  # not needed any more: free it before the big temporaries
+        user = self._cat("user", np.int32)  # int32: keys are widened where they are built
+        resp = self._cat("resp", np.int32)
         etype = self._cat("etype", np.int8)
         ts = self._cat("ts", np.int64)
         value = self._cat("value", np.float64)
         pos = self._cat("pos", np.int32)
         rand = self._cat("rand", bool)
-        new = self._cat("new", bool)
-        n = len(eh)
+        n = len(user)
         status = np.zeros(n, np.int8)
-        # 1. exactly-once: first occurrence of an event id wins (the prior version comes first)
-        dm = _dup_mask(eh)
-        if dm.any():
-            sub = np.nonzero(dm)[0]
-            _, first = np.unique(eh[sub], return_index=True)
-            later = np.ones(len(sub), bool)
-            later[first] = False
-            status[sub[later]] = DUP
-        if len(self.blocked):
-            hit = np.asarray(pc.is_in(pa.array(eh), value_set=pa.array(self.blocked)).to_numpy(zero_copy_only=False), bool)
-            status[hit & new & (status == OK)] = DUP_QUARANTINED
         # 2. abuse, over every accepted event so far
         live = status == OK
         nu = self.users.size
@@ -735,11 +956,12 @@ class EventAccumulator:
             vote = live & np.isin(etype, codes)
             vote &= np.bincount(user[vote], minlength=nu)[user] >= ab.uniform_min_responses
             T = len(self.types)
-            has_type = np.bincount(user[vote] * T + etype[vote], minlength=nu * T).reshape(nu, T) > 0
-            n_types = has_type.sum(axis=1)
+            has_type = np.bincount(user[vote].astype(np.int64) * T + etype[vote], minlength=nu * T).reshape(nu, T) > 0
+            one_type = has_type.sum(axis=1) == 1
+            vote &= one_type[user]  # distinct responses are only counted for single-type voters (few)
             pairs = _distinct(user[vote] * np.int64(self.responses.size) + resp[vote])
             n_resp = np.bincount(pairs // max(self.responses.size, 1), minlength=nu)
-            bad_users = (n_types == 1) & (n_resp >= ab.uniform_min_responses)
+            bad_users = one_type & (n_resp >= ab.uniform_min_responses)
             status[live & bad_users[user]] = UNIFORM
             live = status == OK
         if ab.burst_max_events and n:
@@ -755,6 +977,17 @@ class EventAccumulator:
                     flag[np.nonzero(cand)[0][_group_counts(key) > ab.burst_max_events]] = True
                 status[flag] = BURST
                 live = status == OK
+        props = self._propensities(pos[live], etype[live], rand[live])
+        as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (int(ts[live].max()) if live.any() else 0)
+        as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if live.any() or cfg.as_of else None
+        self._fin = (user, resp, etype, ts, value, pos, live, as_of_us)
+        return Outcome(status, None, props, as_of)
+
+    def signals(self, outcome: Outcome) -> pa.Table:
+        """One vote per user per (response, vote group), then the per-response signals."""
+        cfg = self.cfg
+        user, resp, etype, ts, value, pos, live, as_of_us = self._fin
+        self._fin = None
         # 3. one vote per user per (response, vote group): latest ts wins, then latest arrival
         group_of = np.arange(len(self.types))
         for gi, grp in enumerate(cfg.exclusive_groups):
@@ -764,24 +997,31 @@ class EventAccumulator:
         G = len(self.types) + len(cfg.exclusive_groups)
         R = max(self.responses.size, 1)
         rows = np.nonzero(live)[0]
-        vkey = (user[rows] * R + resp[rows]) * G + group_of[etype[rows]]
+        vkey = (user[rows].astype(np.int64) * R + resp[rows]) * G + group_of[etype[rows]]
         winner = np.ones(len(rows), bool)
-        dm = _dup_mask(vkey)
+        sk = np.sort(vkey)  # the one big sort: duplicate votes and distinct (user, response) pairs
+        rep = sk[1:][sk[1:] == sk[:-1]]
+        pk = sk // G
+        del sk
+        # n_users per response: every (user, response, group) of the live rows has one winner,
+        # so the distinct (user, response) pairs of the winners are those of the live rows
+        pk = pk[np.r_[True, pk[1:] != pk[:-1]]] if len(pk) else pk
+        self._n_users = np.bincount(pk % R, minlength=R)
+        del pk
+        dm = (np.asarray(pc.is_in(pa.array(vkey), value_set=pa.array(np.unique(rep))).to_numpy(zero_copy_only=False), bool)
+              if len(rep) else np.zeros(len(vkey), bool))
+        del vkey
         if dm.any():
             sub = np.nonzero(dm)[0]
-            order = np.lexsort((sub, ts[rows[sub]], vkey[sub]))
-            ks = vkey[sub][order]
+            vk = (user[rows[sub]].astype(np.int64) * R + resp[rows[sub]]) * G + group_of[etype[rows[sub]]]
+            order = np.lexsort((sub, ts[rows[sub]], vk))
+            ks = vk[order]
             last = np.ones(len(sub), bool)
             last[:-1] = ks[1:] != ks[:-1]
             winner[sub] = False
             winner[sub[order[last]]] = True
         vr = rows[winner]
-        # 4. position propensities
-        props = self._propensities(pos[live], etype[live], rand[live])
-        as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (int(ts[live].max()) if live.any() else 0)
-        signals = self._signals(vr, rows, user, resp, etype, ts, value, pos, props, as_of_us)
-        as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if live.any() or cfg.as_of else None
-        return Outcome(status, signals, props, as_of)
+        return self._signals(vr, rows, user, resp, etype, ts, value, pos, outcome.propensities, as_of_us)
 
     def _propensities(self, pos: np.ndarray, etype: np.ndarray, rand: np.ndarray) -> dict[int, float]:
         """Configured table, or p_k = c_k / max c from randomised traffic (positive events only).
@@ -806,13 +1046,7 @@ class EventAccumulator:
         cfg = self.cfg
         R = self.responses.size
         weights = np.array([cfg.event_weights[t] for t in self.types], float)
-        s = weights[etype[vr]]
-        if "dwell" in self.type_code:
-            dw = etype[vr] == self.type_code["dwell"]
-            s = np.where(dw, s * np.clip(np.nan_to_num(value[vr]) / cfg.dwell_full_ms, 0, 1), s)
-        age = np.maximum(as_of_us - ts[vr], 0) / 1e6 / 86400.0
-        d = np.exp2(-age / cfg.half_life_days)
-        ipw = np.ones(len(vr))
+        table = None
         if props:
             top = max(props)
             table = np.array([props.get(k, np.nan) for k in range(top + 1)], float)
@@ -820,16 +1054,30 @@ class EventAccumulator:
             for k in range(top - 1, -1, -1):
                 if np.isnan(table[k]):
                     table[k] = table[k + 1]
-            p = pos[vr]
-            has = p >= 0
-            pk = table[np.minimum(p[has], top)]
-            ipw[has] = 1.0 / np.maximum(np.nan_to_num(pk, nan=1.0), cfg.min_propensity)
-        e = s * d * ipw
-        P = np.bincount(resp[vr], np.maximum(e, 0), minlength=R)
-        N = np.bincount(resp[vr], np.maximum(-e, 0), minlength=R)
+            table = 1.0 / np.maximum(np.nan_to_num(table, nan=1.0), cfg.min_propensity)  # ipw per position
+        dwell = self.type_code.get("dwell", -1)
+        P, N = np.zeros(R), np.zeros(R)
+        for c0 in range(0, len(vr), 1 << 20):  # in slices: the temporaries stay small
+            v = vr[c0:c0 + (1 << 20)]
+            et = etype[v]
+            s = weights[et]
+            if dwell >= 0:
+                dw = et == dwell
+                if dw.any():
+                    s[dw] *= np.clip(np.nan_to_num(value[v[dw]]) / cfg.dwell_full_ms, 0, 1)
+            age = np.maximum(as_of_us - ts[v], 0) / 1e6 / 86400.0
+            e = s * np.exp(age * (-np.log(2) / cfg.half_life_days))  # 2 ** (-age / half_life); exp is SIMD
+            if table is not None:
+                pv = pos[v]
+                has = pv >= 0
+                e[has] *= table[np.minimum(pv[has], len(table) - 1)]
+            r = resp[v]
+            P += np.bincount(r, np.maximum(e, 0), minlength=R)
+            N += np.bincount(r, np.maximum(-e, 0), minlength=R)
         n_events = np.bincount(resp[rows], minlength=R)
-        pairs = _distinct(user[vr] * np.int64(max(R, 1)) + resp[vr])
-        n_users = np.bincount(pairs % max(R, 1), minlength=R)
+        n_users = self._n_users[:R] if self._n_users is not None else \
+            np.bincount(_distinct(user[vr] * np.int64(max(R, 1)) + resp[vr]) % max(R, 1), minlength=R)
+        self._n_users = None
         last = np.full(R, np.iinfo(np.int64).min)
         np.maximum.at(last, resp[rows], ts[rows])
         keep = np.nonzero(n_events > 0)[0]
@@ -883,9 +1131,95 @@ def previously_quarantined(store: Any) -> tuple[set[str], np.ndarray, np.ndarray
     return set(raws), h(ids), h(abuse)
 
 
+@dataclass
+class _Unit:
+    """One batch, prepared by a worker thread: its rows in spool form, the compact columns of
+    its valid ones, and its rejected rows."""
+
+    out: pa.Table
+    valid: np.ndarray | None  # None: every row
+    compact: Compact
+    new: bool
+    rows_in: int = 0
+    quarantine: pa.Table | None = None
+    again: int = 0
+
+
+def _to_spool(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Spool form: plain columns, except `source` (one path per batch) as a dictionary."""
+    cols = []
+    for f in schema:
+        c = t.column(f.name).combine_chunks()
+        if f.name == "source":
+            c = c if pa.types.is_dictionary(c.type) else pc.dictionary_encode(c)
+            c = c.cast(f.type)
+        elif pa.types.is_dictionary(c.type):
+            c = c.dictionary_decode()
+        cols.append(c)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _prepare_source(acc: EventAccumulator, rb: RawBatch, cfg: IngestConfig, now_us: int, now: dt.datetime,
+                    cand: pa.Array | None, columns: dict[str, str], seen_ids: pa.Array,
+                    schema: pa.Schema) -> _Unit:
+    """Validate one raw batch and prepare it (runs in a worker thread)."""
+    v = validate(rb.table, cfg, now_us, rb.source, cand, columns)
+    bad = v.bad
+    valid = ~bad
+    again = 0
+    q = None
+    if bad.any():
+        if len(seen_ids):
+            # invalid rows whose event id was quarantined before: not again
+            eid = v.typed.column("event_id").combine_chunks()
+            has = ~_null_np(eid)
+            h = np.zeros(len(has), np.uint64)
+            h[has] = hash64(pc.filter(eid, pa.array(has)))
+            seen = has & np.asarray(pc.is_in(pa.array(h), value_set=seen_ids).to_numpy(
+                zero_copy_only=False), bool) & bad
+            again = int(seen.sum())
+            bad = bad & ~seen
+        if bad.any():
+            idx = np.nonzero(bad)[0]
+            q = quarantine_rows(rb.table, idx, v.reason[bad].tolist(), rb.source, idx + rb.row0, now)
+    allv = bool(valid.all())
+    return _Unit(_to_spool(v.typed, schema), None if allv else valid,
+                 acc.prepare(v.typed, v.response_codes, None if allv else valid), True, rb.table.num_rows, q, again)
+
+
+def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) -> _Unit:
+    out = _to_spool(pa.Table.from_batches([b]), schema)
+    return _Unit(out, None, acc.prepare(out), False)
+
+
+def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
+    """Rows in the Parquet files this run will read (from their footers): sizes the exactly-once
+    table once instead of growing it. Files ingested before are not counted."""
+    n = 0
+    for src in cfg.sources:
+        if src.kind != "files":
+            continue
+        seen = (state_all.get(src.name) or {}).get("files") or {}
+        try:
+            for f in list_source_files(src):
+                if seen.get(str(f)) == _file_sig(f):
+                    continue
+                if FILE_FORMATS.get(f.suffix.lower()) == "parquet" or src.format == "parquet":
+                    n += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, SourceError, pa.ArrowInvalid):
+            continue
+    return n
+
+
 def ingest(ctx: Any) -> Any:
-    """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine."""
+    """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine.
+
+    Pass 1 streams batches through two worker threads (validate, hash, encode: Arrow and numpy
+    release the GIL) and merges them in order (exactly-once, codes), spooling every row with a
+    status to an Arrow IPC file. After the abuse filters, pass 2 writes the spool's accepted
+    rows as staged Parquet files from two threads while a third computes votes and signals."""
     from flows.stage import StageResult
+    from storage.store import StagedFiles
 
     cfg: IngestConfig = ctx.config
     store = ctx.workspace.store
@@ -898,55 +1232,74 @@ def ingest(ctx: Any) -> Any:
     else:
         ctx.logger.warning("ingest: no candidates dataset: the orphan check is off")
     acc = EventAccumulator(cfg)
+    if cand is not None:
+        acc.preload(cand)
+    prior_n = store.info(ctx.inputs["feedback_events"]).rows if ctx.has("feedback_events") else 0
+    acc.seen = SeenIds(prior_n + _expected_rows(cfg, state_all))
     seen_raw, seen_ids, acc.blocked = previously_quarantined(store)
     seen_ids_arr = pa.array(seen_ids)
-    again_ids = 0
     spool_path = ctx.scratch / f"spool-{uuid.uuid4().hex}.arrow"
-    spool_schema = pa.schema([f.with_nullable(True) for f in FEEDBACK_EVENTS])
+    # the spool holds `source` as an int32 code into `labels` (one path per batch, not a copy
+    # per row; IPC files allow no per-batch dictionaries)
+    work_schema = pa.schema([f.with_nullable(True) if f.name != "source" else
+                             pa.field("source", pa.dictionary(pa.int32(), pa.string()), True)
+                             for f in FEEDBACK_EVENTS])
+    spool_schema = pa.schema([f.with_nullable(True) if f.name != "source" else pa.field("source", pa.int32(), True)
+                              for f in FEEDBACK_EVENTS])
+    label_code: dict[str | None, int] = {}
+    lens: list[int] = []
+    spool_status: list[np.ndarray] = []  # per spooled row: OK (kept), INVALID, DUP, DUP_QUARANTINED
     quarantine: list[pa.Table] = []
     counts: Counter = Counter()
-    rows_in = 0
-    prior_rows = 0
+    tally = Counter()  # rows_in, prior_rows, again_ids
     new_state: dict[str, Any] = {}
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
-        with pa.OSFile(str(spool_path), "wb") as sink, pa.ipc.new_stream(sink, spool_schema) as spool:
-            def put(t: pa.Table, is_new: bool) -> None:
-                acc.add(t, is_new)  # dictionary-encoded ids stay encoded for the codes
-                t = pa.Table.from_arrays([_plain(t.column(f.name)) for f in spool_schema], schema=spool_schema)
-                for b in t.to_batches():
-                    spool.write_batch(b)
+        with pa.OSFile(str(spool_path), "wb") as sink, pa.ipc.new_file(sink, spool_schema) as spool, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest") as pool:
+            pending: deque[Future] = deque()
+
+            def drain(limit: int) -> None:
+                while len(pending) > limit:
+                    u: _Unit = pending.popleft().result()
+                    tally["rows_in"] += u.rows_in
+                    tally["again_ids"] += u.again
+                    if u.quarantine is not None:
+                        quarantine.append(u.quarantine)
+                    st = acc.merge(u.compact, u.new)
+                    if u.valid is not None:
+                        full = np.full(len(u.valid), INVALID, np.int8)
+                        full[u.valid] = st
+                        st = full
+                    if len(st):
+                        src = u.out.column("source").combine_chunks()
+                        m = [label_code.setdefault(x, len(label_code)) for x in src.dictionary.to_pylist()]
+                        m.append(label_code.setdefault(None, len(label_code)))  # null sources (prior rows)
+                        codes = np.array(m, np.int32)[_indices(src, len(m) - 1)]
+                        i = u.out.schema.get_field_index("source")
+                        out = u.out.set_column(i, spool_schema.field("source"), pa.array(codes))
+                        for b in out.to_batches():
+                            spool.write_batch(b)
+                            lens.append(b.num_rows)
+                        spool_status.append(st)
 
             if ctx.has("feedback_events"):
                 for b in store.read_batches(ctx.inputs["feedback_events"], batch_size=cfg.batch_rows):
-                    prior_rows += b.num_rows
-                    put(pa.Table.from_batches([b]), False)
+                    tally["prior_rows"] += b.num_rows
+                    pending.append(pool.submit(_prepare_prior, acc, b, work_schema))
+                    drain(1)
             for src in cfg.sources:
                 st = dict(state_all.get(src.name) or {})
                 ns: dict[str, Any] = {}
                 parse_q: list[pa.Table] = []
                 it = iter_files(src, st, cfg.batch_rows, parse_q, ns) if src.kind == "files" else iter_sql(src, st, ns)
                 for rb in it:
-                    rows_in += rb.table.num_rows
-                    v = validate(rb.table, cfg, now_us, rb.source, cand, src.columns)
-                    bad = v.bad
-                    reject = bad.copy()
-                    if bad.any() and len(seen_ids):
-                        # invalid rows whose event id was quarantined before: not again
-                        eid = v.typed.column("event_id").combine_chunks()
-                        has = ~_null_np(eid)
-                        h = np.zeros(len(has), np.uint64)
-                        h[has] = hash64(pc.filter(eid, pa.array(has)))
-                        seen = has & np.asarray(pc.is_in(pa.array(h), value_set=seen_ids_arr).to_numpy(
-                            zero_copy_only=False), bool) & bad
-                        again_ids += int(seen.sum())
-                        bad &= ~seen
-                    if bad.any():
-                        idx = np.nonzero(bad)[0]
-                        quarantine.append(quarantine_rows(rb.table, idx, v.reason[bad].tolist(), rb.source,
-                                                          idx + rb.row0, now))
-                    put(v.typed.filter(pa.array(~reject)) if reject.any() else v.typed, True)
+                    pending.append(pool.submit(_prepare_source, acc, rb, cfg, now_us, now, cand, src.columns,
+                                               seen_ids_arr, work_schema))
+                    drain(1)  # two batches in the workers, one being read: bounded memory
+                drain(0)
                 for q in parse_q:
-                    rows_in += q.num_rows
+                    tally["rows_in"] += q.num_rows
                     reasons = ["malformed row: invalid JSON" if r.startswith("invalid JSON") else
                                "malformed row: CSV" if "CSV" in r else f"malformed row: {r}"
                                for r in q.column("reason").to_pylist()]
@@ -954,82 +1307,116 @@ def ingest(ctx: Any) -> Any:
                                      pa.array(reasons, pa.string()))
                     quarantine.append(q)
                 new_state[src.name] = ns
-        outcome = acc.finish()
-        status = outcome.status
-        quarantine.append(_abuse_quarantine(spool_path, status, now))
+            drain(0)
+        t1, c1 = time.perf_counter(), time.process_time()
+        new_mask = acc._cat("new", bool)
+        outcome = acc.abuse()
+        status = np.concatenate(spool_status) if spool_status else np.zeros(0, np.int8)
+        status[status == OK] = outcome.status  # kept rows, in merge order
+        sig_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-signals")
+        sig_future = sig_pool.submit(acc.signals, outcome)  # runs while the events are written
+        sig_pool.shutdown(wait=False)
+        t3 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
+        labels = pa.array(list(label_code), pa.string())
+        quarantine.append(_abuse_quarantine(spool_path, lens, status, labels, now))
         q = pa.concat_tables(quarantine) if quarantine else quarantine_rows(pa.table({}), np.zeros(0, int), [], "", None, now)
         for r, c in Counter(q.column("reason").to_pylist()).items():
             counts[r] += c
         # rows quarantined by an earlier run and seen again are not quarantined twice
-        again = np.array([r in seen_raw for r in q.column("raw").to_pylist()], bool)
+        again = np.array([r in seen_raw for r in q.column("raw").to_pylist()], bool) if seen_raw else \
+            np.zeros(q.num_rows, bool)
         if again.any():
             q = q.filter(pa.array(~again))
-        new_mask = acc._cat("new", bool)
-        accepted_new = int(((status == OK) & new_mask).sum())
-        dropped = {"duplicate event_id": int(((status == DUP) & new_mask).sum()),
-                   "already quarantined": int(((status == DUP_QUARANTINED) & new_mask).sum()) + int(again.sum()) + again_ids}
-        moved = {ABUSE_REASONS[k]: int(((status == k) & ~new_mask).sum()) for k in ABUSE_REASONS}
+        accepted_new = int(((outcome.status == OK) & new_mask).sum())
+        dropped = {"duplicate event_id": acc.dropped[DUP],
+                   "already quarantined": acc.dropped[DUP_QUARANTINED] + int(again.sum()) + tally["again_ids"]}
+        moved = {ABUSE_REASONS[k]: int(((outcome.status == k) & ~new_mask).sum()) for k in ABUSE_REASONS}
         report = {
-            "rows_in": rows_in, "prior_events": prior_rows, "accepted": accepted_new,
-            "events_total": int((status == OK).sum()), "quarantined": dict(counts),
+            "rows_in": tally["rows_in"], "prior_events": tally["prior_rows"], "accepted": accepted_new,
+            "events_total": int((outcome.status == OK).sum()), "quarantined": dict(counts),
             "dropped": {k: v for k, v in dropped.items() if v},
             "moved_from_prior_to_quarantine": {k: v for k, v in moved.items() if v},
-            "signals": outcome.signals.num_rows, "propensities": {str(k): v for k, v in outcome.propensities.items()},
+            "signals": None,
+            "propensities": {str(k): v for k, v in outcome.propensities.items()},
             "as_of": outcome.as_of.isoformat() if outcome.as_of else None, "watermarks": new_state,
+            "seconds": {"read_validate": round(t1 - t0, 3), "abuse": round(t2 - t1, 3),
+                        "quarantine": round(time.perf_counter() - t3, 3)},
+            "cpu_seconds": {"read_validate": round(c1 - c0, 3), "abuse": round(c2 - c1, 3)},
         }
-        ctx.logger.info("ingest: %s rows in, %s accepted, quarantined %s, dropped %s", rows_in, accepted_new,
+        ctx.logger.info("ingest: %s rows in, %s accepted, quarantined %s, dropped %s", tally["rows_in"], accepted_new,
                         dict(counts), report["dropped"])
-        events = _kept_batches(spool_path, status, cfg.batch_rows)
+        # pass 2: two threads encode the accepted rows into the version's Parquet files (every
+        # other spool batch each) while the signals thread works
+        t4 = time.perf_counter()
+        nb = len(lens)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-write") as ex:
+            parts = [ex.submit(store.stage_files, "feedback_events",
+                               _kept_batches(spool_path, lens, status, labels, range(i, nb, 2))) for i in range(2)]
+            actions = tuple(a for f in parts for a in f.result().actions)
+        t5 = time.perf_counter()
+        signals = sig_future.result()
+        report["signals"] = signals.num_rows
+        report["seconds"].update(write_events=round(t5 - t4, 3), signals_wait=round(time.perf_counter() - t5, 3))
         meta = {"watermarks": new_state, "as_of": report["as_of"], "propensities": report["propensities"]}
-        return StageResult(outputs={"feedback_events": events, "signals": outcome.signals}, quarantine=q,
-                           report=report, metadata={"feedback_events": meta, "signals": meta})
-    except BaseException:
-        spool_path.unlink(missing_ok=True)
-        raise
-
-
-def _plain(col: pa.ChunkedArray) -> pa.Array:
-    arr = col.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr
-
-
-def _iter_spool(path: Path) -> Iterator[pa.RecordBatch]:
-    with pa.memory_map(str(path)) as src:
-        yield from pa.ipc.open_stream(src)
-
-
-def _kept_batches(path: Path, status: np.ndarray, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Second pass over the spool: the rows whose status is OK, streamed to the store; the spool
-    file is removed when the stream is exhausted."""
-    try:
-        off = 0
-        for b in _iter_spool(path):
-            m = status[off:off + b.num_rows] == OK
-            off += b.num_rows
-            if m.all():
-                yield b
-            elif m.any():
-                yield b.filter(pa.array(m))
+        return StageResult(outputs={"feedback_events": StagedFiles("feedback_events", actions), "signals": signals},
+                           quarantine=q, report=report, metadata={"feedback_events": meta, "signals": meta})
     finally:
-        path.unlink(missing_ok=True)
+        spool_path.unlink(missing_ok=True)
 
 
-def _abuse_quarantine(path: Path, status: np.ndarray, now: dt.datetime) -> pa.Table:
-    """Quarantine rows for events flagged as abuse (new or moved from the prior version)."""
+def _from_spool(b: pa.RecordBatch, labels: pa.Array, schema: pa.Schema) -> pa.RecordBatch:
+    """A spooled batch back in contract form (`source` codes -> the label strings)."""
+    i = b.schema.get_field_index("source")
+    cols = list(b.columns)
+    cols[i] = pa.DictionaryArray.from_arrays(cols[i], labels).dictionary_decode()
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def _kept_batches(path: Path, lens: list[int], status: np.ndarray, labels: pa.Array,
+                  which: range, step: int = 1 << 18) -> Iterator[pa.RecordBatch]:
+    """Second pass over the spool: the rows of batches `which` whose status is OK, in contract
+    form. Each batch is read through its own memory map (page-cache pages, mapped 16 at a time
+    per fault, instead of fresh anonymous memory that faults page by page) and unmapped when
+    done, so the mapped pages never add up in this process's memory."""
+    offs = np.r_[0, np.cumsum(lens)].astype(np.int64)
+    schema = pa.schema([f.with_nullable(True) for f in FEEDBACK_EVENTS])
+    for i in which:
+        batch = _spool_batch(path, i)
+        if batch is not None:
+            for s in range(0, batch.num_rows, step):  # slices: the writer threads hold little each
+                b = batch.slice(s, step)
+                m = status[offs[i] + s:offs[i] + s + b.num_rows] == OK
+                if not m.all():
+                    b = b.filter(pa.array(m))
+                if b.num_rows:
+                    yield _from_spool(b, labels, schema)
+        batch = None
+
+
+def _spool_batch(path: Path, i: int) -> pa.RecordBatch:
+    """Batch `i` of the spool, zero-copy over a memory map that lives as long as the batch."""
+    with pa.memory_map(str(path)) as mm:
+        return pa.ipc.open_file(mm).get_batch(i)
+
+
+def _abuse_quarantine(path: Path, lens: list[int], status: np.ndarray, labels: pa.Array,
+                      now: dt.datetime) -> pa.Table:
+    """Quarantine rows for events flagged as abuse (new or moved from the prior version); only
+    the spool batches holding such rows are read."""
     parts = []
     flagged = np.isin(status, list(ABUSE_REASONS))
     if flagged.any():
-        off = 0
-        for b in _iter_spool(path):
-            st = status[off:off + b.num_rows]
-            off += b.num_rows
-            idx = np.nonzero(np.isin(st, list(ABUSE_REASONS)))[0]
+        offs = np.r_[0, np.cumsum(lens)].astype(np.int64)
+        for i in range(len(lens)):
+            idx = np.nonzero(flagged[offs[i]:offs[i + 1]])[0]
             if len(idx):
+                b = _from_spool(_spool_batch(path, i).take(pa.array(idx)), labels,
+                                pa.schema([f.with_nullable(True) for f in FEEDBACK_EVENTS]))
+                st = status[offs[i]:offs[i + 1]][idx]
                 t = pa.Table.from_batches([b]).drop_columns(["source"])
-                srcs = b.column(b.schema.get_field_index("source")).take(pa.array(idx)).to_pylist()
-                parts.append(quarantine_rows(t, idx, [ABUSE_REASONS[int(s)] for s in st[idx]],
+                srcs = b.column(b.schema.get_field_index("source")).to_pylist()
+                parts.append(quarantine_rows(t, np.arange(len(idx)), [ABUSE_REASONS[int(s)] for s in st],
                                              [s or "feedback_events" for s in srcs], None, now))
     return pa.concat_tables(parts) if parts else quarantine_rows(pa.table({}), np.zeros(0, int), [], "", None, now)
 
@@ -1037,4 +1424,3 @@ def _abuse_quarantine(path: Path, status: np.ndarray, now: dt.datetime) -> pa.Ta
 def signal_formulas_markdown() -> str:
     """The formulas as markdown (README / benchmarks copy)."""
     return (__doc__ or "").split("Signal formulas", 1)[-1]
-

@@ -6,6 +6,7 @@ test harness) and is killed with its process group at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -87,23 +88,23 @@ def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout_s: float)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM (serve pauses its schedules and stops its server), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 45), (signal.SIGKILL, 10)):
+    """SIGTERM to serve alone (what a supervisor such as systemd's KillMode=mixed does): it
+    pauses its schedules and stops the server it started; then SIGKILL what is left of its
+    group. (A SIGTERM to the whole group would stop the server while serve still talks to it.)"""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(45)
+    deadline = time.monotonic() + 15  # the leader is gone; give the rest of the group a moment
+    while time.monotonic() < deadline:
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.monotonic() + wait  # the leader is gone; let the rest of the group follow
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 def _healthy(url: str) -> bool:

@@ -131,7 +131,8 @@ def test_killed_run_restarts_without_redoing_finished_stages(tmp_path, prefect_h
     proc = subprocess.Popen([sys.executable, "-c", NIGHTLY, str(ws.root), *FAST], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not ws.store.exists("signals"):
+    # kill once score and ingest are fully done (their outputs recorded): pairs has started
+    while time.time() < deadline and not ws.store.exists("pairs"):
         assert proc.poll() is None, "the nightly run ended before it could be killed"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
