@@ -226,17 +226,25 @@ def flow_run_settings() -> Iterator[None]:
     """Prefect settings for flows started from this process (CLI, demo, benchmarks).
 
     With no server configured, Prefect runs flows against a temporary server that lives only
-    as long as this process. Flow heartbeats exist so that a long-lived server can mark runs
-    whose process died as crashed; a temporary server dies with the process, so nothing acts
-    on them there, and each heartbeat thread still costs up to 1 s at the end of a flow. They
-    are turned off in that case only.
+    as long as this process. There, and only there, two things are turned off:
+
+    * flow heartbeats: they let a long-lived server mark runs whose process died as crashed;
+      a temporary server dies with the process, so nothing acts on them, and each heartbeat
+      thread still costs up to 1 s at the end of a flow;
+    * the client's CSRF token fetch: the temporary server has CSRF protection off (Prefect's
+      default), so each new client (one per task or subflow) paid a round trip for a 422.
     """
     if configured_api_url():
         yield
         return
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                     PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False}):
         yield
 
 

@@ -132,7 +132,7 @@ def test_ensure_server_uses_a_configured_server(monkeypatch):
         assert url == "http://127.0.0.1:9/api"
 
 
-def test_flow_run_settings_turn_heartbeats_off_only_on_the_temporary_server(monkeypatch):
+def test_flow_run_settings_trim_the_client_only_on_the_temporary_server(monkeypatch):
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -143,10 +143,12 @@ def test_flow_run_settings_turn_heartbeats_off_only_on_the_temporary_server(monk
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     server = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}
     with temporary_settings(updates=server), deploy.flow_run_settings():
-        assert get_current_settings().flows.heartbeat_frequency == 30  # a real server uses them
+        s = get_current_settings()  # a real server uses heartbeats and may enforce CSRF
+        assert s.flows.heartbeat_frequency == 30 and s.client.csrf_support_enabled
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}, restore_defaults={PREFECT_API_URL}):
         with deploy.flow_run_settings():
-            assert get_current_settings().flows.heartbeat_frequency is None
+            s = get_current_settings()
+            assert s.flows.heartbeat_frequency is None and not s.client.csrf_support_enabled
         assert get_current_settings().flows.heartbeat_frequency == 30
 
 
