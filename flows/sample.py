@@ -13,7 +13,7 @@ from collections.abc import Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage import StageContext, StageResult, StageRun, _flow_run_id, artifact_key, run_stage
+from flows.stage import StageContext, StageResult, StageRun, _flow_run_id, progress_reporter, run_stage
 from flows.workspace import Workspace
 from tasks import generation, sampling
 
@@ -28,26 +28,13 @@ def _prefect_runner(label: str, work: Callable[[], dict]) -> dict:
     return sample_shard_task(label, work)
 
 
-def _progress_reporter(stage_key: str) -> Callable[[float], None] | None:
-    if not _flow_run_id():
-        return None
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    art = create_progress_artifact(progress=0.0, key=artifact_key(stage_key), description="sample: prompts done")
-
-    def report(fraction: float) -> None:
-        update_progress_artifact(art, progress=round(100.0 * fraction, 2))
-
-    return report
-
-
 def stage_fn(shard_runner: Callable | None = None, force: bool = False) -> Callable[[StageContext], StageResult]:
     """The stage function for run_stage (Prefect tasks per shard when `shard_runner` is given;
     a forced run recomputes finished shards too)."""
 
     def fn(ctx: StageContext) -> StageResult:
         return sampling.sample_stage(ctx, shard_runner=shard_runner, reuse_shards=not force,
-                                     on_progress=_progress_reporter("sample-progress"))
+                                     on_progress=progress_reporter("sample-progress", "sample: prompts done"))
 
     fn.__module__ = sampling.__name__  # the code version hashes tasks/sampling.py
     return fn

@@ -174,7 +174,7 @@ class _ArtifactPoster:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpoflow-artifacts")
         return self._pool.submit(ctx.run, self._send, request)  # ctx: the flow's settings (API URL)
 
-    def _send(self, request: Any) -> None:
+    def _send(self, request: Any) -> Any:
         from prefect.client.orchestration import get_client
         from prefect.settings import get_current_settings
 
@@ -183,7 +183,15 @@ class _ArtifactPoster:
             client = get_client(sync_client=True)
             client.__enter__()
             self._clients[url] = client
-        self._clients[url].create_artifact(request)
+        if callable(request):
+            return request(self._clients[url])
+        return self._clients[url].create_artifact(request)
+
+    def call_soon(self, fn: Callable[[Any], Any]) -> None:
+        """Run ``fn(client)`` on the worker thread without waiting (progress updates)."""
+        with self._lock:
+            fut = self._submit(contextvars.copy_context(), fn)
+            self._inflight = [f for f in self._inflight if not f.done()] + [fut]
 
     def post(self, request: Any) -> None:
         if _BATCH.get():
@@ -227,6 +235,30 @@ def _publish(kind: str, key: str, data: str, description: str) -> None:
     task_run_id, flow_run_id = get_task_and_flow_run_ids()
     _POSTER.post(ArtifactCreate(type=kind, key=artifact_key(key), description=description, data=data,
                                 flow_run_id=flow_run_id, task_run_id=task_run_id))
+
+
+def progress_reporter(key: str, description: str) -> Callable[[float], None] | None:
+    """A Prefect progress artifact for the current run (None outside one). Creating and updating
+    it happens on the artifact thread, so a slow API never holds up sampling or training."""
+    if not _flow_run_id():
+        return None
+    from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+    from prefect.utilities.context import get_task_and_flow_run_ids
+
+    task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    created: list[Any] = []
+
+    def create(client: Any) -> None:
+        created.append(client.create_artifact(ArtifactCreate(
+            type="progress", key=artifact_key(key), description=description, data=0.0,
+            flow_run_id=flow_run_id, task_run_id=task_run_id)).id)
+
+    def update(client: Any, pct: float) -> None:
+        if created:
+            client.update_artifact(created[0], ArtifactUpdate(data=pct))
+
+    _POSTER.call_soon(create)
+    return lambda fraction: _POSTER.call_soon(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage import StageRun, artifacts_posted_meanwhile, publish_markdown, publish_table, run_stage
+from flows.stage import (
+    StageRun,
+    artifacts_posted_meanwhile,
+    progress_reporter,
+    publish_markdown,
+    publish_table,
+    run_stage,
+)
 from flows.workspace import Workspace
 from tasks.training import promotion, ref_logps, stage
 
@@ -113,7 +120,8 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             out.skipped["eval_ref_logps"] = runs[1].skipped
 
     def train_step() -> StageRun:
-        return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference), inputs,
+        progress = lambda: progress_reporter("train-progress", "train: optimizer steps done")  # noqa: E731
+        return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference, progress), inputs,
                          stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
                          key_extra={"policy": policy.version, "ref_model": reference.version},
                          hold=lambda: _while_training(cfg.devices))

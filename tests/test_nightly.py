@@ -64,7 +64,8 @@ def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
     score, ingest = runs["score"], runs["ingest"]
     assert score.start_time < ingest.end_time and ingest.start_time < score.end_time, "ran side by side"
     assert {"sample-report", "score-report", "ingest-report", "pairs-report", "balance-report",
-            "train-report"} <= {a.key for a in arts}
+            "train-report", "sample-progress", "train-progress"} <= {a.key for a in arts}
+    assert all(float(a.data) == 100.0 for a in arts if a.type == "progress")
     for name in ("prompts", "served", "candidates", "scores", "feedback_events", "signals", "judgements",
                  "pairs", "dpo_train", "dpo_eval"):
         assert ws.store.exists(name), name

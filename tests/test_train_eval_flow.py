@@ -11,7 +11,7 @@ from tests.test_train_eval import make_pairs
 @pytest.mark.slow
 def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_dir):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.train import train_flow
 
@@ -21,7 +21,8 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     ws.store.write("dpo_eval", make_pairs(4, offset=50))
     overrides = ["train.max_steps=2", "train.batch_size=4", "train.eval.n_prompts=2",
                  "train.eval.max_new_tokens=4"]
-    out = train_flow(workspace=str(ws.root), overrides=overrides)
+    state = train_flow(workspace=str(ws.root), overrides=overrides, return_state=True)
+    out = state.result()
     assert out["model_version"] and out["model_version"] != base
     assert set(out["outputs"]) >= {"ref_logps", "eval_ref_logps", "train_runs", "model_evals", "promotions"}
     assert out["decision"]["reasons"]
@@ -32,3 +33,23 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     # The session's Prefect server holds other tests' runs too: find this run's report.
     reports = [a for a in arts if a.key == "eval-report"]
     assert any(f"Evaluation of `{out['model_version']}`" in a.data for a in reports)
+    with get_client(sync_client=True) as client:  # this run's training progress, done
+        mine = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    progress = [a for a in mine if a.key == "train-progress"]
+    assert len(progress) == 1 and progress[0].type == "progress" and float(progress[0].data) == 100.0
+
+
+def test_training_progress_reads_the_last_metrics_row(tmp_path):
+    import json
+
+    from tasks.training.distributed import training_progress
+
+    path = tmp_path / "metrics.jsonl"
+    assert training_progress(path, 10, 1.0) is None  # not started
+    path.write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 0.6}) + "\n" for s in (1, 2, 3)))
+    assert training_progress(path, 10, 1.0) == 0.3  # max_steps set
+    assert training_progress(path, None, 2.0) == 3 / 8  # 4 steps per epoch, 2 epochs
+    with open(path, "a") as f:
+        f.write('{"step": 4, "epo')  # rank 0 is halfway through a row
+    assert training_progress(path, 10, 1.0) is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,9 +67,25 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
+def training_progress(metrics_path: Path, max_steps: int | None, epochs: float) -> float | None:
+    """Share of optimizer steps done, from the last row rank 0 appended to metrics.jsonl
+    (a row has `step` and `epoch` = step / steps per epoch, which gives the total)."""
+    try:
+        with open(metrics_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().splitlines()
+        row = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None  # not written yet, or a row half written
+    if not row or not row.get("step"):
+        return None
+    total = max_steps or (math.ceil(epochs * row["step"] / row["epoch"]) if row.get("epoch") else None)
+    return min(1.0, row["step"] / total) if total else None
+
+
 def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Table | None = None,
            ref_model_path=None, resume: bool = True, stop: threading.Event | None = None,
-           logger: logging.Logger | None = None):
+           logger: logging.Logger | None = None, on_progress: Callable[[float], None] | None = None):
     from tasks.training.trainer import TrainingCancelled, TrainingError, TrainResult
 
     logger = logger or log
@@ -94,8 +112,14 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
     deadline = time.monotonic() + cfg.launch_timeout_s
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        last_check, reported = 0.0, None
         try:
             while proc.poll() is None:
+                if on_progress is not None and time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    done = training_progress(run_dir / "metrics.jsonl", cfg.max_steps, cfg.epochs)
+                    if done is not None and done != reported:
+                        on_progress(reported := done)
                 if stop is not None and stop.is_set():
                     _kill_group(proc)
                     raise TrainingCancelled("training cancelled; rerun to resume from the last checkpoint")
@@ -109,6 +133,8 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise TrainingError(f"torchrun failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+    if on_progress is not None:
+        on_progress(1.0)
     res = json.loads((work / "result.json").read_text())
     return TrainResult(output_dir=Path(res["output_dir"]), run_dir=run_dir, metrics=res["metrics"],
                        summary=res["summary"], tokenize_stats=res["tokenize_stats"])

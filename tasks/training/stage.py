@@ -57,7 +57,11 @@ def _row(table: pa.Table) -> dict[str, Any]:
     return table.to_pylist()[0]
 
 
-def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef) -> Callable:
+def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
+                     progress: Callable[[], Callable[[float], None] | None] | None = None) -> Callable:
+    """The train stage function; `progress()` (called when training really starts) may give a
+    callback that receives the share of optimizer steps done."""
+
     def train_stage(ctx: Any):
         from flows.stage import StageResult
         from tasks.training.distributed import launch
@@ -75,7 +79,8 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef) -> Callabl
         ctx.logger.info("train: %s from %s (run folder %s)", ctx.inputs["train"], policy.version, run_dir)
         # Always a child process group (torchrun), also for one process: a hard timeout and a
         # cancelled flow run then kill every trainer process, and a rerun resumes from checkpoints.
-        res = launch(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger)
+        res = launch(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger,
+                     on_progress=progress() if progress else None)
         curves = plot_training_curves(res.metrics, ctx.artifacts / f"{run_id}-curves.png")
         summary = {**res.summary, "tokenize": res.tokenize_stats}
         parents = [ctx.inputs["train"]] + ([ctx.inputs["train_ref"]] if ctx.has("train_ref") else [])
