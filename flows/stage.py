@@ -187,11 +187,12 @@ class _ArtifactPoster:
             return request(self._clients[url])
         return self._clients[url].create_artifact(request)
 
-    def call_soon(self, fn: Callable[[Any], Any]) -> None:
-        """Run ``fn(client)`` on the worker thread without waiting (progress updates)."""
+    def call_soon(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(client)`` on the worker thread; returns its future (progress updates)."""
         with self._lock:
             fut = self._submit(contextvars.copy_context(), fn)
             self._inflight = [f for f in self._inflight if not f.done()] + [fut]
+        return fut
 
     def post(self, request: Any) -> None:
         if _BATCH.get():
@@ -237,9 +238,12 @@ def _publish(kind: str, key: str, data: str, description: str) -> None:
                                 flow_run_id=flow_run_id, task_run_id=task_run_id))
 
 
-def progress_reporter(key: str, description: str) -> Callable[[float], None] | None:
-    """A Prefect progress artifact for the current run (None outside one). Creating and updating
-    it happens on the artifact thread, so a slow API never holds up sampling or training."""
+def progress_reporter(key: str, description: str, *, background: bool = False
+                      ) -> Callable[[float], None] | None:
+    """A Prefect progress artifact for the current run (None outside one), written through the
+    artifact thread's client. ``background=True`` does not wait for the API: only for work
+    that creates no runs meanwhile (training waits on its process); sampling creates a task
+    per shard, and a write racing a run's creation costs a 2 s retry on the temporary server."""
     if not _flow_run_id():
         return None
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
@@ -257,8 +261,13 @@ def progress_reporter(key: str, description: str) -> Callable[[float], None] | N
         if created:
             client.update_artifact(created[0], ArtifactUpdate(data=pct))
 
-    _POSTER.call_soon(create)
-    return lambda fraction: _POSTER.call_soon(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
+    def run(fn: Callable[[Any], Any]) -> None:
+        fut = _POSTER.call_soon(fn)
+        if not background:
+            _POSTER._wait([fut])
+
+    run(create)
+    return lambda fraction: run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
 
 
 @contextlib.contextmanager

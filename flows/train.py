@@ -120,7 +120,8 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             out.skipped["eval_ref_logps"] = runs[1].skipped
 
     def train_step() -> StageRun:
-        progress = lambda: progress_reporter("train-progress", "train: optimizer steps done")  # noqa: E731
+        progress = lambda: progress_reporter("train-progress", "train: optimizer steps done",  # noqa: E731
+                                             background=True)  # only waits on the training process
         return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference, progress), inputs,
                          stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
                          key_extra={"policy": policy.version, "ref_model": reference.version},
