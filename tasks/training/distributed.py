@@ -67,6 +67,9 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
+PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`
+
+
 def training_progress(metrics_path: Path, max_steps: int | None, epochs: float) -> float | None:
     """Share of optimizer steps done, from the last row rank 0 appended to metrics.jsonl
     (a row has `step` and `epoch` = step / steps per epoch, which gives the total)."""
@@ -112,10 +115,10 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
     deadline = time.monotonic() + cfg.launch_timeout_s
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        last_check, reported = 0.0, None
+        last_check, reported = time.monotonic(), None
         try:
             while proc.poll() is None:
-                if on_progress is not None and time.monotonic() - last_check > 1.0:
+                if on_progress is not None and time.monotonic() - last_check > PROGRESS_EVERY_S:
                     last_check = time.monotonic()
                     done = training_progress(run_dir / "metrics.jsonl", cfg.max_steps, cfg.epochs)
                     if done is not None and done != reported:
