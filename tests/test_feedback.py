@@ -130,13 +130,14 @@ def test_parquet_and_csv_sources(ws, tmp_path):
     assert set(t["ts"].to_pylist()) == {T0}  # epoch ms, naive text and Arrow ms all in UTC
 
 
-def _sqlite_events(path, rows) -> None:
+def sqlite_events(path, rows) -> None:
+    """Append event dicts to the `events` table of a SQLite file (created on first use)."""
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT, user_id TEXT, response_id TEXT, "
-                "event_type TEXT, value REAL, ts TEXT, position INTEGER)")
-    con.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
+                "event_type TEXT, value REAL, ts TEXT, position INTEGER, variant TEXT)")
+    con.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
                     [(r["event_id"], r["user_id"], r["response_id"], r["event_type"], r.get("value"), r["ts"],
-                      r.get("position")) for r in rows])
+                      r.get("position"), r.get("variant")) for r in rows])
     con.commit()
     con.close()
 
@@ -144,7 +145,7 @@ def _sqlite_events(path, rows) -> None:
 def test_sqlite_source_incremental_with_lookback(ws, tmp_path, monkeypatch):
     candidates(ws)
     db = tmp_path / "ev.db"
-    _sqlite_events(db, [ev(f"s{i}", f"u{i}", "c2", ts=iso(seconds=i)) for i in range(10)])
+    sqlite_events(db, [ev(f"s{i}", f"u{i}", "c2", ts=iso(seconds=i)) for i in range(10)])
     monkeypatch.setenv("EVENTS_DB_URL", f"sqlite:///{db}")
     configure(ws, sources=[{"name": "db", "kind": "sql", "url_env": "EVENTS_DB_URL", "table": "events",
                             "chunk_rows": 3, "lookback_s": 3600}])
@@ -153,7 +154,7 @@ def test_sqlite_source_incremental_with_lookback(ws, tmp_path, monkeypatch):
     assert "sqlite" not in json.dumps(ws.store.info("feedback_events").to_dict())  # never the URL
     assert run_ingest(ws).skipped
     # late rows and a re-sent old row: the look-back window overlaps, dedup keeps it exactly-once
-    _sqlite_events(db, [ev("s3", "u3", "c2", ts=iso(seconds=3)), ev("late", "u99", "c2", ts=iso(seconds=5)),
+    sqlite_events(db, [ev("s3", "u3", "c2", ts=iso(seconds=3)), ev("late", "u99", "c2", ts=iso(seconds=5)),
                         ev("s10", "u10", "c2", ts=iso(seconds=20))])
     r2 = run_ingest(ws)
     assert r2.report["accepted"] == 2 and r2.report["dropped"] == {"duplicate event_id": 11}
@@ -164,7 +165,7 @@ def test_sqlite_source_incremental_with_lookback(ws, tmp_path, monkeypatch):
 def test_sql_query_source_and_missing_env(ws, tmp_path, monkeypatch):
     candidates(ws)
     db = tmp_path / "ev.db"
-    _sqlite_events(db, [ev("q1", "u1", "c1"), ev("q2", "u2", "c1", "dislike")])
+    sqlite_events(db, [ev("q1", "u1", "c1"), ev("q2", "u2", "c1", "dislike")])
     configure(ws, sources=[{"name": "db", "kind": "sql", "url_env": "NOPE_URL", "query": "SELECT * FROM events"}])
     monkeypatch.delenv("NOPE_URL", raising=False)
     with pytest.raises(fb.SourceError, match="NOPE_URL is not set"):
@@ -378,7 +379,7 @@ def test_sql_url_from_a_prefect_secret_block(ws, tmp_path, prefect_harness):
 
     candidates(ws)
     db = tmp_path / "secret-ev.db"
-    _sqlite_events(db, [ev(f"k{i}", f"u{i}", "c2", ts=iso(seconds=i)) for i in range(4)])
+    sqlite_events(db, [ev(f"k{i}", f"u{i}", "c2", ts=iso(seconds=i)) for i in range(4)])
     Secret(value=f"sqlite:///{db}").save("events-db-url", overwrite=True)
     configure(ws, sources=[{"name": "db", "kind": "sql", "url_secret": "events-db-url", "table": "events"}])
     run = run_ingest(ws)

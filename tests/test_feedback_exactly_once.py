@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 
 import pyarrow as pa
 import pytest
 
 from flows.ingest import run_ingest
 from flows.workspace import Workspace
+from tests.test_feedback import sqlite_events
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 CANDS = [f"c{i}" for i in range(6)]
@@ -145,17 +145,6 @@ def test_overlapping_files_in_two_runs_equal_the_union_in_one(tmp_path):
     assert_same(outputs(a), before)
 
 
-def _sqlite(path, rows) -> None:
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT, user_id TEXT, response_id TEXT, "
-                "event_type TEXT, value REAL, ts TEXT, position INTEGER, variant TEXT)")
-    con.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
-                    [(r["event_id"], r["user_id"], r["response_id"], r["event_type"], r.get("value"), r["ts"],
-                      r.get("position"), r.get("variant")) for r in rows])
-    con.commit()
-    con.close()
-
-
 def test_sql_lookback_window_in_two_runs_equals_the_union_in_one(tmp_path, monkeypatch):
     src = {"name": "db", "kind": "sql", "url_env": "EXACTLY_ONCE_DB", "table": "events", "chunk_rows": 4,
            "lookback_s": 3 * 86400}  # the second run re-reads up to 3 days before the watermark
@@ -163,13 +152,13 @@ def test_sql_lookback_window_in_two_runs_equals_the_union_in_one(tmp_path, monke
     setup(a, [src])
     setup(b, [src])
     monkeypatch.setenv("EXACTLY_ONCE_DB", f"sqlite:///{tmp_path / 'a.db'}")
-    _sqlite(tmp_path / "a.db", DAY1)
+    sqlite_events(tmp_path / "a.db", DAY1)
     run_ingest(a)
-    _sqlite(tmp_path / "a.db", DAY2)  # re-sent rows are in the table twice
+    sqlite_events(tmp_path / "a.db", DAY2)  # re-sent rows are in the table twice
     r2 = run_ingest(a).report
     assert r2["rows_in"] > len(DAY2)  # the look-back re-read day-1 rows too
     monkeypatch.setenv("EXACTLY_ONCE_DB", f"sqlite:///{tmp_path / 'b.db'}")
-    _sqlite(tmp_path / "b.db", DAY1 + DAY2)
+    sqlite_events(tmp_path / "b.db", DAY1 + DAY2)
     run_ingest(b)
     assert_same(outputs(a), outputs(b))
     assert {r["event_id"] for r in outputs(a)[0]} == EXPECTED_EVENTS
