@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import SettingsContext
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
+from flows.deploy import settings_context
 from flows.stage import (
     batched_artifacts,
     post_overdue_artifacts,
@@ -69,7 +69,7 @@ def run_stage_flow(stage: str, params: dict[str, Any], timeout_s: float) -> dict
     gate = _GATE.get()
     if gate is not None:
         f = f.with_options(on_running=[gate.arrive])
-    with _without_heartbeat():
+    with settings_context({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return f(**params)
 
 
@@ -104,20 +104,6 @@ class _StaggeredStart:
 
 
 _GATE: contextvars.ContextVar[_StaggeredStart | None] = contextvars.ContextVar("dpoflow_gate", default=None)
-
-
-_NO_HEARTBEAT: dict[int, tuple[Any, Any]] = {}
-
-
-def _without_heartbeat() -> Any:
-    """The current Prefect settings with flow heartbeats off, built once per settings object
-    (rebuilding Prefect's settings costs ~50 ms, as much as a whole stage of the demo night)."""
-    ctx = SettingsContext.get()
-    base, off = _NO_HEARTBEAT.get(id(ctx.settings), (None, None))
-    if base is not ctx.settings:
-        base, off = ctx.settings, ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-        _NO_HEARTBEAT[id(base)] = (base, off)
-    return SettingsContext(profile=ctx.profile, settings=off)
 
 
 def _present(ws: Workspace, name: str) -> str | None:

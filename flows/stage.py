@@ -164,17 +164,17 @@ class _ArtifactPoster:
         self._pool: Any = None
         self._clients: dict[str | None, Any] = {}  # touched by the worker thread only
         self._lock = threading.Lock()
-        self._queue: list[tuple[float, contextvars.Context, Any]] = []
+        self._queue: list[tuple[float, contextvars.Context, Callable[[Any], Any]]] = []
         self._inflight: list[Any] = []
 
-    def _submit(self, ctx: contextvars.Context, request: Any) -> Any:
+    def _submit(self, ctx: contextvars.Context, call: Callable[[Any], Any]) -> Any:
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpoflow-artifacts")
-        return self._pool.submit(ctx.run, self._send, request)  # ctx: the flow's settings (API URL)
+        return self._pool.submit(ctx.run, self._send, call)  # ctx: the flow's settings (API URL)
 
-    def _send(self, request: Any) -> Any:
+    def _send(self, call: Callable[[Any], Any]) -> Any:
         from prefect.client.orchestration import get_client
         from prefect.settings import get_current_settings
 
@@ -183,25 +183,23 @@ class _ArtifactPoster:
             client = get_client(sync_client=True)
             client.__enter__()
             self._clients[url] = client
-        if callable(request):
-            return request(self._clients[url])
-        return self._clients[url].create_artifact(request)
+        return call(self._clients[url])
 
-    def call_soon(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(client)`` on the worker thread; returns its future (progress updates)."""
+    def call_soon(self, call: Callable[[Any], Any]) -> Any:
+        """Run ``call(client)`` on the worker thread now; returns its future."""
         with self._lock:
-            fut = self._submit(contextvars.copy_context(), fn)
+            fut = self._submit(contextvars.copy_context(), call)
             self._inflight = [f for f in self._inflight if not f.done()] + [fut]
         return fut
 
     def post(self, request: Any) -> None:
+        """Create an artifact: queued inside `batched_artifacts`, else posted now."""
+        call = lambda client: client.create_artifact(request)  # noqa: E731
         if _BATCH.get():
             with self._lock:
-                self._queue.append((time.monotonic(), contextvars.copy_context(), request))
+                self._queue.append((time.monotonic(), contextvars.copy_context(), call))
             return
-        with self._lock:
-            fut = self._submit(contextvars.copy_context(), request)
-        self._wait([fut])
+        _await(self.call_soon(call))
 
     def start(self, older_than_s: float | None = None) -> None:
         """Hand the queue to the worker (only if its oldest entry is older than `older_than_s`)."""
@@ -209,20 +207,20 @@ class _ArtifactPoster:
             if not self._queue or (older_than_s is not None and time.monotonic() - self._queue[0][0] < older_than_s):
                 return
             queued, self._queue = self._queue, []
-            self._inflight += [self._submit(ctx, req) for _, ctx, req in queued]
+            self._inflight += [self._submit(ctx, call) for _, ctx, call in queued]
 
     def wait(self) -> None:
         with self._lock:
             inflight, self._inflight = self._inflight, []
-        self._wait(inflight)
+        _await(*inflight)
 
-    @staticmethod
-    def _wait(futures: list[Any]) -> None:
-        for f in futures:
-            try:
-                f.result(120)
-            except Exception as exc:  # noqa: BLE001 - a report must never fail the run
-                log.warning("dpoflow: a run artifact could not be published: %s", exc)
+
+def _await(*futures: Any) -> None:
+    for f in futures:
+        try:
+            f.result(120)
+        except Exception as exc:  # noqa: BLE001 - a report must never fail the run
+            log.warning("dpoflow: a run artifact could not be published: %s", exc)
 
 
 _POSTER = _ArtifactPoster()
@@ -264,7 +262,7 @@ def progress_reporter(key: str, description: str, *, background: bool = False
     def run(fn: Callable[[Any], Any]) -> None:
         fut = _POSTER.call_soon(fn)
         if not background:
-            _POSTER._wait([fut])
+            _await(fut)
 
     run(create)
     return lambda fraction: run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))

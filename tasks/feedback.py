@@ -1207,7 +1207,7 @@ def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
                 if FILE_FORMATS.get(f.suffix.lower()) == "parquet" or src.format == "parquet":
                     n += pq.ParquetFile(f).metadata.num_rows
         except (OSError, SourceError, pa.ArrowInvalid):
-            continue
+            continue  # only a size hint: the read itself reports unreadable files with a reason
     return n
 
 
