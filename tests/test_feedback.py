@@ -295,6 +295,10 @@ def test_hash64_distinguishes_and_is_stable():
     many = pa.array([f"evt-{i}" for i in range(100_000)])
     assert len(np.unique(fb.hash64(many))) == 100_000
     assert (fb.hash64(many.slice(50)) == fb.hash64(many)[50:]).all()
+    # a value's hash does not depend on its neighbours (lengths, empty strings, offsets)
+    mixed = pa.array(["", "x" * 17, "事件-1", "", "abcdefgh"])
+    alone = np.concatenate([fb.hash64(pa.array([v])) for v in mixed.to_pylist()])
+    assert (fb.hash64(mixed) == alone).all() and (fb.hash64(pa.array(["", ""])) == alone[0]).all()
 
 
 def test_stage_runs_as_prefect_flow(ws, tmp_path, prefect_harness):

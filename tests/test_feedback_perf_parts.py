@@ -1,5 +1,6 @@
-"""The pieces the fast ingest path is built from: the exactly-once hash table, hash-keyed
-dictionary codes, candidate-indexed response codes, and staged Parquet files in the store."""
+"""The pieces the fast ingest path is built from: exactly-once by sort, partitions that spill
+over a memory budget, hash-keyed dictionary codes, candidate-indexed response codes, and
+staged Parquet files in the store."""
 
 from __future__ import annotations
 
@@ -9,19 +10,81 @@ import pytest
 
 from storage.store import DatasetStore, StagedFiles, StoreError
 from tasks import feedback as fb
+from tasks.partitions import Budget, Partitions
 
 
-def test_seen_ids_flags_repeats_across_batches_and_survives_growth():
+def test_repeats_flags_every_later_occurrence_in_arrival_order():
+    h = np.array([5, 3, 5, 7, 3, 5, 0], np.uint64)
+    assert fb._repeats(h).tolist() == [False, False, True, False, True, True, False]
     rng = np.random.default_rng(3)
-    seen = fb.SeenIds(0)  # starts tiny: forces several rehashes
-    first = np.unique(rng.integers(0, 2**64 - 1, 50_000, dtype=np.uint64, endpoint=True))
-    assert not seen.check_add(first).any()
-    again = np.unique(np.concatenate([first[:100], rng.integers(0, 2**64 - 1, 200_000, dtype=np.uint64)]))
-    found = seen.check_add(again)
-    assert found.sum() == 100 and np.isin(again[found], first[:100]).all()
-    assert seen.size == len(first) + len(again) - 100
-    assert seen.check_add(np.array([0], np.uint64)).tolist() == [False]  # 0 is stored (as 1), not "free"
-    assert seen.check_add(np.array([0], np.uint64)).tolist() == [True]
+    big = rng.integers(0, 5000, 20_000).astype(np.uint64)
+    seen: set[int] = set()
+    want = []
+    for x in big.tolist():
+        want.append(x in seen)
+        seen.add(x)
+    assert fb._repeats(big).tolist() == want
+
+
+def test_partitions_spill_over_budget_and_read_back_in_arrival_order(tmp_path):
+    rng = np.random.default_rng(4)
+    budget = Budget(64 << 10, tmp_path)  # 64 KiB: most chunks spill
+    parts = Partitions(4, {"h": np.uint64, "x": np.int64, "f": np.bool_}, budget)
+    chunks = []
+    for i in range(30):
+        h = rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
+        cols = {"h": h, "x": np.arange(i * 1000, (i + 1) * 1000), "f": h % np.uint64(2) == 0}
+        parts.append_split(h, cols)
+        chunks.append(cols)
+    assert budget.spilled_bytes > 0 and any(parts.files) and budget.used <= 64 << 10
+    allh = np.concatenate([c["h"] for c in chunks])
+    allx = np.concatenate([c["x"] for c in chunks])
+    top = allh >> np.uint64(62)
+    for p in range(4):
+        got = parts.read(p) if p == 0 else parts.take(p)
+        want = top == p
+        assert got["x"].tolist() == allx[want].tolist()  # arrival order, spilled rows first
+        assert (got["h"] == allh[want]).all() and (got["f"] == (allh[want] % np.uint64(2) == 0)).all()
+    assert parts.take(0)["x"].tolist() == allx[top == 0].tolist()  # read() left it in place
+    assert not any(parts.files) and budget.used == 0
+    assert not any(f.suffix == ".arrow" for f in tmp_path.rglob("*"))
+    budget.close()
+    assert not list(tmp_path.iterdir())
+
+
+def _random_events(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, int(n * 0.9), n)  # ~10% repeated ids
+    types = np.array(["like", "dislike", "copy", "dwell", "share"])[rng.integers(0, 5, n)]
+    users = np.array([f"u{u}" for u in rng.integers(0, 300, n)], object)
+    ts = 1_709_251_200_000_000 + rng.integers(0, 5 * 86_400_000_000, n)
+    users[:n // 20] = "over-the-cap"  # ~1200 events a day
+    users[n // 20:n // 20 + 40] = "burst"  # 40 events in two minutes, once per batch
+    ts[n // 20:n // 20 + 40] = 1_709_251_200_000_000 + seed * 86_400_000_000 + rng.integers(0, 120_000_000, 40)
+    return pa.table({
+        "event_id": [f"e{i}" for i in ids], "user_id": users,
+        "response_id": [f"c{r}" for r in rng.integers(0, 50, n)], "event_type": types,
+        "value": np.where(types == "dwell", rng.integers(1, 60_000, n), np.nan),
+        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+        "position": rng.integers(0, 6, n), "variant": np.where(rng.random(n) < 0.5, "random", "a")})
+
+
+def test_spilled_state_gives_the_same_statuses_and_signals_as_in_memory():
+    cfg = {"propensities": {0: 1.0, 1: 0.5}, "abuse": {"rate_cap_per_day": 150, "burst_max_events": 20}}
+    outs = []
+    for mb in (1, 1024):
+        c = fb.IngestConfig(state_memory_mb=mb, partition_rows=10_000, **cfg)
+        acc = fb.EventAccumulator(c, expected_rows=120_000)
+        for seed in range(4):  # 4 batches, overlapping ids across them
+            v = fb.validate(_random_events(30_000, seed), c, int(9e15), "t", None)
+            acc.add(v.typed, True)
+        out = acc.finish()
+        outs.append((out, acc.budget.spilled_bytes))
+    (spilled, nbytes), (mem, zero) = outs
+    assert nbytes > 0 and zero == 0  # 1 MB is far below ~50 B x 120k events
+    assert spilled.status.tolist() == mem.status.tolist()
+    assert {fb.DUP, fb.RATE_CAP, fb.BURST} <= set(np.unique(mem.status).tolist())
+    assert spilled.signals.equals(mem.signals) and spilled.signals.num_rows == 50
 
 
 def test_codes_are_stable_per_value_and_trimmed_duplicates_share_one_code():
