@@ -4,12 +4,14 @@ Compares, in the same run and on the same files:
   dpoflow-stage  the full `ingest` stage (validate, dedup, abuse filters, votes, signals, and the
                  writes of feedback_events + signals to the Delta store), streamed in batches,
                  as `run_ingest` runs it (two worker threads, two writer threads)
-  dpoflow-core   the same core in one thread, without the spool and the store writes
+  dpoflow-core   the same validation and per-event state, without the spool and the store writes
   pandas         a plain pandas script doing the same validation and aggregation in memory
 Each runs in its own process; peak RSS is that process's ru_maxrss.
 
     python benchmarks/bench_feedback.py            # 10M events
     python benchmarks/bench_feedback.py --n 200000 # quick
+    python benchmarks/bench_feedback.py --n 30000000 --modes dpoflow-stage --state-mb 256 --data-dir /tmp/ev30m
+                                                   # bounded memory: the per-event state spills
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_ours(data: Path, write: bool) -> dict:
+def run_ours(data: Path, write: bool, state_mb: int | None = None) -> dict:
     from tasks import feedback as fb
 
     cand = pq.read_table(data.parent / "candidates.parquet").column("candidate_id")
     cfg = fb.IngestConfig(sources=[{"name": "bench", "path": str(data)}], half_life_days=7,
-                          propensities={0: 1.0, 1: 0.7, 2: 0.5, 3: 0.4, 4: 0.3, 5: 0.25})
+                          propensities={0: 1.0, 1: 0.7, 2: 0.5, 3: 0.4, 4: 0.3, 5: 0.25},
+                          **({"state_memory_mb": state_mb} if state_mb else {}))
     if write:
         from flows.ingest import run_ingest
         from flows.workspace import Workspace
@@ -98,7 +101,8 @@ def run_ours(data: Path, write: bool) -> dict:
         n_signals = ws.store.info("signals").rows
     else:  # the core alone: validation + aggregation, no spool / store
         cands = pc.unique(cand)
-        acc = fb.EventAccumulator(cfg)
+        n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data.glob("*.parquet"))
+        acc = fb.EventAccumulator(cfg, expected_rows=n_rows)
         acc.preload(cands)
         rep = {"rows_in": 0, "accepted": 0}
         now = int(time.time() * 1e6)
@@ -110,13 +114,14 @@ def run_ours(data: Path, write: bool) -> dict:
                 acc.merge(acc.prepare(v.typed, v.response_codes, ~v.bad), True)
         out = acc.finish()
         rep["accepted"] = int((out.status == 0).sum())
+        rep["state"] = {"partitions": acc.by_id.k, "spilled_mb": round(acc.budget.spilled_bytes / 2**20, 1)}
         n_signals = out.signals.num_rows
     secs = time.perf_counter() - t
     if write:
         shutil.rmtree(ws.root, ignore_errors=True)  # ~0.3 GB of Delta files per 10M events
     return {"seconds": secs, "rows_in": rep["rows_in"], "accepted": rep["accepted"], "signals": n_signals,
             "rss_before_mb": base, "phases": rep.get("seconds"), "phases_cpu": rep.get("cpu_seconds"),
-            "cpu_s": time.process_time() - c0}
+            "state": rep.get("state"), "cpu_s": time.process_time() - c0}
 
 
 def run_pandas(data: Path) -> dict:
@@ -160,8 +165,8 @@ def run_pandas(data: Path) -> dict:
             "rss_before_mb": base, "cpu_s": time.process_time() - c0}
 
 
-def child(mode: str, data: Path) -> None:
-    out = run_pandas(data) if mode == "pandas" else run_ours(data, write=(mode == "dpoflow-stage"))
+def child(mode: str, data: Path, state_mb: int | None) -> None:
+    out = run_pandas(data) if mode == "pandas" else run_ours(data, write=(mode == "dpoflow-stage"), state_mb=state_mb)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -172,22 +177,31 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=500_000)
     ap.add_argument("--responses", type=int, default=200_000)
     ap.add_argument("--modes", default="dpoflow-stage,dpoflow-core,pandas")
+    ap.add_argument("--state-mb", type=int, help="ingest.state_memory_mb for our modes (default: the config's)")
+    ap.add_argument("--data-dir", help="keep the generated events here and reuse them on the next run")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, Path(args.data))
+        child(args.child, Path(args.data), args.state_mb)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
+    tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bench-feedback-"))
     data = tmp / "events"
-    t = time.perf_counter()
-    generate(data, args.n, args.users, args.responses)
-    print(f"generated {args.n:,} events in {time.perf_counter() - t:.1f}s ({sum(f.stat().st_size for f in data.iterdir()) / 1e6:.0f} MB Parquet)")
+    stamp = tmp / "generated.json"
+    spec = {"n": args.n, "users": args.users, "responses": args.responses}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == spec):
+        shutil.rmtree(data, ignore_errors=True)
+        t = time.perf_counter()
+        generate(data, args.n, args.users, args.responses)
+        stamp.write_text(json.dumps(spec))
+        print(f"generated {args.n:,} events in {time.perf_counter() - t:.1f}s")
+    print(f"{args.n:,} events, {sum(f.stat().st_size for f in data.iterdir()) / 1e6:.0f} MB Parquet")
     rows = []
     for mode in args.modes.split(","):
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         load0 = os.getloadavg()[0]
-        p = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data)], capture_output=True,
+        cmd = [sys.executable, __file__, "--child", mode, "--data", str(data)]
+        p = subprocess.run(cmd + (["--state-mb", str(args.state_mb)] if args.state_mb else []), capture_output=True,
                            text=True, env=env)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -198,7 +212,8 @@ def main() -> None:
         r["load"] = (load0, os.getloadavg()[0])
         r["events_per_s"] = r["rows_in"] / r["seconds"]
         rows.append(r)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not args.data_dir:
+        shutil.rmtree(tmp, ignore_errors=True)
     base = next((r for r in rows if r["mode"] == "pandas"), None)
     print(f"\nload average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| mode | events | accepted | signals | seconds | events/s | peak RSS (MB) | RSS before (MB) | speed-up vs pandas |")
@@ -210,6 +225,7 @@ def main() -> None:
     print()
     for r in rows:  # CPU seconds (all threads) and the 1-minute load average before / after each mode
         extra = f", phases (s) {r['phases']}" if r.get("phases") else ""
+        extra += f", state {r['state']}" if r.get("state") else ""
         print(f"{r['mode']}: CPU {r.get('cpu_s', float('nan')):.1f} s, load {r['load'][0]:.1f} -> {r['load'][1]:.1f}{extra}")
 
 

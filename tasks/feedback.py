@@ -60,7 +60,7 @@ from pydantic import Field
 
 from flows.config import Section
 from storage.schemas import FEEDBACK_EVENTS, QUARANTINE, SIGNALS, TS
-from tasks.partitions import Budget, Partitions, partition_count, release_memory, split_by_hash
+from tasks.partitions import Budget, Partitions, partition_count, release_memory
 
 STAGE = "ingest"
 STRING_FIELDS = ["event_id", "user_id", "response_id", "event_type", "session_id", "surface", "variant"]
@@ -254,9 +254,13 @@ def iter_files(src: SourceConfig, state: dict[str, Any], batch_rows: int,
             continue  # watermark: this exact file content was ingested before
         fmt = src.format if src.format != "auto" else FILE_FORMATS[f.suffix.lower()]
         if fmt == "parquet":
-            # plain (not dictionary) columns: Arrow's dictionary reads re-hash every value and
-            # cost 3x the decode; the stage encodes the few columns it needs itself
-            pf = pq.ParquetFile(f, pre_buffer=True)
+            # plain columns, except the event type: a few distinct values, so its dictionary
+            # read is cheaper than the plain one and spares an encode. (Dictionary reads of
+            # many-valued columns re-hash every value and cost 3x the decode.)
+            md = pq.read_metadata(f)
+            et = next((s for s, c in src.columns.items() if c == "event_type"), "event_type")
+            pf = pq.ParquetFile(f, pre_buffer=True, metadata=md,
+                                read_dictionary=[et] if et in md.schema.names else None)
             row0 = 0
             for b in pf.iter_batches(batch_size=batch_rows):
                 yield RawBatch(pa.Table.from_batches([b]), str(f), row0)
@@ -327,11 +331,30 @@ def _to_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
             arr = pc.cast(arr, pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             arr = pa.array([None if v is None else json.dumps(v, default=str) for v in arr.to_pylist()], pa.string())
-    trimmed = pc.utf8_trim_whitespace(arr)
+    trimmed = pc.utf8_trim_whitespace(arr) if _may_need_trim(arr) else arr
     empty = pc.equal(pc.binary_length(trimmed), 0)
     if not pc.any(empty).as_py():  # the usual case: no copy through if_else
         return trimmed
     return pc.if_else(empty, pa.scalar(None, pa.string()), trimmed)
+
+
+_ASCII_SPACE = np.zeros(256, bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
+_ASCII_SPACE[0x80:] = True  # a non-ASCII byte may start or end a Unicode space: trim to be sure
+
+
+def _may_need_trim(arr: pa.Array) -> bool:
+    """Whether any string of a plain string array starts or ends with a (possible) space:
+    a look at two bytes a row, so the usual clean column skips the trim's copy."""
+    if not pa.types.is_string(arr.type) or len(arr) == 0:
+        return True
+    offs = np.frombuffer(arr.buffers()[1], np.int32, len(arr) + 1, arr.offset * 4)
+    if arr.buffers()[2] is None or offs[-1] == offs[0]:
+        return False
+    data = np.frombuffer(arr.buffers()[2], np.uint8)
+    full = offs[1:] > offs[:-1]
+    first, last = offs[:-1][full], offs[1:][full] - 1
+    return bool(_ASCII_SPACE[data[first]].any() or _ASCII_SPACE[data[last]].any())
 
 
 def _null_np(arr: pa.Array) -> np.ndarray:
@@ -763,27 +786,25 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-# The per-event state: partitioned by event id for exactly-once, then by user for the abuse
-# filters and the votes (every event of a user is in one partition). `row` numbers every row
-# merged (valid or not) in arrival order; `uh` is the user id's hash.
+# The per-event state, filed twice: event-id hashes partitioned by event id for exactly-once,
+# and the rest partitioned by user for the abuse filters and the votes (every event of a user
+# is in one partition). `row` numbers every row merged (valid or not) in arrival order and
+# links the two; `uh` is the user id's hash.
+_BY_ID = {"row": np.int64, "eh": np.uint64, "new": np.bool_}
 _BY_USER = {"row": np.int64, "uh": np.uint64, "resp": np.int32, "etype": np.int8, "ts": np.int64,
-            "value": np.float64, "pos": np.int32, "rand": np.bool_, "new": np.bool_}
-_BY_ID = {"eh": np.uint64, **_BY_USER}
+            "value": np.float64, "pos": np.int32, "rand": np.bool_}
 
 
 @dataclass
 class Compact:
-    """One batch's valid rows as compact columns, already split by event-id partition. Built
-    without shared state, so worker threads prepare batches in parallel; `merge` then takes
-    them in arrival order."""
+    """One batch's valid rows as compact columns, already split into partitions (by event id
+    and by user). Built without shared state, so worker threads prepare batches in parallel;
+    `merge` then takes them in arrival order."""
 
     n_rows: int  # rows of the batch, valid or not (row numbers count them all)
-    parts: list[dict[str, np.ndarray]]  # per partition: _BY_ID columns but `new`; `row` within the batch
+    by_id: list[tuple[int, dict[str, np.ndarray]]]  # (partition, _BY_ID columns but `new`); `row` within the batch
+    by_user: list[tuple[int, dict[str, np.ndarray]]]  # (partition, _BY_USER columns)
     resp_dict: tuple[pa.Array, np.ndarray, np.ndarray] | None = None  # `resp` = indices into this dictionary
-
-    @property
-    def n(self) -> int:
-        return sum(len(p["row"]) for p in self.parts)
 
 
 class EventAccumulator:
@@ -831,9 +852,9 @@ class EventAccumulator:
         et = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
         dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()], np.int8)
         var = typed.column("variant")
-        eh = sel(hash64(typed.column("event_id")))
+        uh = sel(hash64(typed.column("user_id")))
         cols = {
-            "row": rows, "eh": eh, "uh": sel(hash64(typed.column("user_id"))),
+            "row": rows, "uh": uh,
             "etype": dcodes[sel(_indices(et))],
             "ts": sel(pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy()),
             "value": sel(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64)),
@@ -847,22 +868,17 @@ class EventAccumulator:
         else:
             idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses, sel)
             cols["resp"], resp_dict = idx, (d, dh, pre)
-        order, bounds = split_by_hash(eh, self.by_id.k)
-        parts = [cols if order is None else {c: v[order[bounds[p]:bounds[p + 1]]] for c, v in cols.items()}
-                 for p in range(self.by_id.k)]
-        return Compact(n, parts, resp_dict)
+        eh = sel(hash64(typed.column("event_id")))
+        return Compact(n, self.by_id.split(eh, {"row": rows, "eh": eh}), self.by_user.split(uh, cols), resp_dict)
 
     def merge(self, c: Compact, new: bool) -> None:
         """File a prepared batch away (in arrival order: row numbers follow the merges)."""
         codes = self.responses.resolve(*c.resp_dict) if c.resp_dict is not None else None
-        for p, cols in enumerate(c.parts):
-            if len(cols["row"]):
-                cols["row"] += self.n_rows
-                if codes is not None:
-                    cols["resp"] = codes[cols["resp"]]
-                cols["resp"] = cols["resp"].astype(np.int32, copy=False)
-                cols["new"] = np.full(len(cols["row"]), new, bool)
-                self.by_id.append(p, cols)
+        for p, cols in c.by_id:
+            self.by_id.append(p, {**cols, "row": cols["row"] + self.n_rows, "new": np.full(len(cols["row"]), new)})
+        for p, cols in c.by_user:
+            resp = cols["resp"] if codes is None else codes[cols["resp"]]
+            self.by_user.append(p, {**cols, "row": cols["row"] + self.n_rows, "resp": resp.astype(np.int32, copy=False)})
         self.n_rows += c.n_rows
 
     def add(self, typed: pa.Table, new: bool) -> None:
@@ -892,11 +908,9 @@ class EventAccumulator:
         are written)."""
         cfg = self.cfg
         status = np.full(self.n_rows, INVALID, np.int8)
-        for dup, blocked, pieces in self._each(lambda p: self._dedup(p, status), self.by_id.k):
+        for dup, blocked in self._each(lambda p: self._dedup(p, status), self.by_id.k):
             self.dropped[DUP] += dup
             self.dropped[DUP_QUARANTINED] += blocked
-            for q, cols in pieces:  # appended in partition order: the same state on every run
-                self.by_user.append(q, cols)
         parts = list(self._each(lambda p: self._abuse(p, status), self.by_user.k))
         top_ts = max((t for _, t in parts if t is not None), default=None)
         counts = [c for c, _ in parts if len(c)]
@@ -909,26 +923,21 @@ class EventAccumulator:
         self._fin = (status, as_of_us, props)
         return Outcome(status, None, props, as_of)
 
-    def _dedup(self, p: int, status: np.ndarray) -> tuple[int, int, list]:
+    def _dedup(self, p: int, status: np.ndarray) -> tuple[int, int]:
         """Exactly-once within event-id partition p (which holds every row of its ids): the
         first occurrence wins; a new event whose id was quarantined as abuse before is dropped
-        ("already quarantined"). Returns the new rows dropped as duplicates and as already
-        quarantined, and the kept rows split by user partition."""
+        ("already quarantined"). Sets the status of the partition's rows; returns the new rows
+        dropped as duplicates and as already quarantined."""
         c = self.by_id.take(p)
-        eh = c.pop("eh")
+        eh, new = c["eh"], c["new"]
         dup = _repeats(eh)
-        new = c["new"]
         blocked = ~dup & new & _is_in(eh, self.blocked) if len(self.blocked) else np.zeros(len(eh), bool)
         status[c["row"]] = np.where(dup, DUP, np.where(blocked, DUP_QUARANTINED, OK)).astype(np.int8)
-        keep = ~(dup | blocked)
-        n_dup, n_blocked = int((dup & new).sum()), int(blocked.sum())
-        if not keep.all():
-            c = {k: v[keep] for k, v in c.items()}
-        return n_dup, n_blocked, self.by_user.split(c["uh"], c)
+        return int((dup & new).sum()), int(blocked.sum())
 
     def _abuse(self, p: int, status: np.ndarray) -> tuple[np.ndarray, int | None]:
-        """The abuse filters over user partition p, which holds every accepted event of its
-        users (prior + new). Returns the live randomised positive events per position (for
+        """The abuse filters over user partition p, which holds every valid event of its users
+        (prior + new; duplicates too, which the status set by exactly-once leaves out). Returns the live randomised positive events per position (for
         propensities) and the newest live timestamp."""
         cfg, ab = self.cfg, self.cfg.abuse
         c = self.by_user.read(p)
@@ -938,15 +947,16 @@ class EventAccumulator:
         user, nu = _dense_codes(c["uh"])
         resp, etype, ts = c["resp"], c["etype"], c["ts"]
         st = np.zeros(n, np.int8)
-        live = np.ones(n, bool)
+        kept = status[c["row"]] == OK  # past exactly-once
+        live = kept.copy()
         if ab.rate_cap_per_day:
             # only users with more events in total than the daily cap can break it
-            heavy = np.bincount(user, minlength=nu)[user] > ab.rate_cap_per_day
+            heavy = live & (np.bincount(user[live], minlength=nu)[user] > ab.rate_cap_per_day)
             if heavy.any():
                 day = ts[heavy] // 86_400_000_000
                 key = user[heavy] * np.int64(day.max() - day.min() + 1) + (day - day.min())
                 st[np.nonzero(heavy)[0][_group_counts(key) > ab.rate_cap_per_day]] = RATE_CAP
-                live = st == OK
+                live = kept & (st == OK)
         if ab.uniform_min_responses:
             codes = [self.type_code[t] for t in ab.uniform_types if t in self.type_code]
             vote = live & np.isin(etype, codes)
@@ -961,7 +971,7 @@ class EventAccumulator:
                 pairs = _distinct(user[vote] * np.int64(R) + resp[vote])
                 bad_users = one_type & (np.bincount(pairs // R, minlength=nu) >= ab.uniform_min_responses)
                 st[live & bad_users[user]] = UNIFORM
-                live = st == OK
+                live = kept & (st == OK)
         if ab.burst_max_events:
             cand = live & (np.bincount(user[live], minlength=nu)[user] > ab.burst_max_events)
             if cand.any():
@@ -973,9 +983,10 @@ class EventAccumulator:
                     key = user[cand] * np.int64(b.max() + 1) + b
                     flag[np.nonzero(cand)[0][_group_counts(key) > ab.burst_max_events]] = True
                 st[flag] = BURST
-                live = st == OK
-        if not live.all():
-            status[c["row"][~live]] = st[~live]
+                live = kept & (st == OK)
+        flagged = kept & ~live
+        if flagged.any():
+            status[c["row"][flagged]] = st[flagged]
         counts = np.zeros(0, np.int64)
         if cfg.estimate_propensities:
             pos_types = [self.type_code[t] for t, w in cfg.event_weights.items() if w > 0]
@@ -1339,6 +1350,7 @@ def ingest(ctx: Any) -> Any:
             "seconds": {"read_validate": round(t1 - t0, 3), "abuse": round(t2 - t1, 3),
                         "quarantine": round(time.perf_counter() - t3, 3)},
             "cpu_seconds": {"read_validate": round(c1 - c0, 3), "abuse": round(c2 - c1, 3)},
+            "state": {"partitions": acc.by_id.k, "spilled_mb": round(acc.budget.spilled_bytes / 2**20, 1)},
         }
         ctx.logger.info("ingest: %s rows in, %s accepted, quarantined %s, dropped %s", tally["rows_in"], accepted_new,
                         dict(counts), report["dropped"])

@@ -125,3 +125,11 @@ def test_staged_files_commit_as_one_version_and_only_where_staged(tmp_path):
     assert info.rows == 2 and sorted(store.read(info.ref).column("candidate_id").to_pylist()) == ["a", "b"]
     with pytest.raises(StoreError):
         store.write("feedback_events", staged)
+
+
+def test_to_string_trims_ascii_and_unicode_spaces_and_skips_clean_columns():
+    assert fb._to_string(pa.array(["\u3000a", "b\u00a0", "c", " d\t", "  ", None])).to_pylist() == \
+        ["a", "b", "c", "d", None, None]
+    clean = pa.array(["a", "bc", "", None])
+    assert not fb._may_need_trim(clean) and fb._to_string(clean).to_pylist() == ["a", "bc", None, None]
+    assert fb._may_need_trim(pa.array(["a", "事"]))  # a non-ASCII edge byte: checked by the real trim
