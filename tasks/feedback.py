@@ -561,11 +561,15 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 def _mix(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (vectorised): spreads every input bit over the 64-bit hash."""
     with np.errstate(over="ignore"):
-        h = h ^ (h >> np.uint64(30))
-        h = h * _M1
-        h = h ^ (h >> np.uint64(27))
-        h = h * _M2
-        return h ^ (h >> np.uint64(31))
+        h = h ^ (h >> np.uint64(30))  # a new array, then in place: fewer temporaries
+        h *= _M1
+        h ^= h >> np.uint64(27)
+        h *= _M2
+        h ^= h >> np.uint64(31)
+        return h
+
+
+_BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)  # the low k bytes
 
 
 def hash64(arr: pa.Array) -> np.ndarray:
@@ -595,14 +599,13 @@ def hash64(arr: pa.Array) -> np.ndarray:
     buf[:hi - lo] = np.frombuffer(arr.buffers()[2], np.uint8, hi - lo, lo)
     window = np.lib.stride_tricks.as_strided(np.frombuffer(buf, np.uint64, 1), (hi - lo + 1,), (1,))
     start = (offs[:-1] - lo).astype(np.int64)
-    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     for j in range(int((lens.max() + 7) // 8)):
         rem = lens - 8 * j  # bytes of the row left from word j on
         rows = None if rem.min() > 0 else np.flatnonzero(rem > 0)  # rows with a word j
         s, r = (start, rem) if rows is None else (start[rows], rem[rows])
-        w = window[np.minimum(s + 8 * j, hi - lo)]
+        w = window[s + 8 * j] if j else window[s]  # rem > 0: the window starts inside the row
         if r.min() < 8:  # a last, partial word: keep its own bytes only
-            w &= np.where(r >= 8, ones, (np.uint64(1) << (np.minimum(r, 7).astype(np.uint64) * np.uint64(8))) - np.uint64(1))
+            w &= _BYTE_MASKS[np.minimum(r, 8)]
         if rows is None:
             h = _mix(h ^ w)
         else:

@@ -110,6 +110,22 @@ def test_large_versions_roll_over_files_and_empty_versions_keep_the_schema(store
     assert empty.rows == 0 and store.read(empty.ref).schema.names == store.read(info.ref).schema.names
 
 
+def test_data_files_dictionary_encode_repeats_and_skip_stats_of_unique_text(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = DatasetStore(tmp_path)
+    n = 1000
+    t = pa.table({"prompt_id": [f"p{i % 10}" for i in range(n)], "prompt": [f"unique text {i}" for i in range(n)]})
+    info = store.write("prompts", t)
+    (path,) = store.dataset(info.ref).files
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert cols["prompt_id"].has_dictionary_page and cols["prompt_id"].is_stats_set  # repeats
+    assert not cols["prompt"].has_dictionary_page and not cols["prompt"].is_stats_set  # all distinct
+    back = store.read(info.ref).sort_by("prompt")
+    assert back.select(["prompt_id", "prompt"]).to_pylist() == t.sort_by("prompt").to_pylist()
+
+
 def test_lineage_two_levels(store):
     store.write("prompts", prompts(2), stage="import")
     cands = pa.table({"candidate_id": ["c1"], "prompt_id": ["p0"], "prompt": ["x"], "response": ["y"],
