@@ -17,11 +17,15 @@ hashes of ids, integer codes), streamed batch by batch; raw rows are spooled to 
 Arrow IPC file in scratch space, never held in memory whole.
 
 Performance shape (benchmarks/README.md, "Feedback ingestion"): pass 1 validates and encodes
-batches in two worker threads (Arrow and numpy release the GIL) and merges them in order in the
-main thread (exactly-once through an open-addressing hash table of id hashes, dictionary codes
-looked up by hash); every row is spooled once with a status. Pass 2 encodes the accepted rows
-into the version's Parquet files from two threads (`DatasetStore.stage_files`) while a third
-computes the votes and signals.
+batches in two worker threads (Arrow and numpy release the GIL); the main thread spools every
+row and files the compact state of the valid ones into hash partitions: event-id hashes by
+event id, the rest (user hash, response code, type, ts, value, position) by user, so each
+partition holds every row of its keys. The partitions stay in memory up to
+`ingest.state_memory_mb` and spill to scratch files past it (tasks/partitions.py), so memory
+does not grow with the number of events. Then, two partitions at a time: exactly-once (one
+sort per event-id partition, the first occurrence wins) and the abuse filters (per user
+partition). Pass 2 encodes the accepted rows into the version's Parquet files from two threads
+(`DatasetStore.stage_files`) while a third counts the votes and signals per user partition.
 
 Signal formulas (also in README.md, "Feedback signals"), per response r over
 its winning votes v (after dedup and abuse filtering):
@@ -112,7 +116,7 @@ class IngestConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list, description="event sources, read in order")
     batch_rows: int = Field(500_000, gt=0, description="rows per processing batch (memory vs speed)")
     state_memory_mb: int = Field(768, gt=0, description="memory for the per-event state (id hashes, codes, "
-                                 "times; about 50 bytes an event) before partitions spill to scratch files")
+                                 "times; about 60 bytes an event) before partitions spill to scratch files")
     partition_rows: int = Field(1_000_000, gt=0, description="target events per partition of that state: "
                                 "exactly-once, abuse filters and votes work one partition at a time")
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
@@ -940,8 +944,9 @@ class EventAccumulator:
 
     def _abuse(self, p: int, status: np.ndarray) -> tuple[np.ndarray, int | None]:
         """The abuse filters over user partition p, which holds every valid event of its users
-        (prior + new; duplicates too, which the status set by exactly-once leaves out). Returns the live randomised positive events per position (for
-        propensities) and the newest live timestamp."""
+        (prior + new; duplicates too, which the status set by exactly-once leaves out). Returns
+        the live randomised positive events per position (for propensities) and the newest live
+        timestamp."""
         cfg, ab = self.cfg, self.cfg.abuse
         c = self.by_user.read(p)
         n = len(c["row"])
@@ -1200,7 +1205,8 @@ def _prepare_source(acc: EventAccumulator, rb: RawBatch, cfg: IngestConfig, now_
             idx = np.nonzero(bad)[0]
             q = quarantine_rows(rb.table, idx, v.reason[bad].tolist(), rb.source, idx + rb.row0, now)
     allv = bool(valid.all())
-    return _Unit(_to_spool(v.typed, schema), acc.prepare(v.typed, v.response_codes, None if allv else valid), True, rb.table.num_rows, q, again)
+    compact = acc.prepare(v.typed, v.response_codes, None if allv else valid)
+    return _Unit(_to_spool(v.typed, schema), compact, True, rb.table.num_rows, q, again)
 
 
 def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) -> _Unit:
@@ -1209,8 +1215,8 @@ def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) 
 
 
 def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
-    """Rows in the Parquet files this run will read (from their footers): sizes the exactly-once
-    table once instead of growing it. Files ingested before are not counted."""
+    """Rows in the Parquet files this run will read (from their footers): sets the number of
+    state partitions. Files ingested before are not counted."""
     n = 0
     for src in cfg.sources:
         if src.kind != "files":
@@ -1231,9 +1237,10 @@ def ingest(ctx: Any) -> Any:
     """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine.
 
     Pass 1 streams batches through two worker threads (validate, hash, encode: Arrow and numpy
-    release the GIL) and merges them in order (exactly-once, codes), spooling every row with a
-    status to an Arrow IPC file. After the abuse filters, pass 2 writes the spool's accepted
-    rows as staged Parquet files from two threads while a third computes votes and signals."""
+    release the GIL) and files them in order into the partitioned state, spooling every row to
+    an Arrow IPC file. Exactly-once and the abuse filters then give every spooled row a status;
+    pass 2 writes the spool's accepted rows as staged Parquet files from two threads while a
+    third computes votes and signals."""
     from flows.stage import StageResult
     from storage.store import StagedFiles
 
