@@ -422,6 +422,15 @@ def _parse_number(col: pa.ChunkedArray | pa.Array, typ: pa.DataType) -> tuple[pa
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     present = ~_null_np(arr)
+    if pa.types.is_integer(arr.type) and pa.types.is_integer(typ):  # the usual case: no float round trip
+        x = (pc.fill_null(arr, 0) if arr.null_count else arr).to_numpy().astype(np.int64, copy=False)
+        good = present & (x >= 0) & (x < 2**31)  # positions are 0- or 1-based ranks
+        return pa.array(x.astype(np.int32), typ, mask=~good), present & ~good
+    if pa.types.is_floating(arr.type) and pa.types.is_floating(typ):
+        x = arr.to_numpy(zero_copy_only=False)
+        good = np.isfinite(x)
+        if (good == present).all():  # every value present is a finite number: keep the column
+            return arr.cast(typ), np.zeros(len(arr), bool)
     if pa.types.is_boolean(arr.type):
         arr = pc.cast(arr, pa.int8())
     if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
@@ -853,30 +862,29 @@ class EventAccumulator:
         Arrow columns are not filtered: that would copy every string). Thread-safe: reads no
         state that `merge` changes."""
         n = typed.num_rows
-        rows = np.arange(n, dtype=np.int64) if valid is None or valid.all() else np.flatnonzero(valid)
-        sel = (lambda x: x) if len(rows) == n else (lambda x: x[rows])
+        rows = None if valid is None or valid.all() else np.flatnonzero(valid)  # the split takes these
         et = typed.column("event_type").combine_chunks()
         et = et if pa.types.is_dictionary(et.type) else pc.dictionary_encode(et)
-        dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()], np.int8)
+        dcodes = np.array([self.type_code.get(v, -1) for v in et.dictionary.to_pylist()] + [-1], np.int8)
         var = typed.column("variant")
-        uh = sel(hash64(typed.column("user_id")))
+        uh = hash64(typed.column("user_id"))
         cols = {
-            "row": rows, "uh": uh,
-            "etype": dcodes[sel(_indices(et))],
-            "ts": sel(pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy()),
-            "value": sel(pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64)),
-            "pos": sel(pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32)),
-            "rand": sel(np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool)
-                        if var.null_count < len(var) else np.zeros(n, bool)),
+            "uh": uh, "etype": dcodes[_indices(et, len(dcodes) - 1)],  # invalid rows too (the split drops them)
+            "ts": pc.fill_null(typed.column("ts").combine_chunks().cast(pa.int64()), 0).to_numpy(),
+            "value": pc.fill_null(typed.column("value"), np.nan).to_numpy().astype(np.float64, copy=False),
+            "pos": pc.fill_null(typed.column("position"), -1).to_numpy().astype(np.int32, copy=False),
+            "rand": (np.asarray(pc.fill_null(pc.equal(var, self.cfg.randomised_variant), False).to_numpy(), bool)
+                     if var.null_count < len(var) else np.zeros(n, bool)),
         }
         resp_dict = None
         if response_codes is not None and self.candidates:
-            cols["resp"] = sel(response_codes)
+            cols["resp"] = response_codes
         else:
-            idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses, sel)
+            idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses, lambda x: x)
             cols["resp"], resp_dict = idx, (d, dh, pre)
-        eh = sel(hash64(typed.column("event_id")))
-        return Compact(n, self.by_id.split(eh, {"row": rows, "eh": eh}), self.by_user.split(uh, cols), resp_dict)
+        eh = hash64(typed.column("event_id"))
+        return Compact(n, self.by_id.split(eh, {"eh": eh}, rows, index="row"),
+                       self.by_user.split(uh, cols, rows, index="row"), resp_dict)
 
     def merge(self, c: Compact, new: bool) -> None:
         """File a prepared batch away (in arrival order: row numbers follow the merges)."""

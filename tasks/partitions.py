@@ -107,14 +107,24 @@ class Partitions:
             self.budget.used += size
             self.budget._relieve()
 
-    def split(self, h: np.ndarray, cols: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """Rows grouped by the partitions of their hashes `h` (arrival order kept), as
-        (partition, columns) pieces to `append`; needs no lock, so threads can split."""
-        order, bounds = split_by_hash(h, self.k)
-        if order is None:
-            return [(0, cols)] if len(h) else []
-        return [(p, {c: v[order[bounds[p]:bounds[p + 1]]] for c, v in cols.items()})  # arrays of their own
-                for p in range(self.k) if bounds[p + 1] > bounds[p]]
+    def split(self, h: np.ndarray, cols: dict[str, np.ndarray], rows: np.ndarray | None = None,
+              index: str | None = None) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Rows grouped by the partitions of their hashes `h`, as (partition, columns) pieces
+        to `append`, arrival order kept. `rows`: only these rows (indices into the columns);
+        `index`: also a column of that name with each row's index. One gather per column and
+        partition, straight from the given columns; needs no lock, so threads can split."""
+        order, bounds = split_by_hash(h if rows is None else h[rows], self.k)
+        take = rows if order is None else (order if rows is None else rows[order])
+        pieces = []
+        for p in range(self.k):
+            a, b = int(bounds[p]), int(bounds[p + 1])
+            if b > a:
+                at = np.arange(len(h)) if take is None else take[a:b]  # arrays of their own
+                piece = {c: v if take is None else v[at] for c, v in cols.items()}
+                if index:
+                    piece[index] = at.astype(np.int64, copy=False)
+                pieces.append((p, piece))
+        return pieces
 
     def append_split(self, h: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         """Add rows to the partitions of their hashes `h`."""

@@ -133,3 +133,15 @@ def test_to_string_trims_ascii_and_unicode_spaces_and_skips_clean_columns():
     clean = pa.array(["a", "bc", "", None])
     assert not fb._may_need_trim(clean) and fb._to_string(clean).to_pylist() == ["a", "bc", None, None]
     assert fb._may_need_trim(pa.array(["a", "事"]))  # a non-ASCII edge byte: checked by the real trim
+
+
+def test_parse_number_fast_paths_flag_the_same_rows_as_the_general_one():
+    out, bad = fb._parse_number(pa.array([1, -1, None, 2**40, 0]), pa.int32())
+    assert out.to_pylist() == [1, None, None, None, 0] and bad.tolist() == [False, True, False, True, False]
+    out, bad = fb._parse_number(pa.array([1.5, None, float("nan"), float("inf")]), pa.float64())
+    assert out.to_pylist() == [1.5, None, None, None] and bad.tolist() == [False, False, True, True]
+    clean = pa.array([2.0, None, 3.25])
+    out, bad = fb._parse_number(clean, pa.float64())
+    assert out.to_pylist() == [2.0, None, 3.25] and not bad.any()
+    out, bad = fb._parse_number(pa.array(["7", "x", None, "-2"]), pa.int32())  # text: the general path
+    assert out.to_pylist() == [7, None, None, None] and bad.tolist() == [False, True, False, True]
