@@ -1337,6 +1337,8 @@ def ingest(ctx: Any) -> Any:
         outcome = acc.abuse()
         release_memory()  # the event-id partitions
         status = outcome.status  # per spooled row: OK, INVALID, DUP, DUP_QUARANTINED or abuse
+        if len(status) != sum(lens):  # both count every row of every batch, in the same order
+            raise RuntimeError(f"ingest: {len(status)} row verdicts for {sum(lens)} spooled rows")
         prior = tally["prior_rows"]  # the prior version's rows come first
         sig_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-signals")
         sig_future = sig_pool.submit(acc.signals, outcome)  # runs while the events are written
