@@ -1222,20 +1222,27 @@ def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) 
     return _Unit(out, acc.prepare(out), False)
 
 
+_TEXT_BYTES_PER_ROW = 64  # a low guess for one JSONL / CSV event: more partitions, not fewer
+
+
 def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
-    """Rows in the Parquet files this run will read (from their footers): sets the number of
-    state partitions. Files ingested before are not counted."""
+    """How many rows this run will read, to size the state partitions: Parquet footers, JSONL /
+    CSV sizes, and for SQL the rows the source gave last time (nightly volumes are alike).
+    Files ingested before are not counted."""
     n = 0
     for src in cfg.sources:
+        state = state_all.get(src.name) or {}
         if src.kind != "files":
+            n += int(state.get("rows_last_run", 0))
             continue
-        seen = (state_all.get(src.name) or {}).get("files") or {}
+        seen = state.get("files") or {}
         try:
             for f in list_source_files(src):
                 if seen.get(str(f)) == _file_sig(f):
                     continue
-                if FILE_FORMATS.get(f.suffix.lower()) == "parquet" or src.format == "parquet":
-                    n += pq.ParquetFile(f).metadata.num_rows
+                fmt = src.format if src.format != "auto" else FILE_FORMATS.get(f.suffix.lower())
+                n += pq.ParquetFile(f).metadata.num_rows if fmt == "parquet" else \
+                    f.stat().st_size // _TEXT_BYTES_PER_ROW
         except (OSError, SourceError, pa.ArrowInvalid):
             continue  # only a size hint: the read itself reports unreadable files with a reason
     return n
@@ -1317,11 +1324,15 @@ def ingest(ctx: Any) -> Any:
                 ns: dict[str, Any] = {}
                 parse_q: list[pa.Table] = []
                 it = iter_files(src, st, cfg.batch_rows, parse_q, ns) if src.kind == "files" else iter_sql(src, st, ns)
+                rows_read = 0
                 for rb in it:
+                    rows_read += rb.table.num_rows
                     pending.append(pool.submit(_prepare_source, acc, rb, cfg, now_us, now, cand, src.columns,
                                                seen_ids_arr, work_schema))
                     drain(1)  # two batches in the workers, one being read: bounded memory
                 drain(0)
+                if src.kind == "sql":
+                    ns["rows_last_run"] = rows_read  # sizes the next run's state partitions
                 for q in parse_q:
                     tally["rows_in"] += q.num_rows
                     reasons = ["malformed row: invalid JSON" if r.startswith("invalid JSON") else

@@ -160,6 +160,7 @@ def test_sqlite_source_incremental_with_lookback(ws, tmp_path, monkeypatch):
     assert r2.report["accepted"] == 2 and r2.report["dropped"] == {"duplicate event_id": 11}
     assert ws.store.read("feedback_events").num_rows == 12
     assert ws.store.get_state(fb.STATE_KEY)["db"]["watermark"] == iso(seconds=20)
+    assert ws.store.get_state(fb.STATE_KEY)["db"]["rows_last_run"] == r2.report["rows_in"]  # sizes the next run
 
 
 def test_sql_query_source_and_missing_env(ws, tmp_path, monkeypatch):

@@ -145,3 +145,20 @@ def test_parse_number_fast_paths_flag_the_same_rows_as_the_general_one():
     assert out.to_pylist() == [2.0, None, 3.25] and not bad.any()
     out, bad = fb._parse_number(pa.array(["7", "x", None, "-2"]), pa.int32())  # text: the general path
     assert out.to_pylist() == [7, None, None, None] and bad.tolist() == [False, True, False, True]
+
+
+def test_partition_count_follows_the_expected_rows_of_every_source(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks.partitions import partition_count
+
+    pq.write_table(pa.table({"event_id": [f"e{i}" for i in range(300)]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"event_id": "x"}\n' * 100)  # 1,800 bytes
+    cfg = fb.IngestConfig(sources=[{"name": "files", "path": str(tmp_path)},
+                                   {"name": "db", "kind": "sql", "url_env": "X", "table": "t"}])
+    state = {"db": {"watermark": 5, "type": "number", "rows_last_run": 4_000}}
+    assert fb._expected_rows(cfg, state) == 300 + 1_800 // fb._TEXT_BYTES_PER_ROW + 4_000
+    seen = {"files": {str(tmp_path / "a.parquet"): fb._file_sig(tmp_path / "a.parquet")}}
+    assert fb._expected_rows(cfg, {**state, "files": seen}) == 1_800 // fb._TEXT_BYTES_PER_ROW + 4_000
+    assert partition_count(0, 1000) == 16 and partition_count(40_000, 1000) == 64  # powers of two
+    assert partition_count(10**12, 1000) == 4096
