@@ -168,7 +168,8 @@ class Partitions:
         return out
 
     def read(self, p: int) -> dict[str, np.ndarray]:
-        """Partition p's rows, in arrival order (it stays stored)."""
+        """Partition p's rows, in arrival order (it stays stored: the arrays may be the stored
+        ones, so do not modify them)."""
         return self._gather(p)
 
     def take(self, p: int) -> dict[str, np.ndarray]:
