@@ -503,7 +503,7 @@ class DatasetStore:
 
     def log(self, name: str) -> list[VersionInfo]:
         """Every version of a dataset, newest first (versions removed by gc are left out)."""
-        removed = set(self._gc_record(name))
+        removed = self.collected(name)
         return [self.info(f"{name}@{v}") for v in range(self.latest(name), -1, -1) if v not in removed]
 
     def lineage(self, ref: str) -> dict[str, Any]:
@@ -583,6 +583,10 @@ class DatasetStore:
 
     def _gc_record(self, name: str) -> list[int]:
         return self._read_json(self._meta_path("gc", f"{name}.json"), [])
+
+    def collected(self, name: str) -> set[int]:
+        """Versions of a dataset removed by `dpoflow datasets gc`."""
+        return set(self._gc_record(name))
 
     def _check_not_collected(self, name: str, version: int) -> None:
         if version in set(self._gc_record(name)):

@@ -128,6 +128,9 @@ class IngestConfig(Section):
     half_life_days: float = Field(30.0, gt=0, description="time-decay half-life of a vote")
     as_of: dt.datetime | None = Field(None, description="reference time for decay (default: newest valid event)")
     future_tolerance_s: float = Field(300.0, ge=0, description="timestamps later than now + this are quarantined")
+    candidate_lookback_versions: int = Field(7, ge=0, description="events may answer the candidates of this many "
+                                             "earlier `candidates` versions too (feedback on last nights' responses); "
+                                             "older ones are orphans")
     propensities: dict[int, float] = Field(default_factory=dict, description="position -> examination propensity "
                                            "(positions past the table use its last entry)")
     estimate_propensities: bool = Field(False, description="estimate propensities from randomised traffic")
@@ -1225,6 +1228,17 @@ def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) 
 _TEXT_BYTES_PER_ROW = 64  # a low guess for one JSONL / CSV event: more partitions, not fewer
 
 
+def known_candidates(store: Any, ref: str, lookback: int) -> pa.Array:
+    """Distinct candidate ids of `candidates` version `ref` and the `lookback` versions before it:
+    users answer responses served or sampled on earlier nights too. Versions removed by gc are
+    skipped. Versions are immutable, so a pinned input still gives the same set."""
+    r = store.resolve(ref)
+    removed = store.collected(r.name)
+    parts = [store.read(f"{r.name}@{v}", columns=["candidate_id"]).column("candidate_id")
+             for v in range(max(0, r.version - lookback), r.version + 1) if v not in removed]
+    return pc.unique(pa.chunked_array([c for p in parts for c in p.chunks], pa.string()).combine_chunks())
+
+
 def _expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
     """How many rows this run will read, to size the state partitions: Parquet footers, JSONL /
     CSV sizes, and for SQL the rows the source gave last time (nightly volumes are alike).
@@ -1266,7 +1280,7 @@ def ingest(ctx: Any) -> Any:
     state_all = store.get_state(STATE_KEY, {}) or {}
     cand = None
     if ctx.has("candidates"):
-        cand = pc.unique(ctx.read("candidates", columns=["candidate_id"]).column("candidate_id").combine_chunks())
+        cand = known_candidates(store, ctx.inputs["candidates"], cfg.candidate_lookback_versions)
     else:
         ctx.logger.warning("ingest: no candidates dataset: the orphan check is off")
     prior_n = store.info(ctx.inputs["feedback_events"]).rows if ctx.has("feedback_events") else 0

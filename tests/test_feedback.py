@@ -391,3 +391,17 @@ def test_sql_url_from_a_prefect_secret_block(ws, tmp_path, prefect_harness):
     assert run.report["accepted"] == 4
     meta = json.dumps(ws.store.info(run.outputs["feedback_events"]).to_dict())
     assert "secret-ev.db" not in meta and "events-db-url" in meta  # the block's name, never its value
+
+
+def test_events_on_last_nights_candidates_are_not_orphans(ws, tmp_path):
+    candidates(ws, ids=("old1", "old2"))  # night 1
+    candidates(ws, ids=("new1",))  # night 2: a new candidates version
+    write_jsonl(tmp_path / "e.jsonl", [ev("a", "u1", "old1"), ev("b", "u2", "new1"), ev("c", "u3", "gone")])
+    configure(ws, sources=[{"name": "app", "path": str(tmp_path / "e.jsonl")}])
+    rep = run_ingest(ws).report
+    assert rep["accepted"] == 2 and rep["quarantined"] == {"orphan": 1}
+    assert set(signals(ws)) == {"old1", "new1"}
+    # the look-back counts versions back from the pinned one, never forward
+    assert fb.known_candidates(ws.store, "candidates@latest", 0).to_pylist() == ["new1"]
+    assert sorted(fb.known_candidates(ws.store, "candidates@1", 1).to_pylist()) == ["new1", "old1", "old2"]
+    assert sorted(fb.known_candidates(ws.store, "candidates@0", 5).to_pylist()) == ["old1", "old2"]
