@@ -143,7 +143,7 @@ def _now() -> str:
 
 def _encoding_plan(sample: pa.Table | pa.RecordBatch) -> tuple[list[str], list[str]]:
     """(columns worth Parquet dictionary encoding, columns worth min/max statistics), judged
-    on the first 64k rows written. Columns with repeats (categories, ids shared by many rows)
+    on the first 64k rows written (the caller needs 1,000 or more). Columns with repeats (categories, ids shared by many rows)
     shrink with a dictionary; nearly unique ones (event ids, timestamps, free text) would pay
     for building a dictionary that the writer abandons once it outgrows its page (40% of the
     encoding time on 10M feedback events). Statistics of nearly unique, unsorted text prune no
@@ -372,7 +372,8 @@ class DatasetStore:
             fname = f"part-{uuid.uuid4().hex}.snappy.parquet"
             path = f"{base}/{fname}"
             if "plan" not in state:
-                state["plan"] = _encoding_plan(first) if first is not None else (True, True)
+                # a few rows say nothing about repeats: then the writer's defaults (all on)
+                state["plan"] = _encoding_plan(first) if first is not None and first.num_rows >= 1000 else (True, True)
             sink = fs.open_output_stream(path)
             dictionary, stats = state["plan"]
             state.update(writer=pq.ParquetWriter(sink, schema, compression="snappy", use_dictionary=dictionary,

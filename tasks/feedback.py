@@ -346,7 +346,7 @@ def _to_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 _ASCII_SPACE = np.zeros(256, bool)
-_ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # what utf8_trim_whitespace strips
 _ASCII_SPACE[0x80:] = True  # a non-ASCII byte may start or end a Unicode space: trim to be sure
 
 
@@ -599,7 +599,7 @@ def hash64(arr: pa.Array) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
-        return hash64(arr.dictionary)[arr.indices.to_numpy(zero_copy_only=False)]
+        return hash64(arr.dictionary)[_indices(arr)]  # null entries hash like the first value: callers mask them
     if pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
     n = len(arr)
@@ -1231,7 +1231,8 @@ _TEXT_BYTES_PER_ROW = 64  # a low guess for one JSONL / CSV event: more partitio
 def known_candidates(store: Any, ref: str, lookback: int) -> pa.Array:
     """Distinct candidate ids of `candidates` version `ref` and the `lookback` versions before it:
     users answer responses served or sampled on earlier nights too. Versions removed by gc are
-    skipped. Versions are immutable, so a pinned input still gives the same set."""
+    skipped. Versions are immutable, so a pinned input gives the same set (until gc removes one
+    of those versions)."""
     r = store.resolve(ref)
     removed = store.collected(r.name)
     parts = [store.read(f"{r.name}@{v}", columns=["candidate_id"]).column("candidate_id")

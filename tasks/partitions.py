@@ -173,7 +173,8 @@ class Partitions:
         return self._gather(p)
 
     def take(self, p: int) -> dict[str, np.ndarray]:
-        """Partition p's rows, in arrival order, and forget them (memory and files)."""
+        """Partition p's rows, in arrival order, and forget them (memory and files). Call it
+        once the appends are done: rows appended meanwhile would be forgotten too."""
         out = self._gather(p)
         with self.budget.lock:
             for path in self.files[p]:

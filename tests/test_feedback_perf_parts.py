@@ -54,7 +54,7 @@ def test_partitions_spill_over_budget_and_read_back_in_arrival_order(tmp_path):
 
 def _random_events(n: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, int(n * 0.9), n)  # ~10% repeated ids
+    ids = seed * int(n * 0.8) + rng.integers(0, int(n * 0.9), n)  # repeats within and across batches
     types = np.array(["like", "dislike", "copy", "dwell", "share"])[rng.integers(0, 5, n)]
     users = np.array([f"u{u}" for u in rng.integers(0, 300, n)], object)
     ts = 1_709_251_200_000_000 + rng.integers(0, 5 * 86_400_000_000, n)
@@ -64,7 +64,7 @@ def _random_events(n: int, seed: int) -> pa.Table:
     return pa.table({
         "event_id": [f"e{i}" for i in ids], "user_id": users,
         "response_id": [f"c{r}" for r in rng.integers(0, 50, n)], "event_type": types,
-        "value": np.where(types == "dwell", rng.integers(1, 60_000, n), np.nan),
+        "value": pa.array(np.where(types == "dwell", rng.integers(1, 60_000, n), np.nan), from_pandas=True),
         "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
         "position": rng.integers(0, 6, n), "variant": np.where(rng.random(n) < 0.5, "random", "a")})
 
@@ -84,6 +84,7 @@ def test_spilled_state_gives_the_same_statuses_and_signals_as_in_memory():
     assert nbytes > 0 and zero == 0  # 1 MB is far below ~50 B x 120k events
     assert spilled.status.tolist() == mem.status.tolist()
     assert {fb.DUP, fb.RATE_CAP, fb.BURST} <= set(np.unique(mem.status).tolist())
+    assert (mem.status == fb.OK).mean() > 0.5 and not (mem.status == fb.INVALID).any()
     assert spilled.signals.equals(mem.signals) and spilled.signals.num_rows == 50
 
 
@@ -133,6 +134,21 @@ def test_to_string_trims_ascii_and_unicode_spaces_and_skips_clean_columns():
     clean = pa.array(["a", "bc", "", None])
     assert not fb._may_need_trim(clean) and fb._to_string(clean).to_pylist() == ["a", "bc", None, None]
     assert fb._may_need_trim(pa.array(["a", "事"]))  # a non-ASCII edge byte: checked by the real trim
+    assert fb._to_string(pa.array(["a\x1f", "\x1c"])).to_pylist() == ["a", None]  # Arrow's trim strips 28-31
+
+
+def test_dictionary_ids_with_nulls_are_quarantined_not_a_crash():
+    ids = pa.array(["e1", None, "e3"]).dictionary_encode()
+    users = pa.array(["u1", "u2", None]).dictionary_encode()
+    raw = pa.table({"event_id": ids, "user_id": users, "response_id": ["r", "r", "r"],
+                    "event_type": ["like"] * 3, "ts": ["2024-01-01T00:00:00Z"] * 3})
+    c = fb.IngestConfig()
+    v = fb.validate(raw, c, int(9e15), "t", None)
+    assert v.reason.tolist() == [None, "missing field: event_id", "missing field: user_id"]
+    acc = fb.EventAccumulator(c)
+    acc.merge(acc.prepare(v.typed, v.response_codes, ~v.bad), True)
+    out = acc.finish()
+    assert out.status.tolist() == [fb.OK, fb.INVALID, fb.INVALID] and out.signals.num_rows == 1
 
 
 def test_parse_number_fast_paths_flag_the_same_rows_as_the_general_one():
@@ -162,3 +178,40 @@ def test_partition_count_follows_the_expected_rows_of_every_source(tmp_path):
     assert fb._expected_rows(cfg, {**state, "files": seen}) == 1_800 // fb._TEXT_BYTES_PER_ROW + 4_000
     assert partition_count(0, 1000) == 16 and partition_count(40_000, 1000) == 64  # powers of two
     assert partition_count(10**12, 1000) == 4096
+
+
+def test_partitioned_state_matches_a_plain_pandas_reference():
+    """Exactly-once, latest vote per (user, response, group), decay, dwell, IPW and the score,
+    recomputed the obvious way in pandas over all rows at once."""
+    import pandas as pd
+
+    c = fb.IngestConfig(state_memory_mb=1, partition_rows=5_000, half_life_days=2,
+                        propensities={0: 1.0, 1: 0.5},
+                        abuse={"rate_cap_per_day": 0, "uniform_min_responses": 0, "burst_max_events": 0})
+    acc = fb.EventAccumulator(c, expected_rows=60_000)
+    frames = []
+    for seed in range(3):
+        t = _random_events(20_000, seed)
+        v = fb.validate(t, c, int(9e15), "t", None)
+        assert not v.bad.any()
+        acc.add(v.typed, True)
+        frames.append(t.to_pandas())
+    out = acc.finish()
+    assert acc.budget.spilled_bytes > 0
+    df = pd.concat(frames, ignore_index=True)
+    df["arrival"] = np.arange(len(df))
+    assert out.status.tolist() == np.where(df.duplicated("event_id"), fb.DUP, fb.OK).tolist()
+    df = df.drop_duplicates("event_id")
+    df["group"] = df["event_type"].replace({"like": "ld", "dislike": "ld"})
+    votes = df.sort_values(["ts", "arrival"]).drop_duplicates(["user_id", "response_id", "group"], keep="last")
+    w = votes["event_type"].map(c.event_weights)
+    w = w.where(votes["event_type"] != "dwell", w * (votes["value"] / c.dwell_full_ms).clip(0, 1))
+    age = (df["ts"].max() - votes["ts"]).dt.total_seconds() / 86400
+    e = w * 2.0 ** (-age / c.half_life_days) / votes["position"].clip(upper=1).map({0: 1.0, 1: 0.5})
+    g = votes.assign(P=e.clip(lower=0), N=(-e).clip(lower=0)).groupby("response_id")[["P", "N"]].sum()
+    g["n_users"] = df.groupby("response_id")["user_id"].nunique()
+    g["n_events"] = df.groupby("response_id").size()
+    g["score"] = (g["P"] - g["N"]) / (g["P"] + g["N"] + c.prior_strength)
+    got = out.signals.to_pandas().set_index("candidate_id").loc[g.index]
+    assert got["n_users"].tolist() == g["n_users"].tolist() and got["n_events"].tolist() == g["n_events"].tolist()
+    assert np.allclose(got["behaviour_score"], g["score"], rtol=1e-9, atol=1e-12)

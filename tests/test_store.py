@@ -122,6 +122,9 @@ def test_data_files_dictionary_encode_repeats_and_skip_stats_of_unique_text(tmp_
     cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
     assert cols["prompt_id"].has_dictionary_page and cols["prompt_id"].is_stats_set  # repeats
     assert not cols["prompt"].has_dictionary_page and not cols["prompt"].is_stats_set  # all distinct
+    tiny = store.write("prompts", t.slice(0, 3))  # too few rows to judge: the writer's defaults
+    (path,) = store.dataset(tiny.ref).files
+    assert pq.ParquetFile(path).metadata.row_group(0).column(1).has_dictionary_page
     back = store.read(info.ref).sort_by("prompt")
     assert back.select(["prompt_id", "prompt"]).to_pylist() == t.sort_by("prompt").to_pylist()
 
