@@ -101,17 +101,14 @@ def run_ours(data: Path, write: bool, state_mb: int | None = None) -> dict:
         n_signals = ws.store.info("signals").rows
     else:  # the core alone: validation + aggregation, no spool / store
         cands = pc.unique(cand)
-        n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in data.glob("*.parquet"))
-        acc = fb.EventAccumulator(cfg, expected_rows=n_rows)
+        acc = fb.EventAccumulator(cfg, expected_rows=fb._expected_rows(cfg, {}))
         acc.preload(cands)
         rep = {"rows_in": 0, "accepted": 0}
         now = int(time.time() * 1e6)
-        for f in sorted(data.glob("*.parquet")):
-            pf = pq.ParquetFile(f, pre_buffer=True)
-            for b in pf.iter_batches(batch_size=cfg.batch_rows):
-                v = fb.validate(pa.Table.from_batches([b]), cfg, now, str(f), cands)
-                rep["rows_in"] += b.num_rows
-                acc.merge(acc.prepare(v.typed, v.response_codes, ~v.bad), True)
+        for rb in fb.iter_files(cfg.sources[0], {}, cfg.batch_rows, [], {}):  # the stage's own reader
+            v = fb.validate(rb.table, cfg, now, rb.source, cands)
+            rep["rows_in"] += rb.table.num_rows
+            acc.merge(acc.prepare(v.typed, v.response_codes, ~v.bad), True)
         out = acc.finish()
         rep["accepted"] = int((out.status == 0).sum())
         rep["state"] = {"partitions": acc.by_id.k, "spilled_mb": round(acc.budget.spilled_bytes / 2**20, 1)}

@@ -590,7 +590,7 @@ class DatasetStore:
         return set(self._gc_record(name))
 
     def _check_not_collected(self, name: str, version: int) -> None:
-        if version in set(self._gc_record(name)):
+        if version in self.collected(name):
             raise StoreError(f"{name}@{version} was removed by 'dpoflow datasets gc'")
 
     def referenced_versions(self, keep_last: int = 3, extra_refs: Iterable[str] = ()) -> dict[str, set[int]]:
@@ -600,7 +600,7 @@ class DatasetStore:
         roots: list[str] = list(extra_refs)
         for name in self.list():
             latest = self.latest(name)
-            removed = set(self._gc_record(name))
+            removed = self.collected(name)
             live = [v for v in range(latest, -1, -1) if v not in removed]
             roots += [f"{name}@{v}" for v in live[:max(keep_last, 1)]]
             roots += [f"{name}@{v}" for v in self.tags(name).values()]
@@ -642,7 +642,7 @@ class DatasetStore:
                         self.fs.rm(self.table_uri(name), recursive=True)
                 continue
             latest = self.latest(name)
-            already = set(self._gc_record(name))
+            already = self.collected(name)
             kept = keep.get(name, set()) | {latest}
             drop = [v for v in range(latest + 1) if v not in kept and v not in already]
             if not drop:

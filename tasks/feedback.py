@@ -712,7 +712,7 @@ class Codes:
     def encode(self, arr: pa.Array) -> np.ndarray:
         """Codes of every value of `arr`."""
         d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
-        return self.resolve(d.dictionary, hash64(d.dictionary))[d.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
+        return self.resolve(d.dictionary, hash64(d.dictionary))[_indices(d)]
 
 
 def _indices(d: pa.DictionaryArray, null_to: int = 0) -> np.ndarray:
@@ -721,13 +721,12 @@ def _indices(d: pa.DictionaryArray, null_to: int = 0) -> np.ndarray:
     return (pc.fill_null(i, null_to) if i.null_count else i).to_numpy().astype(np.int64)
 
 
-def _dict_parts(arr: pa.Array, codes: Codes, sel: Any) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
+def _dict_parts(arr: pa.Array, codes: Codes) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
     """Dictionary-encode, hash the distinct values, and look them up in a snapshot of `codes`
     (in the worker thread; `merge` resolves only what the snapshot did not know)."""
     d = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
-    idx = sel(_indices(d))
     dh = hash64(d.dictionary)
-    return idx, d.dictionary, dh, Codes.find(codes.index(), dh)
+    return _indices(d), d.dictionary, dh, Codes.find(codes.index(), dh)
 
 
 def _is_in(values: np.ndarray, value_set: np.ndarray) -> np.ndarray:
@@ -737,17 +736,20 @@ def _is_in(values: np.ndarray, value_set: np.ndarray) -> np.ndarray:
     return np.asarray(pc.is_in(pa.array(values), value_set=pa.array(value_set)).to_numpy(zero_copy_only=False), bool)
 
 
-def _repeats(h: np.ndarray) -> np.ndarray:
-    """True where an earlier element has the same value (first occurrences are not repeats).
-
-    One sort finds the repeated values; only the rows holding them (few) are ordered."""
-    out = np.zeros(len(h), bool)
-    if len(h) < 2:
-        return out
-    s = np.sort(h)
+def _rows_sharing_a_key(keys: np.ndarray, sorted_keys: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the rows whose key occurs more than once (usually few): one sort finds the
+    repeated keys (pass `sorted_keys` when the caller has sorted already), a hash lookup their
+    rows, so only those few rows need ordering."""
+    s = np.sort(keys) if sorted_keys is None else sorted_keys
     rep = s[1:][s[1:] == s[:-1]]
-    if len(rep):
-        m = np.flatnonzero(_is_in(h, rep))
+    return np.flatnonzero(_is_in(keys, rep)) if len(rep) else np.zeros(0, np.int64)
+
+
+def _repeats(h: np.ndarray) -> np.ndarray:
+    """True where an earlier element has the same value (first occurrences are not repeats)."""
+    out = np.zeros(len(h), bool)
+    m = _rows_sharing_a_key(h)
+    if len(m):
         o = np.argsort(h[m], kind="stable")  # stable: arrival order within equal values
         hm = h[m][o]
         out[m[o[1:][hm[1:] == hm[:-1]]]] = True
@@ -838,6 +840,12 @@ class EventAccumulator:
         self.cfg = cfg
         self.types = list(cfg.event_weights)
         self.type_code = {t: i for i, t in enumerate(self.types)}
+        self.weights = np.array([cfg.event_weights[t] for t in self.types], float)
+        self.vote_group = np.arange(len(self.types))  # type code -> vote group (exclusive groups share one)
+        for gi, grp in enumerate(cfg.exclusive_groups):
+            for t in grp:
+                if t in self.type_code:
+                    self.vote_group[self.type_code[t]] = len(self.types) + gi
         self.responses = Codes()
         self.blocked: np.ndarray = np.zeros(0, np.uint64)  # hashes of event ids quarantined as abuse before
         self.dropped = Counter()  # new rows dropped as duplicates: DUP / DUP_QUARANTINED
@@ -883,7 +891,7 @@ class EventAccumulator:
         if response_codes is not None and self.candidates:
             cols["resp"] = response_codes
         else:
-            idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses, lambda x: x)
+            idx, d, dh, pre = _dict_parts(typed.column("response_id").combine_chunks(), self.responses)
             cols["resp"], resp_dict = idx, (d, dh, pre)
         eh = hash64(typed.column("event_id"))
         return Compact(n, self.by_id.split(eh, {"eh": eh}, rows, index="row"),
@@ -1085,24 +1093,18 @@ class EventAccumulator:
             return None
         row, resp, etype, ts = c["row"], c["resp"], c["etype"], c["ts"]
         user, _ = _dense_codes(c["uh"])
-        group_of = np.arange(len(self.types))
-        for gi, grp in enumerate(cfg.exclusive_groups):
-            for t in grp:
-                if t in self.type_code:
-                    group_of[self.type_code[t]] = len(self.types) + gi
         G = len(self.types) + len(cfg.exclusive_groups)
         R = max(self.responses.size, 1)
-        vkey = (user.astype(np.int64) * R + resp) * G + group_of[etype]
+        vkey = (user.astype(np.int64) * R + resp) * G + self.vote_group[etype]
         sk = np.sort(vkey)  # the one sort: repeated votes and the distinct (user, response) pairs
-        rep = sk[1:][sk[1:] == sk[:-1]]
+        sub = _rows_sharing_a_key(vkey, sk)
         pk = sk // G
         del sk
         pk = pk[np.r_[True, pk[1:] != pk[:-1]]]
         n_users = np.bincount(pk % R, minlength=R)
         del pk
         winner = np.ones(len(row), bool)
-        if len(rep):
-            sub = np.flatnonzero(_is_in(vkey, rep))
+        if len(sub):
             order = np.lexsort((row[sub], ts[sub], vkey[sub]))
             ks = vkey[sub][order]
             last_of = np.ones(len(sub), bool)
@@ -1110,10 +1112,9 @@ class EventAccumulator:
             winner[sub] = False
             winner[sub[order[last_of]]] = True
         del vkey
-        weights = np.array([cfg.event_weights[t] for t in self.types], float)
         v = np.flatnonzero(winner)
         et = etype[v]
-        s = weights[et]
+        s = self.weights[et]
         dwell = self.type_code.get("dwell", -1)
         if dwell >= 0:
             dw = et == dwell

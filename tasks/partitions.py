@@ -87,7 +87,6 @@ class Partitions:
         self.mem: list[list[dict[str, np.ndarray]]] = [[] for _ in range(k)]
         self.mem_bytes = [0] * k
         self.files: list[list[Path]] = [[] for _ in range(k)]
-        self.rows = np.zeros(k, np.int64)
         self._schema = pa.schema([(c, pa.from_numpy_dtype(np.uint8 if d == np.bool_ else d))
                                   for c, d in self.columns.items()])
         with budget.lock:
@@ -103,7 +102,6 @@ class Partitions:
         with self.budget.lock:
             self.mem[p].append(cols)
             self.mem_bytes[p] += size
-            self.rows[p] += n
             self.budget.used += size
             self.budget._relieve()
 
@@ -125,11 +123,6 @@ class Partitions:
                     piece[index] = at.astype(np.int64, copy=False)
                 pieces.append((p, piece))
         return pieces
-
-    def append_split(self, h: np.ndarray, cols: dict[str, np.ndarray]) -> None:
-        """Add rows to the partitions of their hashes `h`."""
-        for p, piece in self.split(h, cols):
-            self.append(p, piece)
 
     def _spill(self, p: int) -> None:
         """Write partition p's in-memory chunks to one IPC file (called under the lock)."""
@@ -182,7 +175,6 @@ class Partitions:
             self.files[p] = []
             self.budget.used -= self.mem_bytes[p]
             self.mem[p], self.mem_bytes[p] = [], 0
-            self.rows[p] = 0
         return out
 
 

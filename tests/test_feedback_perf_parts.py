@@ -34,7 +34,8 @@ def test_partitions_spill_over_budget_and_read_back_in_arrival_order(tmp_path):
     for i in range(30):
         h = rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
         cols = {"h": h, "x": np.arange(i * 1000, (i + 1) * 1000), "f": h % np.uint64(2) == 0}
-        parts.append_split(h, cols)
+        for p, piece in parts.split(h, cols):
+            parts.append(p, piece)
         chunks.append(cols)
     assert budget.spilled_bytes > 0 and any(parts.files) and budget.used <= 64 << 10
     allh = np.concatenate([c["h"] for c in chunks])
