@@ -46,10 +46,11 @@ def test_training_progress_reads_the_last_metrics_row(tmp_path):
     from tasks.training.distributed import training_progress
 
     path = tmp_path / "metrics.jsonl"
-    assert training_progress(path, 10, 1.0) is None  # not started
-    path.write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 0.6}) + "\n" for s in (1, 2, 3)))
-    assert training_progress(path, 10, 1.0) == 0.3  # max_steps set
-    assert training_progress(path, None, 2.0) == 3 / 8  # 4 steps per epoch, 2 epochs
+    assert training_progress(path) is None  # not started
+    # 5 steps an epoch, 3 epochs: step 7 of the trainer's 15 (not guessed back from `epoch`)
+    path.write_text("".join(json.dumps({"step": s, "total_steps": 15, "epoch": s / 5, "loss": 0.6}) + "\n"
+                            for s in (6, 7)))
+    assert training_progress(path) == 7 / 15
     with open(path, "a") as f:
-        f.write('{"step": 4, "epo')  # rank 0 is halfway through a row
-    assert training_progress(path, 10, 1.0) is None
+        f.write('{"step": 8, "tot')  # rank 0 is halfway through a row
+    assert training_progress(path) is None

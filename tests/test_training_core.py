@@ -184,6 +184,9 @@ def test_dpo_learns_separable_preferences(tiny_model_dir, tmp_path):
             "logps/rejected", "grad_norm", "lr", "tokens_per_s", "padding_share", "skipped"}
     assert keys <= set(res.metrics[-1])
     assert res.summary["steps"] == 24 and (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 24
+    from tasks.training.distributed import training_progress  # the progress artifact's reading
+
+    assert res.metrics[5]["total_steps"] == 24 and training_progress(tmp_path / "run" / "metrics.jsonl") == 1.0
 
 
 def test_non_finite_steps_are_skipped_then_abort(tiny_model_dir, tmp_path):

@@ -70,9 +70,9 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`
 
 
-def training_progress(metrics_path: Path, max_steps: int | None, epochs: float) -> float | None:
-    """Share of optimizer steps done, from the last row rank 0 appended to metrics.jsonl
-    (a row has `step` and `epoch` = step / steps per epoch, which gives the total)."""
+def training_progress(metrics_path: Path) -> float | None:
+    """Share of optimizer steps done, from the last row rank 0 appended to metrics.jsonl (a row
+    has `step` and the trainer's `total_steps`)."""
     try:
         with open(metrics_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
@@ -80,10 +80,9 @@ def training_progress(metrics_path: Path, max_steps: int | None, epochs: float) 
         row = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
         return None  # not written yet, or a row half written
-    if not row or not row.get("step"):
+    if not row or not row.get("step") or not row.get("total_steps"):
         return None
-    total = max_steps or (math.ceil(epochs * row["step"] / row["epoch"]) if row.get("epoch") else None)
-    return min(1.0, row["step"] / total) if total else None
+    return min(1.0, row["step"] / row["total_steps"])
 
 
 def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Table | None = None,
@@ -120,7 +119,7 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
             while proc.poll() is None:
                 if on_progress is not None and time.monotonic() - last_check > PROGRESS_EVERY_S:
                     last_check = time.monotonic()
-                    done = training_progress(run_dir / "metrics.jsonl", cfg.max_steps, cfg.epochs)
+                    done = training_progress(run_dir / "metrics.jsonl")
                     if done is not None and done != reported:
                         on_progress(reported := done)
                 if stop is not None and stop.is_set():

@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            row = {"step": step, "epoch": step / steps_per_epoch, "loss": tot[0],
+            row = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch, "loss": tot[0],
                    "rewards/chosen": tot[1] / n_pairs, "rewards/rejected": tot[2] / n_pairs,
                    "rewards/margins": (tot[1] - tot[2]) / n_pairs, "rewards/accuracies": tot[3] / n_pairs,
                    "logps/chosen": tot[4] / n_pairs, "logps/rejected": tot[5] / n_pairs,
