@@ -36,7 +36,11 @@ TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Retry I/O hiccups, store write races and CUDA OOM; never bad data or bad config."""
+    """Retry I/O hiccups, store write races and CUDA OOM; never bad data or bad config, and
+    never a stage that ran past its own time limit (Prefect's FlowRunTimeoutError is a
+    TimeoutError: retrying it would spend that whole limit again)."""
+    if type(exc).__name__ == "FlowRunTimeoutError":
+        return False
     if isinstance(exc, TRANSIENT):
         return True
     name = type(exc).__name__
@@ -91,7 +95,9 @@ class _StaggeredStart:
         with self._cond:
             self.running += 1
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self.running >= self.n, self.wait_s)
+            if not self._cond.wait_for(lambda: self.running >= self.n, self.wait_s):
+                stage_logger("nightly").info("%d of %d parallel stages running after %.0f s; going on",
+                         self.running, self.n, self.wait_s)
 
     def wait_until(self, k: int, future: Future) -> None:
         """Wait until `k` subflows run; a future that ended before running releases the rest."""

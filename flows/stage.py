@@ -189,7 +189,9 @@ class _ArtifactPoster:
         """Run ``call(client)`` on the worker thread now; returns its future."""
         with self._lock:
             fut = self._submit(contextvars.copy_context(), call)
+            done = [f for f in self._inflight if f.done()]
             self._inflight = [f for f in self._inflight if not f.done()] + [fut]
+        _await(*done)  # finished background posts: their errors are logged, not dropped
         return fut
 
     def post(self, request: Any) -> None:

@@ -113,6 +113,17 @@ def test_stage_retries_only_after_transient_errors():
     calls.clear()
     with pytest.raises(ValueError):
         with_retries(bad_config, 3, 1.0, "train", sleep=slept.append)
+    assert len(calls) == 1
+
+    from prefect.flow_engine import FlowRunTimeoutError
+
+    def too_slow() -> None:  # the stage ran past its own limit: not a hiccup
+        calls.append(1)
+        raise FlowRunTimeoutError("Flow run exceeded timeout of 86400.0 second(s)")
+
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        with_retries(too_slow, 3, 1.0, "train", sleep=slept.append)
     assert len(calls) == 1  # never retried
 
 
