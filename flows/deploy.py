@@ -97,22 +97,22 @@ def ensure_gpu_limit(name: str | None = None, slots: int | None = None) -> str |
 
 
 @contextlib.contextmanager
-def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, cpu_too: bool = False) -> Iterator[None]:
+def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, device: str = "cuda") -> Iterator[None]:
     """Hold ``occupy`` slots of the GPU concurrency limit for the duration of the block.
 
     Wrap only the GPU work of a stage flow (the model load + generate / train loop), never
     the nightly flow as a whole: its GPU subflows take their own slots, and a slot held by
     the parent would deadlock them. Outside a flow run (plain Python, the CLI's local fast
-    path) there is no server to ask and the block just runs. On a machine without a visible
-    CUDA device the stage runs on CPU and there is no GPU to guard, so the block just runs
-    too (``cpu_too=True`` takes the slot anyway). ``occupy`` = GPUs the stage uses (a
+    path) there is no server to ask and the block just runs. ``device`` is the one the stage
+    resolved (`tasks.generation.pick_device`): a stage running on CPU has no GPU to guard, so
+    its block just runs too. ``occupy`` = GPUs the stage uses (a
     torchrun launch over 4 GPUs takes 4 of a 4-slot limit). ``timeout_s`` bounds the wait
     for a free GPU (``TimeoutError`` after it); ``None`` waits as long as it takes.
     """
     from flows.stage import _flow_run_id
 
     name = gpu_limit_name()
-    if not name or not _flow_run_id() or not (cpu_too or _cuda_visible()):
+    if not name or not _flow_run_id() or device == "cpu":
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -120,12 +120,6 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, cpu_too: bool =
     ensure_gpu_limit(name)
     with concurrency(name, occupy=occupy, timeout_seconds=timeout_s, strict=True):
         yield
-
-
-def _cuda_visible() -> bool:
-    import torch  # the GPU stages calling this have imported it already
-
-    return torch.cuda.is_available()
 
 
 # --- building and serving deployments -----------------------------------------------------

@@ -64,8 +64,9 @@ def _while_training(devices: int) -> Iterator[None]:
     """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
     artifacts are posted then (see flows.stage.batched_artifacts)."""
     from flows.deploy import gpu_slot
+    from tasks.generation import pick_device
 
-    with gpu_slot(occupy=devices), artifacts_posted_meanwhile():
+    with gpu_slot(occupy=devices, device=pick_device()), artifacts_posted_meanwhile():
         yield
 
 

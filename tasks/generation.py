@@ -85,7 +85,7 @@ class GenerationOOM(RuntimeError):
 
 # --- devices and models ----------------------------------------------------------------------
 
-def pick_device(device: str = "auto") -> str:
+def pick_device(device: str = "auto") -> str:  # the one device rule: sampling, ref_logps, training, eval
     """``auto`` -> cuda when a GPU is visible, else cpu; ``cuda`` without a GPU is an error."""
     import torch
 

@@ -145,10 +145,11 @@ def _reference(cfg, train_table: pa.Table, ref_path) -> pa.Table:
     """Reference log-probs in this process, so each worker holds only the policy."""
     import torch
 
+    from tasks.generation import pick_device
     from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
     from tasks.training.tokenization import tokenize_pairs
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     model, tok = load_causal_lm(ref_path, device=device)
     pairs = tokenize_pairs(train_table, tok, cfg)
     ref = compute_ref_logps(model, pairs, cfg.eval_batch_size, device, cfg.logit_chunk, cfg.precision)

@@ -237,8 +237,8 @@ def evaluate_model(model_dir: str | Path, pairs: pa.Table, ref_table: pa.Table |
                    *, baseline_dir: str | Path | None = None, reward_model_path: str | Path | None = None,
                    device: str | None = None) -> EvalResult:
     """Preference metrics on dpo_eval, then (if a baseline is given) the generation comparison."""
+    from tasks.generation import pick_device
     from tasks.training.logprobs import load_causal_lm
-    from tasks.training.ref_logps import pick_device
 
     device = device or pick_device()
     model, tok = load_causal_lm(model_dir, device=device)

@@ -82,12 +82,6 @@ def model_path(ws: Any, model: ModelRef) -> Path:
     return Path(path)
 
 
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def ref_key_config(cfg: Any) -> dict[str, Any]:
     """What stored reference log-probs depend on besides data and model: tokenization and
     numeric precision (β, loss, lr... are left out on purpose: a sweep reuses the rows)."""
@@ -99,6 +93,7 @@ def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
 
     def ref_logps_stage(ctx: Any):
         from flows.stage import StageResult
+        from tasks.generation import pick_device
         from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
         from tasks.training.tokenization import tokenize_pairs
 
