@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     from flows.deploy import start_local_server
+    from tasks.processes import terminate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -87,13 +87,7 @@ def main() -> int:
         for i, lat in enumerate(res["latency_s"]):
             rows.append((f"import run {i + 1}: run_deployment -> completed (s)", lat))
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(serve.pid, sig)
-                serve.wait(30)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        terminate(serve, 30)
         server.stop()
         log.close()
     width = max(len(r[0]) for r in rows)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -311,21 +310,9 @@ class LocalServer:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the server (its process group when it has one), SIGKILL after ``timeout_s``."""
-        if self.process.poll() is not None:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            self.process.wait(5)
+        from tasks.processes import terminate
 
-    def _signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if self.own_group:
-                os.killpg(self.process.pid, sig)
-            else:
-                self.process.send_signal(sig)
+        terminate(self.process, timeout_s, group=self.own_group)
 
 
 def start_local_server(home: str | os.PathLike[str], *, port: int | None = None, host: str = "127.0.0.1",

@@ -23,6 +23,7 @@ import pytest
 
 from flows.deploy import flow_specs
 from flows.workspace import Workspace
+from tasks.processes import terminate
 
 CLIENT = textwrap.dedent("""
     import json, sys, time
@@ -91,10 +92,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM to serve alone (what a supervisor such as systemd's KillMode=mixed does): it
     pauses its schedules and stops the server it started; then SIGKILL what is left of its
     group. (A SIGTERM to the whole group would stop the server while serve still talks to it.)"""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(45)
+    terminate(proc, 45, group=False)
     deadline = time.monotonic() + 15  # the leader is gone; give the rest of the group a moment
     while time.monotonic() < deadline:
         try:

@@ -23,11 +23,9 @@ model and ``launch/result.json``; checkpoints let a rerun resume.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tasks.processes import terminate
 
 log = logging.getLogger("dpoflow.train")
 
@@ -52,18 +52,6 @@ def torchrun_command(cfg, spec_path: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.devices}",
             f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", f"--master_addr={cfg.master_addr}",
             f"--master_port={port}", "-m", "tasks.training.worker", str(spec_path)]
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`
@@ -122,14 +110,14 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
                     if done is not None and done != reported:
                         on_progress(reported := done)
                 if stop is not None and stop.is_set():
-                    _kill_group(proc)
+                    terminate(proc)
                     raise TrainingCancelled("training cancelled; rerun to resume from the last checkpoint")
                 if time.monotonic() > deadline:
-                    _kill_group(proc)
+                    terminate(proc)
                     raise TrainingError(f"torchrun exceeded launch_timeout_s={cfg.launch_timeout_s}; killed")
                 time.sleep(0.2)
         except BaseException:
-            _kill_group(proc)
+            terminate(proc)
             raise
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
