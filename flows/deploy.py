@@ -226,11 +226,12 @@ def settings_context(updates: dict[Any, Any]) -> Any:
 
     ctx = SettingsContext.get()
     key = (id(ctx.settings), repr(sorted((str(k), v) for k, v in updates.items())))
-    base, updated = _SETTINGS.get(key, (None, None))
-    if base is not ctx.settings:
-        base, updated = ctx.settings, ctx.settings.copy_with_update(updates=updates)
-        _SETTINGS[key] = (base, updated)
-    return SettingsContext(profile=ctx.profile, settings=updated)
+    if key not in _SETTINGS:
+        if len(_SETTINGS) >= 32:  # a few distinct settings per process; never grow without bound
+            _SETTINGS.clear()
+        # the entry holds the base settings, so no other object can take over its id
+        _SETTINGS[key] = (ctx.settings, ctx.settings.copy_with_update(updates=updates))
+    return SettingsContext(profile=ctx.profile, settings=_SETTINGS[key][1])
 
 
 def flow_run_settings() -> Any:
