@@ -206,13 +206,14 @@ def publish_outcome(ws: Workspace, out: TrainOutcome) -> None:
 
 @flow(name="ref_logps")
 def ref_logps_flow(pairs: list[str] | None = None, workspace: str | None = None,
-                   overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
+                   overrides: list[str] | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
     """Reference log-probs of each pairs version (default: dpo_train@latest) with the configured
     reference model, stored once per pairs version and reference model version. Returns pairs
-    version -> ref_logps version."""
+    version -> {"ref_logps": version, "skipped": whether stored rows were reused}."""
     ws = Workspace.open(workspace, overrides)
     refs = pairs or ["dpo_train@latest"]
-    return {p: r.outputs["ref_logps"] for p, r in zip(refs, ref_logps_steps(ws, refs, force=force), strict=True)}
+    return {p: {"ref_logps": r.outputs["ref_logps"], "skipped": r.skipped}
+            for p, r in zip(refs, ref_logps_steps(ws, refs, force=force), strict=True)}
 
 
 @task(name="train-step", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
@@ -224,9 +225,9 @@ def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Calla
     def runner(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         if name == "ref_logps":  # one subflow for the train and the eval set
             pairs = args[1]
-            outputs = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False))
-            # skipped=False: the subflow reports reuse in its own logs / artifacts
-            return [StageRun("ref_logps", {"ref_logps": outputs[p]}, False, "", {}, 0.0) for p in pairs]
+            out = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False))
+            return [StageRun("ref_logps", {"ref_logps": out[p]["ref_logps"]}, out[p]["skipped"], "", {}, 0.0)
+                    for p in pairs]
         return _step_task(name, lambda: fn(*args, **kw))
 
     return runner

@@ -25,7 +25,14 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     out = state.result()
     assert out["model_version"] and out["model_version"] != base
     assert set(out["outputs"]) >= {"ref_logps", "eval_ref_logps", "train_runs", "model_evals", "promotions"}
-    assert out["decision"]["reasons"]
+    assert out["decision"]["reasons"] and not out["skipped"]["ref_logps"]
+    # the ref_logps subflow says when it reused stored rows (the train summary reports it)
+    from flows.train import ref_logps_flow
+
+    kw = {"pairs": ["dpo_train@latest"], "workspace": str(ws.root), "overrides": overrides}
+    first, again = ref_logps_flow(**kw), ref_logps_flow(**kw)  # the promoted model is the new reference
+    assert not first["dpo_train@latest"]["skipped"] and again["dpo_train@latest"]["skipped"]
+    assert again["dpo_train@latest"]["ref_logps"] == first["dpo_train@latest"]["ref_logps"]
     with get_client(sync_client=True) as client:
         keys = {"train-curves", "eval-report", "promotion-decision"}
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys))))
