@@ -50,8 +50,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one run, no warm server restart")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
-    from flows.deploy import start_local_server
-    from tasks.processes import terminate
+    from dpoflow.flows.deploy import start_local_server
+    from dpoflow.tasks.processes import terminate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -72,7 +72,7 @@ def main() -> int:
     senv = {**env, "PREFECT_API_URL": server.api_url}
     log = open(tmp / "serve.log", "wb")  # noqa: SIM115
     t = time.perf_counter()
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workspace", str(tmp / "ws")],
+    serve = subprocess.Popen([sys.executable, "-m", "dpoflow.flows.cli", "serve", "--workspace", str(tmp / "ws")],
                              env=senv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         client = subprocess.run([sys.executable, "-c", CLIENT, str(data), str(runs)], env=senv,

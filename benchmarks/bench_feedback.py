@@ -77,15 +77,15 @@ def rss_mb() -> float:
 
 
 def run_ours(data: Path, write: bool, state_mb: int | None = None) -> dict:
-    from tasks import feedback as fb
+    from dpoflow.tasks import feedback as fb
 
     cand = pq.read_table(data.parent / "candidates.parquet").column("candidate_id")
     cfg = fb.IngestConfig(sources=[{"name": "bench", "path": str(data)}], half_life_days=7,
                           propensities={0: 1.0, 1: 0.7, 2: 0.5, 3: 0.4, 4: 0.3, 5: 0.25},
                           **({"state_memory_mb": state_mb} if state_mb else {}))
     if write:
-        from flows.ingest import run_ingest
-        from flows.workspace import Workspace
+        from dpoflow.flows.ingest import run_ingest
+        from dpoflow.flows.workspace import Workspace
 
         ws = Workspace.open(Path(tempfile.mkdtemp(prefix="bench-ws-")))  # imports every stage's config (torch)
         n_c = len(cand)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def make_workspace(root: Path, steps: int) -> list[str]:
     import yaml
 
-    from flows.demo import _ensure_model, demo_config
-    from flows.workspace import Workspace
-    from tasks.demo_data import demo_night
+    from dpoflow.flows.demo import _ensure_model, demo_config
+    from dpoflow.flows.workspace import Workspace
+    from dpoflow.tasks.demo_data import demo_night
 
     root.mkdir(parents=True)
     (root / "dpoflow.yaml").write_text(yaml.safe_dump(demo_config(root)))
@@ -50,9 +50,9 @@ def main() -> None:
     args = ap.parse_args()
     from prefect import flow
 
-    from flows.deploy import flow_run_settings
-    from flows.nightly import nightly_direct, nightly_flow
-    from flows.stages import STAGES, stage_flow
+    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.nightly import nightly_direct, nightly_flow
+    from dpoflow.flows.stages import STAGES, stage_flow
 
     for name in STAGES:  # import every stage (torch, transformers...) before timing either side
         stage_flow(name)

@@ -70,8 +70,8 @@ def make_data(n_prompts: int, seed: int = 0) -> tuple[pa.Table, pa.Table]:
 
 
 def run_vectorised(cand: pa.Table, sc: pa.Table, near_dup: bool) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
-    from tasks.balance import BalanceConfig, balance_pairs
-    from tasks.pairs import PairsConfig, build_pairs
+    from dpoflow.tasks.balance import BalanceConfig, balance_pairs
+    from dpoflow.tasks.pairs import PairsConfig, build_pairs
 
     t0 = time.perf_counter()
     pairs, _, rep = build_pairs(cand, PairsConfig(strategy="all_pairs", min_margin=MIN_MARGIN), scores=sc)
@@ -90,7 +90,7 @@ def run_pandas(cand: pa.Table, sc: pa.Table) -> tuple[pa.Table, pa.Table, pa.Tab
 
     import pandas as pd
 
-    from tasks.text import unit_interval
+    from dpoflow.tasks.text import unit_interval
 
     t0 = time.perf_counter()
     df = cand.to_pandas().merge(sc.select(["candidate_id", "auto_score", "flag_safety", "flag_pii"]).to_pandas(),

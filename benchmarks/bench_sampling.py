@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from tasks import generation as gen  # noqa: E402
-from tasks.tiny_model import build_tiny_model, build_tokenizer, corpus  # noqa: E402
+from dpoflow.tasks import generation as gen  # noqa: E402
+from dpoflow.tasks.tiny_model import build_tiny_model, build_tokenizer, corpus  # noqa: E402
 
 
 def make_prompts(k: int) -> list[str]:
@@ -89,8 +89,8 @@ def batched(model, tok, prompts: list[str], p: gen.GenParams, device: str, budge
 
 
 def stage(model_dir: Path, prompts: list[str], p: gen.GenParams, device: str, budget: int) -> tuple[int, float, dict]:
-    from flows.sample import sample
-    from flows.workspace import Workspace
+    from dpoflow.flows.sample import sample
+    from dpoflow.flows.workspace import Workspace
 
     with tempfile.TemporaryDirectory() as d:
         ws = Workspace.open(Path(d) / "ws", [
@@ -98,7 +98,7 @@ def stage(model_dir: Path, prompts: list[str], p: gen.GenParams, device: str, bu
             f"temperature: {p.temperature}, top_p: {p.top_p}, seed: {p.seed}}}]",
             f"sample.device={device}", f"sample.token_budget={budget}", "sample.progress_bar=false"])
         ws.store.write("prompts", pa.table({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts}))
-        from tasks import sampling
+        from dpoflow.tasks import sampling
 
         sampling._MODEL_CACHE.clear()  # count the model load, as a real run would
         t0 = time.perf_counter()

@@ -51,13 +51,13 @@ def make_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
 
 
 def run_fast(preds, refs, workers):
-    from tasks.metrics.fast import compute
+    from dpoflow.tasks.metrics.fast import compute
 
     return compute(preds, refs, workers=workers)
 
 
 def run_evaluate(preds, refs):
-    from tasks.metrics import load_metric
+    from dpoflow.tasks.metrics import load_metric
 
     bleu, rouge = load_metric("bleu"), load_metric("rouge")
     out = {k: np.zeros(len(preds)) for k in ("bleu", "rouge1", "rouge2", "rougeL")}

@@ -48,7 +48,7 @@ def make_table(rows: int):
 def child(mode: str, rows: int, path: str) -> None:
     import pyarrow.parquet as pq
 
-    from storage.store import DatasetStore
+    from dpoflow.storage.store import DatasetStore
 
     if mode.startswith("write"):
         table = make_table(rows)

@@ -36,7 +36,7 @@ def peak_mb() -> float:
 
 
 def make_pairs(n: int, seed: int = 0) -> pa.Table:
-    from tasks.tiny_model import corpus
+    from dpoflow.tasks.tiny_model import corpus
 
     rng = np.random.default_rng(seed)
     sents = corpus()
@@ -49,7 +49,7 @@ def make_pairs(n: int, seed: int = 0) -> pa.Table:
 
 
 def build_model(out: Path, vocab: int) -> None:
-    from tasks.tiny_model import build_tiny_model
+    from dpoflow.tasks.tiny_model import build_tiny_model
 
     build_tiny_model(out, vocab_size=vocab, hidden_size=128, layers=2, heads=4, intermediate_size=256,
                      max_position=2048)
@@ -59,9 +59,9 @@ def run_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tasks.training.config import TrainConfig
-    from tasks.training.logprobs import load_causal_lm
-    from tasks.training.tokenization import tokenize_pairs
+    from dpoflow.tasks.training.config import TrainConfig
+    from dpoflow.tasks.training.logprobs import load_causal_lm
+    from dpoflow.tasks.training.tokenization import tokenize_pairs
 
     torch.manual_seed(0)
     policy, tok = load_causal_lm(args.model)
@@ -109,10 +109,10 @@ def run_naive(args) -> dict:
 def run_ours(args) -> dict:
     import torch
 
-    from tasks.training.config import TrainConfig
-    from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
-    from tasks.training.tokenization import tokenize_pairs
-    from tasks.training.trainer import train
+    from dpoflow.tasks.training.config import TrainConfig
+    from dpoflow.tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+    from dpoflow.tasks.training.tokenization import tokenize_pairs
+    from dpoflow.tasks.training.trainer import train
 
     torch.manual_seed(0)
     cfg = TrainConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2, lr=1e-5,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.stage import StageRun, publish_markdown, publish_table, run_stage
-from flows.workspace import Workspace
-from tasks import balance as balance_task
-from tasks import text as text_task
+from dpoflow.flows.stage import StageRun, publish_markdown, publish_table, run_stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks import balance as balance_task
+from dpoflow.tasks import text as text_task
 
 
 def run_balance(ws: Workspace, pairs: str = "pairs@latest", *, force: bool = False) -> StageRun:

@@ -19,16 +19,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 PLUGINS = [
-    "flows.cli_metrics",
-    "flows.cli_feedback",
-    "flows.cli_train",
-    "flows.cli_deploy",
-    "flows.cli_pipeline",
+    "dpoflow.flows.cli_metrics",
+    "dpoflow.flows.cli_feedback",
+    "dpoflow.flows.cli_train",
+    "dpoflow.flows.cli_deploy",
+    "dpoflow.flows.cli_pipeline",
 ]
 
 
 def _ws(args: argparse.Namespace):
-    from flows.workspace import Workspace
+    from dpoflow.flows.workspace import Workspace
 
     return Workspace.open(args.workspace, getattr(args, "set", None) or None)
 
@@ -45,12 +45,12 @@ def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     ws = _ws(args)
     if args.name == "annotations":  # several formats + aggregation into judgements
-        from flows.cli_feedback import import_annotations
+        from dpoflow.flows.cli_feedback import import_annotations
 
         result = import_annotations(ws, args.file, force=args.force)
         _print(args, result, [f"{k}: {v}" for k, v in result.items()])
         return 0
-    from flows.importing import import_dataset
+    from dpoflow.flows.importing import import_dataset
 
     run = import_dataset(ws, args.name, args.file, force=args.force)
     rep = run.report
@@ -139,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.output
     table = store.read(ref)
     if args.trl:
-        from tasks.balance import to_trl
+        from dpoflow.tasks.balance import to_trl
 
         table = to_trl(table)  # TRL's prompt / chosen / rejected (message lists for chats)
     if args.format == "parquet":
@@ -180,7 +180,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from flows.config import dump_config
+    from dpoflow.flows.config import dump_config
 
     data = dump_config(_ws(args).config)
     if args.json:
@@ -265,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     args.set = getattr(args, "set", None) or []
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from flows.config import ConfigError
-    from storage.schemas import DatasetNameError, SchemaError
-    from storage.store import StoreError
-    from tasks.importing import ImportError_
+    from dpoflow.flows.config import ConfigError
+    from dpoflow.storage.schemas import DatasetNameError, SchemaError
+    from dpoflow.storage.store import StoreError
+    from dpoflow.tasks.importing import ImportError_
 
     try:
         return int(args.func(args) or 0)

@@ -10,16 +10,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from flows.stage import StageContext, StageResult, run_stage
-from flows.workspace import Workspace
+from dpoflow.flows.stage import StageContext, StageResult, run_stage
+from dpoflow.flows.workspace import Workspace
 
 
 def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) -> dict[str, Any]:
     """Import a JSONL / CSV / Label Studio file into `annotations` (union with the previous version,
     the same annotator's later label of the same items wins) and aggregate it into `judgements`."""
-    from flows.ingest import run_annotations
-    from tasks import annotations as annot
-    from tasks.importing import fingerprint
+    from dpoflow.flows.ingest import run_annotations
+    from dpoflow.tasks import annotations as annot
+    from dpoflow.tasks.importing import fingerprint
 
     p = Path(path)
     new, quarantine, report = annot.read_annotations(p, ws.config.annotations)
@@ -65,7 +65,7 @@ def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) 
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import run_ingest
+    from dpoflow.flows.ingest import run_ingest
 
     ws = Workspace.open(args.workspace, args.set or None)
     run = run_ingest(ws, force=args.force)
@@ -83,7 +83,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_formulas(args: argparse.Namespace) -> int:
-    from tasks.feedback import signal_formulas_markdown
+    from dpoflow.tasks.feedback import signal_formulas_markdown
 
     print(signal_formulas_markdown().strip())
     return 0

@@ -81,8 +81,8 @@ def compute_file(input_path: str, output_path: str, metrics: list[str], *, predi
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from tasks.metrics import fast
-    from tasks.scoring import ExtraMetric, cap_chars, extra_metric_values, repair_utf8
+    from dpoflow.tasks.metrics import fast
+    from dpoflow.tasks.scoring import ExtraMetric, cap_chars, extra_metric_values, repair_utf8
 
     table, bad_lines = _read(Path(input_path))
     if reference_column is None:

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.stages import STAGES
+from dpoflow.flows.stages import STAGES
 
 ORDER = ["sample", "score", "ingest", "pairs", "balance", "train"]
 
 
 def _flow_params(stage: str) -> list[str]:
-    from flows.stages import stage_flow
+    from dpoflow.flows.stages import stage_flow
 
     return list(inspect.signature(stage_flow(stage).fn).parameters)
 
@@ -35,7 +35,7 @@ def _inputs_to_params(stage: str, inputs: list[str]) -> dict[str, str]:
 def run_stages(stage: str, inputs: list[str], workspace: str | None, overrides: list[str], force: bool,
                downstream: bool, deployment: bool = False) -> dict[str, Any]:
     """Run `stage` (and with `downstream` every later stage, fed with what the earlier wrote)."""
-    from flows.stages import stage_flow
+    from dpoflow.flows.stages import stage_flow
 
     todo = ORDER[ORDER.index(stage):] if downstream else [stage]
     produced: dict[str, str] = {}
@@ -54,7 +54,7 @@ def run_stages(stage: str, inputs: list[str], workspace: str | None, overrides: 
                 raise SystemExit(f"dpoflow: error: {name} deployment run ended {fr.state.name}: {fr.state.message}")
             res = fr.state.result()
         else:
-            from flows.deploy import flow_run_settings
+            from dpoflow.flows.deploy import flow_run_settings
 
             with flow_run_settings():
                 res = stage_flow(name)(**kw)
@@ -72,8 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from flows.deploy import flow_run_settings
-    from flows.nightly import nightly_flow
+    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.nightly import nightly_flow
 
     with flow_run_settings():
         res = nightly_flow(workspace=args.workspace, overrides=args.set or None, force=args.force)
@@ -82,7 +82,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo, summary
+    from dpoflow.flows.demo import run_demo, summary
 
     root = Path(args.workspace or "./dpoflow-workspace")
     out = run_demo(root, args.set or None)

@@ -8,18 +8,18 @@ import json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flows.workspace import Workspace
+    from dpoflow.flows.workspace import Workspace
 
     overrides = list(getattr(args, "set", None) or [])
     if args.eval and args.eval.lower() == "none":
         args.eval = None
     if args.prefect:
-        from flows.train import train_flow
+        from dpoflow.flows.train import train_flow
 
         result = train_flow(dpo_train=args.data, dpo_eval=args.eval, workspace=args.workspace,
                             overrides=overrides or None, force=args.force, promote=not args.no_promote)
     else:
-        from flows.train import train_pipeline
+        from dpoflow.flows.train import train_pipeline
 
         ws = Workspace.open(args.workspace, overrides or None)
         result = train_pipeline(ws, args.data, args.eval, force=args.force, promote=not args.no_promote).to_dict()
@@ -50,8 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ref_logps(args: argparse.Namespace) -> int:
-    from flows.workspace import Workspace
-    from tasks.training.ref_logps import ref_logps_for
+    from dpoflow.flows.workspace import Workspace
+    from dpoflow.tasks.training.ref_logps import ref_logps_for
 
     ws = Workspace.open(args.workspace, list(getattr(args, "set", None) or []) or None)
     run = ref_logps_for(ws, args.pairs, ws.config.train, force=args.force)

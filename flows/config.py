@@ -76,7 +76,7 @@ class NightlyConfig(Section):
 
 def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
     """Stage sections, imported lazily so a broken optional stage never blocks `datasets list`."""
-    from flows.stages import config_sections
+    from dpoflow.flows.stages import config_sections
 
     return config_sections()
 
@@ -84,7 +84,7 @@ def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
 def _build_model() -> type[BaseModel]:
     from pydantic import create_model
 
-    from tasks.annotations import AnnotationsConfig as annotations_model  # aggregation of annotators
+    from dpoflow.tasks.annotations import AnnotationsConfig as annotations_model  # aggregation of annotators
 
     fields: dict[str, Any] = {
         "storage": (StorageConfig, Field(default_factory=StorageConfig)),

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from flows.workspace import CONFIG_NAME, Workspace
+from dpoflow.flows.workspace import CONFIG_NAME, Workspace
 
 
 def demo_config(root: Path) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def _ensure_model(ws: Workspace) -> str:
     """Build the embedded default model once and make it the first `production` model."""
     if "production" in ws.registry.tags():
         return ws.registry.version_of("models@production")
-    from tasks.tiny_model import build_tiny_model
+    from dpoflow.tasks.tiny_model import build_tiny_model
 
     path = build_tiny_model(ws.scratch / "base_model", seed=0)
     return ws.registry.register(path, note="embedded default model (tasks.tiny_model, seed 0)",
@@ -46,9 +46,9 @@ def _ensure_model(ws: Workspace) -> str:
 
 
 def run_demo(workspace: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    from flows.deploy import flow_run_settings
-    from flows.nightly import nightly_flow
-    from tasks.demo_data import demo_night
+    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.nightly import nightly_flow
+    from dpoflow.tasks.demo_data import demo_night
 
     root = Path(workspace or "./dpoflow-workspace").resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.stages import STAGES
+from dpoflow.flows.stages import STAGES
 
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
@@ -41,8 +41,8 @@ GPU_POOL = "dpoflow-gpu"
 # Stages that hold a GPU (and the nightly flow, which runs them in-process as subflows).
 GPU_STAGES = frozenset({"sample", "train", "nightly"})
 # Flows deployed besides the STAGES: the nightly DAG and the manual import of a file.
-NIGHTLY_FLOW = "flows.nightly:nightly_flow"
-EXTRA_FLOWS = {"import": "flows.importing:import_flow", "nightly": NIGHTLY_FLOW}
+NIGHTLY_FLOW = "dpoflow.flows.nightly:nightly_flow"
+EXTRA_FLOWS = {"import": "dpoflow.flows.importing:import_flow", "nightly": NIGHTLY_FLOW}
 # Name of the global concurrency limit GPU stages take a slot of; "" disables the guard.
 GPU_LIMIT_ENV = "DPOFLOW_GPU_LIMIT"
 GPU_SLOTS_ENV = "DPOFLOW_GPU_SLOTS"  # slots to create the limit with if missing (= GPUs per host)
@@ -103,12 +103,12 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, device: str = "
     the nightly flow as a whole: its GPU subflows take their own slots, and a slot held by
     the parent would deadlock them. Outside a flow run (plain Python, the CLI's local fast
     path) there is no server to ask and the block just runs. ``device`` is the one the stage
-    resolved (`tasks.generation.pick_device`): a stage running on CPU has no GPU to guard, so
+    resolved (`dpoflow.tasks.generation.pick_device`): a stage running on CPU has no GPU to guard, so
     its block just runs too. ``occupy`` = GPUs the stage uses (a
     torchrun launch over 4 GPUs takes 4 of a 4-slot limit). ``timeout_s`` bounds the wait
     for a free GPU (``TimeoutError`` after it); ``None`` waits as long as it takes.
     """
-    from flows.stage import _flow_run_id
+    from dpoflow.flows.stage import _flow_run_id
 
     name = gpu_limit_name()
     if not name or not _flow_run_id() or device == "cpu":
@@ -124,7 +124,7 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, device: str = "
 # --- building and serving deployments -----------------------------------------------------
 
 def _load_flow(spec: str):
-    from flows.stages import _load
+    from dpoflow.flows.stages import _load
 
     return _load(spec)
 
@@ -311,7 +311,7 @@ class LocalServer:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the server (its process group when it has one), SIGKILL after ``timeout_s``."""
-        from tasks.processes import terminate
+        from dpoflow.tasks.processes import terminate
 
         terminate(self.process, timeout_s, group=self.own_group)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stage import StageContext, StageResult, StageRun, run_stage
-from flows.workspace import Workspace
-from storage.schemas import SCHEMAS, schema_for
-from tasks import importing
+from dpoflow.flows.stage import StageContext, StageResult, StageRun, run_stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.storage.schemas import SCHEMAS, schema_for
+from dpoflow.tasks import importing
 
 
 def import_stage(dataset: str, path: str):

@@ -10,11 +10,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.stage import StageContext, StageResult, StageRun, code_version, publish_table, run_stage
-from flows.workspace import Workspace
-from storage.store import StoreError
-from tasks import annotations as annot
-from tasks import feedback
+from dpoflow.flows.stage import StageContext, StageResult, StageRun, code_version, publish_table, run_stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.storage.store import StoreError
+from dpoflow.tasks import annotations as annot
+from dpoflow.tasks import feedback
 
 
 def _optional(ws: Workspace, ref: str | None) -> str | None:

@@ -21,16 +21,16 @@ from typing import Any
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-from flows.deploy import settings_context
-from flows.stage import (
+from dpoflow.flows.deploy import settings_context
+from dpoflow.flows.stage import (
     batched_artifacts,
     post_overdue_artifacts,
     publish_markdown,
     publish_table,
     stage_logger,
 )
-from flows.stages import stage_flow
-from flows.workspace import Workspace
+from dpoflow.flows.stages import stage_flow
+from dpoflow.flows.workspace import Workspace
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
@@ -118,7 +118,7 @@ def _present(ws: Workspace, name: str) -> str | None:
 
 def import_inbox(ws: Workspace, force: bool = False) -> dict[str, str]:
     """Import configured inbox files (a no-op for files already imported unchanged)."""
-    from flows.importing import import_dataset
+    from dpoflow.flows.importing import import_dataset
 
     inbox = ws.config.nightly.inbox
     out: dict[str, str] = {}
@@ -128,7 +128,7 @@ def import_inbox(ws: Workspace, force: bool = False) -> dict[str, str]:
             run = import_dataset(ws, name, path, force=force)
             out[name] = run.outputs[name]
     if inbox.annotations and Path(inbox.annotations).exists():
-        from flows.cli_feedback import import_annotations
+        from dpoflow.flows.cli_feedback import import_annotations
 
         res = import_annotations(ws, inbox.annotations, force=force)
         out["annotations"] = res["annotations"]
@@ -141,28 +141,28 @@ def _direct(ws: Workspace, stage: str, p: dict[str, Any]) -> dict[str, Any]:
     """A stage without Prefect: the same stage functions the flows call."""
     force = p.get("force", False)
     if stage == "sample":
-        from flows.sample import sample
+        from dpoflow.flows.sample import sample
 
         return sample(ws, p["prompts"], p.get("served"), force=force).outputs
     if stage == "score":
-        from flows.score import run_score
+        from dpoflow.flows.score import run_score
 
         return run_score(ws, p["candidates"], p.get("prompts"), force=force).outputs
     if stage == "ingest":
-        from flows.ingest import run_ingest
+        from dpoflow.flows.ingest import run_ingest
 
         return run_ingest(ws, p["candidates"], force=force).outputs
     if stage == "pairs":
-        from flows.pairs import run_pairs
+        from dpoflow.flows.pairs import run_pairs
 
         keys = ("candidates", "prompts", "scores", "signals", "judgements", "pairs_import")
         return run_pairs(ws, *(p.get(k) or None for k in keys), force=force).outputs
     if stage == "balance":
-        from flows.balance import run_balance
+        from dpoflow.flows.balance import run_balance
 
         return run_balance(ws, p["pairs"], force=force).outputs
     if stage == "train":
-        from flows.train import train_pipeline
+        from dpoflow.flows.train import train_pipeline
 
         return train_pipeline(ws, p["dpo_train"], p.get("dpo_eval"), force=force).to_dict()
     raise KeyError(stage)

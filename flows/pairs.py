@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.stage import StageRun, publish_table, run_stage
-from flows.workspace import Workspace
-from tasks import pairs as pairs_task
-from tasks import text as text_task
+from dpoflow.flows.stage import StageRun, publish_table, run_stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks import pairs as pairs_task
+from dpoflow.tasks import text as text_task
 
 OPTIONAL = ("prompts", "scores", "signals", "judgements")
 

@@ -13,9 +13,16 @@ from collections.abc import Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage import StageContext, StageResult, StageRun, _flow_run_id, progress_reporter, run_stage
-from flows.workspace import Workspace
-from tasks import generation, sampling
+from dpoflow.flows.stage import (
+    StageContext,
+    StageResult,
+    StageRun,
+    _flow_run_id,
+    progress_reporter,
+    run_stage,
+)
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks import generation, sampling
 
 
 @task(name="sample-shard", task_run_name="sample-shard-{label}", cache_policy=NO_CACHE, persist_result=False)
@@ -48,7 +55,7 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
     Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task."""
     if shard_runner is None and _flow_run_id():
         shard_runner = _prefect_runner
-    from flows.deploy import gpu_slot
+    from dpoflow.flows.deploy import gpu_slot
 
     # The GPU slot is held only while sampling really runs (never alongside training).
     return run_stage(ws, "sample", stage_fn(shard_runner, force), {"prompts": prompts, "served": served},

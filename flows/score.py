@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.stage import StageRun, publish_table, run_stage
-from flows.workspace import Workspace
-from tasks import reward, rules, scoring
-from tasks.metrics import fast, tokenize
+from dpoflow.flows.stage import StageRun, publish_table, run_stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks import reward, rules, scoring
+from dpoflow.tasks.metrics import fast, tokenize
 
 
 def run_score(ws: Workspace, candidates: str = "candidates@latest", prompts: str | None = "prompts@latest",

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from flows.workspace import Workspace
+from dpoflow.flows.workspace import Workspace
 
 log = logging.getLogger("dpoflow")
 

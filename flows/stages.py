@@ -13,12 +13,12 @@ from pydantic import BaseModel
 
 # stage name -> (config model "module:Class", flow "module:function"), in nightly order.
 STAGES: dict[str, tuple[str, str]] = {
-    "sample": ("tasks.sampling:SampleConfig", "flows.sample:sample_flow"),
-    "score": ("tasks.scoring:ScoreConfig", "flows.score:score_flow"),
-    "ingest": ("tasks.feedback:IngestConfig", "flows.ingest:ingest_flow"),
-    "pairs": ("tasks.pairs:PairsConfig", "flows.pairs:pairs_flow"),
-    "balance": ("tasks.balance:BalanceConfig", "flows.balance:balance_flow"),
-    "train": ("tasks.training.config:TrainConfig", "flows.train:train_flow"),
+    "sample": ("dpoflow.tasks.sampling:SampleConfig", "dpoflow.flows.sample:sample_flow"),
+    "score": ("dpoflow.tasks.scoring:ScoreConfig", "dpoflow.flows.score:score_flow"),
+    "ingest": ("dpoflow.tasks.feedback:IngestConfig", "dpoflow.flows.ingest:ingest_flow"),
+    "pairs": ("dpoflow.tasks.pairs:PairsConfig", "dpoflow.flows.pairs:pairs_flow"),
+    "balance": ("dpoflow.tasks.balance:BalanceConfig", "dpoflow.flows.balance:balance_flow"),
+    "train": ("dpoflow.tasks.training.config:TrainConfig", "dpoflow.flows.train:train_flow"),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage import (
+from dpoflow.flows.stage import (
     StageRun,
     artifacts_posted_meanwhile,
     progress_reporter,
@@ -27,13 +27,13 @@ from flows.stage import (
     publish_table,
     run_stage,
 )
-from flows.workspace import Workspace
-from tasks.training import promotion, ref_logps, stage
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks.training import promotion, ref_logps, stage
 
-TRAIN_CODE = ("tasks.training.trainer", "tasks.training.losses", "tasks.training.data",
-              "tasks.training.tokenization", "tasks.training.logprobs", "tasks.training.promotion")
-EVAL_CODE = ("tasks.training.evaluation", "tasks.training.losses", "tasks.training.tokenization",
-             "tasks.training.logprobs", "tasks.generation")
+TRAIN_CODE = ("dpoflow.tasks.training.trainer", "dpoflow.tasks.training.losses", "dpoflow.tasks.training.data",
+              "dpoflow.tasks.training.tokenization", "dpoflow.tasks.training.logprobs", "dpoflow.tasks.training.promotion")
+EVAL_CODE = ("dpoflow.tasks.training.evaluation", "dpoflow.tasks.training.losses", "dpoflow.tasks.training.tokenization",
+             "dpoflow.tasks.training.logprobs", "dpoflow.tasks.generation")
 
 
 def optional_ref(ws: Workspace, ref: str | None) -> str | None:
@@ -49,7 +49,7 @@ def optional_ref(ws: Workspace, ref: str | None) -> str | None:
 
 def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
-    from flows.deploy import gpu_slot
+    from dpoflow.flows.deploy import gpu_slot
 
     return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
 
@@ -63,8 +63,8 @@ def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> 
 def _while_training(devices: int) -> Iterator[None]:
     """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
     artifacts are posted then (see flows.stage.batched_artifacts)."""
-    from flows.deploy import gpu_slot
-    from tasks.generation import pick_device
+    from dpoflow.flows.deploy import gpu_slot
+    from dpoflow.tasks.generation import pick_device
 
     with gpu_slot(occupy=devices, device=pick_device()), artifacts_posted_meanwhile():
         yield
@@ -143,7 +143,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             baseline = None
 
         def eval_step() -> StageRun:
-            from flows.deploy import gpu_slot
+            from dpoflow.flows.deploy import gpu_slot
 
             return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
                              {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},

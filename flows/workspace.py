@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.registry import ModelRegistry
-from storage.store import DatasetStore
+from dpoflow.storage.registry import ModelRegistry
+from dpoflow.storage.store import DatasetStore
 
 DEFAULT_WORKSPACE = "./dpoflow-workspace"
 CONFIG_NAME = "dpoflow.yaml"
@@ -29,7 +29,7 @@ class Workspace:
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None, overrides: list[str] | dict | None = None,
              config_path: str | os.PathLike[str] | None = None) -> Workspace:
-        from flows.config import load_config
+        from dpoflow.flows.config import load_config
 
         root = Path(root or os.environ.get("DPOFLOW_WORKSPACE") or DEFAULT_WORKSPACE).resolve()
         root.mkdir(parents=True, exist_ok=True)

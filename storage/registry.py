@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.store import DatasetStore, StoreError
+from dpoflow.storage.store import DatasetStore, StoreError
 
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODEL_PREFIX = "models@"

@@ -38,7 +38,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
-from storage.schemas import SCHEMAS, conform, schema_for, validate_name
+from dpoflow.storage.schemas import SCHEMAS, conform, schema_for, validate_name
 
 META_KEY = "dpoflow"
 ROWS_PER_FILE = 2_000_000  # rows per Parquet data file

@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from flows.config import Section
-from storage.schemas import ANNOTATIONS, JUDGEMENTS, QUARANTINE, TS
-from tasks.ids import stable_id_one
-from tasks.importing import ImportError_
+from dpoflow.flows.config import Section
+from dpoflow.storage.schemas import ANNOTATIONS, JUDGEMENTS, QUARANTINE, TS
+from dpoflow.tasks.ids import stable_id_one
+from dpoflow.tasks.importing import ImportError_
 
 KINDS = ("pairwise", "ranking", "rating")
 ITEM_KEYS = ("item_id", "response_id", "candidate_id", "id")

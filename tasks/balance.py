@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flows.config import Section
-from storage.schemas import DPO_SPLIT, PAIRS, conform
-from tasks.text import hash64, normalize, unit_interval, unit_length, units
+from dpoflow.flows.config import Section
+from dpoflow.storage.schemas import DPO_SPLIT, PAIRS, conform
+from dpoflow.tasks.text import hash64, normalize, unit_interval, unit_length, units
 
 MIX_DIMENSIONS = ("source", "category", "language")
 
@@ -447,7 +447,7 @@ def to_trl(table: pa.Table, keep: tuple[str, ...] = ("pair_id",)) -> pa.Table:
     conversational (a plain prompt turns into one user message) and chosen / rejected become
     one assistant message each.
     """
-    from storage.schemas import MESSAGES
+    from dpoflow.storage.schemas import MESSAGES
 
     cols = {c: table.column(c) for c in keep if c in table.column_names}
     if table.num_rows == 0 or table.column("prompt_messages").null_count == table.num_rows:
@@ -552,7 +552,7 @@ def data_card(report: dict[str, Any], config: BalanceConfig, input_ref: str) -> 
         "### Categories (after)", "", "| category | pairs |", "| --- | --- |", table(a["categories"]), "",
         "## Use with TRL", "",
         "Columns `prompt`, `chosen`, `rejected` are plain strings. For conversational prompts "
-        "(`prompt_messages` set) convert with `tasks.balance.to_trl(table)` to message lists.", "",
+        "(`prompt_messages` set) convert with `dpoflow.tasks.balance.to_trl(table)` to message lists.", "",
         "## Config", "", "```json", json.dumps(config.model_dump(mode="json"), indent=1), "```", "",
     ]
     return "\n".join(lines)
@@ -564,7 +564,7 @@ def _pct(x: float | None) -> str:
 
 def balance(ctx: Any) -> Any:
     """Stage function: balance `pairs` into dpo_train / dpo_eval, with plots and a data card."""
-    from flows.stage import StageResult
+    from dpoflow.flows.stage import StageResult
 
     cfg: BalanceConfig = ctx.config
     tokenizer = None

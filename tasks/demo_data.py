@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tasks.ids import stable_id_one
+from dpoflow.tasks.ids import stable_id_one
 
 # (prompt, reference, good answer, weak answer, category)
 ITEMS_EN = [

@@ -62,9 +62,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from flows.config import Section
-from storage.schemas import FEEDBACK_EVENTS, QUARANTINE, SIGNALS, TS
-from tasks.partitions import Budget, Partitions, partition_count, release_memory
+from dpoflow.flows.config import Section
+from dpoflow.storage.schemas import FEEDBACK_EVENTS, QUARANTINE, SIGNALS, TS
+from dpoflow.tasks.partitions import Budget, Partitions, partition_count, release_memory
 
 STAGE = "ingest"
 STRING_FIELDS = ["event_id", "user_id", "response_id", "event_type", "session_id", "surface", "variant"]
@@ -241,7 +241,7 @@ class RawBatch:
 
 def _read_text_file(path: Path, fmt: str) -> tuple[pa.Table, pa.Table]:
     """JSONL / CSV through the import module's tolerant readers (bad lines -> quarantine rows)."""
-    from tasks.importing import read_file
+    from dpoflow.tasks.importing import read_file
 
     if FILE_FORMATS.get(path.suffix.lower()) != fmt:  # read_file dispatches on the suffix
         raise SourceError(f"{path}: the suffix does not match format {fmt!r}")
@@ -1272,8 +1272,8 @@ def ingest(ctx: Any) -> Any:
     an Arrow IPC file. Exactly-once and the abuse filters then give every spooled row a status;
     pass 2 writes the spool's accepted rows as staged Parquet files from two threads while a
     third computes votes and signals."""
-    from flows.stage import StageResult
-    from storage.store import StagedFiles
+    from dpoflow.flows.stage import StageResult
+    from dpoflow.storage.store import StagedFiles
 
     cfg: IngestConfig = ctx.config
     store = ctx.workspace.store

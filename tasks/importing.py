@@ -23,9 +23,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from storage.schemas import QUARANTINE, schema_for
-from tasks.ids import stable_id
-from tasks.lang import detect_language
+from dpoflow.storage.schemas import QUARANTINE, schema_for
+from dpoflow.tasks.ids import stable_id
+from dpoflow.tasks.lang import detect_language
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
            ".ndjson": "jsonl", ".csv": "csv"}

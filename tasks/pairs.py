@@ -36,11 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flows.config import Section
-from storage.schemas import PAIRS, QUARANTINE, conform
-from tasks.ids import stable_id
-from tasks.lang import detect_language
-from tasks.text import unit_interval
+from dpoflow.flows.config import Section
+from dpoflow.storage.schemas import PAIRS, QUARANTINE, conform
+from dpoflow.tasks.ids import stable_id
+from dpoflow.tasks.lang import detect_language
+from dpoflow.tasks.text import unit_interval
 
 SOURCES = ("human", "behaviour", "reward", "metrics")
 STRATEGIES = ("all_pairs", "best_vs_worst", "best_vs_rest", "adjacent", "best_vs_random_lower",
@@ -620,7 +620,7 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
 
 def pairs(ctx) -> Any:
     """Stage function: read whichever inputs exist, build pairs, return the StageResult."""
-    from flows.stage import StageResult
+    from dpoflow.flows.stage import StageResult
 
     def opt(role: str) -> pa.Table | None:
         return ctx.read(role) if ctx.has(role) else None

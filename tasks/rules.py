@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flows.config import Section
-from tasks.lang import detect_language
-from tasks.metrics.tokenize import PY_WHITESPACE, rouge_tokenize, word_counts
+from dpoflow.flows.config import Section
+from dpoflow.tasks.lang import detect_language
+from dpoflow.tasks.metrics.tokenize import PY_WHITESPACE, rouge_tokenize, word_counts
 
 FLAGS = ("flag_safety", "flag_pii", "flag_repetition", "flag_length", "flag_refusal", "flag_language",
          "flag_empty")
@@ -193,7 +193,7 @@ def repetition_ratio(texts: pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(repeated n-gram share, n-gram count) per text, over CJK-aware unstemmed tokens."""
     import pandas as pd
 
-    from tasks.metrics.fast import _ngram_ids
+    from dpoflow.tasks.metrics.fast import _ngram_ids
 
     tok = rouge_tokenize(texts)
     gid, doc, G = _ngram_ids(tok, n)[n - 1]

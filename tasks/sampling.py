@@ -43,11 +43,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flows.config import Section
-from storage.registry import is_registry_ref
-from storage.schemas import CANDIDATES, QUARANTINE
-from tasks import generation as gen
-from tasks.ids import stable_id
+from dpoflow.flows.config import Section
+from dpoflow.storage.registry import is_registry_ref
+from dpoflow.storage.schemas import CANDIDATES, QUARANTINE
+from dpoflow.tasks import generation as gen
+from dpoflow.tasks.ids import stable_id
 
 log = logging.getLogger("dpoflow.sample")
 
@@ -521,7 +521,7 @@ def sample_stage(ctx: Any, *, shard_runner: ShardRunner | None = None, reuse_sha
     (the flow wraps it in a Prefect task); `on_progress(fraction)` reports progress;
     `on_shard(label, info)` is told when a shard is done (its output is then durable);
     `reuse_shards=False` (a forced run) recomputes shards that were already finished."""
-    from flows.stage import StageResult
+    from dpoflow.flows.stage import StageResult
 
     cfg: SampleConfig = ctx.config
     store = ctx.workspace.store
@@ -596,7 +596,7 @@ def sample_stage(ctx: Any, *, shard_runner: ShardRunner | None = None, reuse_sha
         served = ctx.read("served")
         n_served = served.num_rows
         parts.append(served_candidates(served))
-    from storage.schemas import conform
+    from dpoflow.storage.schemas import conform
 
     candidates = pa.concat_tables([conform("candidates", p, CANDIDATES) for p in parts])
     new = [i for i in infos if not i.get("reused")]

@@ -10,7 +10,7 @@ Results for bad input (also in the report):
 * texts longer than `max_chars` -> metrics and repetition use the first `max_chars`
   characters (report: `truncated`); rules and reward see the full text
 * invalid UTF-8 -> bytes replaced by U+FFFD before scoring (report: `invalid_utf8`)
-* emoji / mixed scripts -> see the tokenization rule in :mod:`tasks.metrics.tokenize`
+* emoji / mixed scripts -> see the tokenization rule in :mod:`dpoflow.tasks.metrics.tokenize`
 auto_score = weighted mean of the available components (bleu/100, rouge*, reward through
 a sigmoid, extra metrics) minus the penalties of the raised flags; null when no component
 with a weight is available (no reference and no reward).
@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flows.config import Section
-from storage.schemas import SCORES
-from tasks.metrics import fast
-from tasks.reward import RewardConfig, score_rewards
-from tasks.rules import FLAGS, RulesConfig, check
+from dpoflow.flows.config import Section
+from dpoflow.storage.schemas import SCORES
+from dpoflow.tasks.metrics import fast
+from dpoflow.tasks.reward import RewardConfig, score_rewards
+from dpoflow.tasks.rules import FLAGS, RulesConfig, check
 
 log = logging.getLogger("dpoflow.score")
 
@@ -182,7 +182,7 @@ def references_for(candidates: pa.Table, prompts: pa.Table | None) -> tuple[pa.A
 
 def extra_metric_values(name: str, spec: ExtraMetric, preds: list[str], refs: list[list[str]]) -> np.ndarray:
     """Per-row values of another `evaluate` metric (rows given here all have references)."""
-    from tasks.metrics import load_metric
+    from dpoflow.tasks.metrics import load_metric
 
     metric = load_metric(spec.path)
     n = len(preds)
@@ -296,7 +296,7 @@ def _extra_column(extra: dict[str, np.ndarray], n: int) -> pa.Array:
 
 def score(ctx) -> Any:
     """Stage function for flows.stage.run_stage: candidates (+ prompts) -> scores."""
-    from flows.stage import StageResult
+    from dpoflow.flows.stage import StageResult
 
     cfg: ScoreConfig = ctx.config
     candidates = ctx.read("candidates")

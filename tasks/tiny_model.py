@@ -131,7 +131,7 @@ def build_tiny_model(
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
-    (out / "dpoflow_model.json").write_text(json.dumps({"builder": "tasks.tiny_model", "seed": seed}))
+    (out / "dpoflow_model.json").write_text(json.dumps({"builder": "dpoflow.tasks.tiny_model", "seed": seed}))
     return out
 
 

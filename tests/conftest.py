@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from flows.workspace import Workspace  # noqa: E402
+from dpoflow.flows.workspace import Workspace  # noqa: E402
 
 
 @pytest.fixture
@@ -24,14 +24,14 @@ def ws(tmp_path) -> Workspace:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The embedded default model (tokenizer + tiny Llama), built once per session."""
-    from tasks.tiny_model import build_tiny_model
+    from dpoflow.tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory):
-    from tasks.tiny_model import build_tiny_classifier
+    from dpoflow.tasks.tiny_model import build_tiny_classifier
 
     return build_tiny_classifier(tmp_path_factory.mktemp("tiny_classifier"))
 

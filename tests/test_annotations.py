@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from flows.cli import main
-from flows.cli_feedback import import_annotations
-from tasks import annotations as an
+from dpoflow.flows.cli import main
+from dpoflow.flows.cli_feedback import import_annotations
+from dpoflow.tasks import annotations as an
 
 
 def write_jsonl(path, rows):
@@ -244,7 +244,7 @@ def label_studio_export():
 
 
 def test_label_studio_export_through_cli_and_api(ws, tmp_path, capsys):
-    from flows.workspace import Workspace
+    from dpoflow.flows.workspace import Workspace
 
     f = tmp_path / "project-3-at-2024-03-01.json"
     f.write_text(json.dumps(label_studio_export(), ensure_ascii=False))

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.schemas import PAIRS
-from tasks.balance import BalanceConfig, balance_pairs, cluster_prompts, load_tokenizer, to_trl
-from tasks.text import normalize, unit_length
+from dpoflow.storage.schemas import PAIRS
+from dpoflow.tasks.balance import BalanceConfig, balance_pairs, cluster_prompts, load_tokenizer, to_trl
+from dpoflow.tasks.text import normalize, unit_length
 
 NO_LEN = {"length_control": False}
 
@@ -186,7 +186,7 @@ def test_empty_input_is_fine():
 
 
 def test_minhash_is_deterministic():
-    from tasks.balance import minhash
+    from dpoflow.tasks.balance import minhash
 
     texts = pa.array(["同一个句子", "the same sentence here"])
     assert np.array_equal(minhash(texts), minhash(texts))

@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from dpoflow.flows.cli import main
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -88,7 +88,7 @@ def test_gc_and_models_list(tmp_path, pairs_file):
 
 def test_console_script_entry_point(tmp_path):
     """The installed `dpoflow` command starts and prints its help (a real subprocess)."""
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "dpoflow.flows.cli", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0
     for command in ("demo", "nightly", "run", "import", "datasets", "models", "metrics", "train", "serve",

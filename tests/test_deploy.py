@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import deploy
-from flows.deploy import (
+from dpoflow.flows import deploy
+from dpoflow.flows.deploy import (
     CPU_POOL,
     GPU_POOL,
     REPO_PREFECT_YAML,
@@ -25,7 +25,7 @@ from flows.deploy import (
     flow_specs,
     gpu_slot,
 )
-from flows.stages import STAGES
+from dpoflow.flows.stages import STAGES
 
 RAW = yaml.safe_load(REPO_PREFECT_YAML.read_text())
 DEPLOYMENTS = {d["name"]: d for d in RAW["deployments"]}
@@ -77,8 +77,8 @@ def _mutated(tmp_path: Path, edit) -> list[str]:
 @pytest.mark.parametrize(("edit", "expect"), [
     (lambda d: d["import"]["parameters"].update(batch_size=4), "['batch_size'] not in import's signature"),
     (lambda d: d["import"]["parameters"].update(force="sometimes"), "parameter force"),
-    (lambda d: d["import"].update(entrypoint="flows.deploy:serve_all"), "does not load"),
-    (lambda d: d["import"].update(entrypoint="flows.importing:no_such_flow"), "does not load"),
+    (lambda d: d["import"].update(entrypoint="dpoflow.flows.deploy:serve_all"), "does not load"),
+    (lambda d: d["import"].update(entrypoint="dpoflow.flows.importing:no_such_flow"), "does not load"),
     (lambda d: d["import"]["work_pool"].update(name=GPU_POOL), "expected 'dpoflow-cpu'"),
     (lambda d: d["import"].pop("work_pool"), "work_pool.name is missing"),
     (lambda d: d["import"].update(schedules=[{"cron": "0 25 * * *"}]), "schedule"),
@@ -223,12 +223,12 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # a clean Prefect environment: no API URL from the harness or a user profile
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dpoflow.flows.cli", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 
 def test_cli_deploy_check_and_serve_argument_errors(tmp_path, capsys):
-    from flows.cli import main
+    from dpoflow.flows.cli import main
 
     bad = tmp_path / "prefect.yaml"
     raw = yaml.safe_load(REPO_PREFECT_YAML.read_text())
@@ -261,7 +261,8 @@ def test_dockerfile_copies_what_exists_and_defaults_to_cpu_torch():
     # the module paths in prefect.yaml are importable from the packages the image installs
     packages = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
     for dep in DEPLOYMENTS.values():
-        assert dep["entrypoint"].split(".")[0] in packages
+        namespace, top = dep["entrypoint"].split(".")[:2]
+        assert namespace == "dpoflow" and {"dpoflow", top} <= packages
 
 
 def test_k8s_gpu_job_template_is_consistent_and_renders():

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import flow_specs
-from flows.workspace import Workspace
-from tasks.processes import terminate
+from dpoflow.flows.deploy import flow_specs
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks.processes import terminate
 
 CLIENT = textwrap.dedent("""
     import json, sys, time
@@ -125,7 +125,7 @@ def test_serve_trigger_run_and_read_artifacts_on_a_real_server(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--workspace", str(ws_dir), "--port", "0",
+            [sys.executable, "-m", "dpoflow.flows.cli", "serve", "--workspace", str(ws_dir), "--port", "0",
              "--server-home", str(tmp_path / "server"), "--cron", "0 2 * * *", "--timezone", "Europe/Berlin"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     ui_url = None

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.ingest import run_ingest
-from tasks import feedback as fb
+from dpoflow.flows.ingest import run_ingest
+from dpoflow.tasks import feedback as fb
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 
@@ -303,7 +303,7 @@ def test_hash64_distinguishes_and_is_stable():
 
 
 def test_stage_runs_as_prefect_flow(ws, tmp_path, prefect_harness):
-    from flows.ingest import ingest_flow
+    from dpoflow.flows.ingest import ingest_flow
 
     candidates(ws)
     write_jsonl(tmp_path / "e.jsonl", [ev("f1", "u1", "c1"), ev("f2", "u2", "c1", "ponder")])
@@ -314,7 +314,7 @@ def test_stage_runs_as_prefect_flow(ws, tmp_path, prefect_harness):
 
 
 def test_cli_feedback_commands(ws, tmp_path, capsys):
-    from flows.cli import main
+    from dpoflow.flows.cli import main
 
     candidates(ws)
     write_jsonl(tmp_path / "e.jsonl", [ev("f1", "u1", "c1")])

@@ -9,8 +9,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from flows.ingest import run_ingest
-from flows.workspace import Workspace
+from dpoflow.flows.ingest import run_ingest
+from dpoflow.flows.workspace import Workspace
 from tests.test_feedback import sqlite_events
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.store import DatasetStore, StagedFiles, StoreError
-from tasks import feedback as fb
-from tasks.partitions import Budget, Partitions
+from dpoflow.storage.store import DatasetStore, StagedFiles, StoreError
+from dpoflow.tasks import feedback as fb
+from dpoflow.tasks.partitions import Budget, Partitions
 
 
 def test_repeats_flags_every_later_occurrence_in_arrival_order():
@@ -167,7 +167,7 @@ def test_parse_number_fast_paths_flag_the_same_rows_as_the_general_one():
 def test_partition_count_follows_the_expected_rows_of_every_source(tmp_path):
     import pyarrow.parquet as pq
 
-    from tasks.partitions import partition_count
+    from dpoflow.tasks.partitions import partition_count
 
     pq.write_table(pa.table({"event_id": [f"e{i}" for i in range(300)]}), tmp_path / "a.parquet")
     (tmp_path / "b.jsonl").write_text('{"event_id": "x"}\n' * 100)  # 1,800 bytes

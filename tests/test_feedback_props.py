@@ -8,7 +8,7 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.ingest import run_ingest
+from dpoflow.flows.ingest import run_ingest
 
 junk = st.one_of(st.none(), st.text(max_size=6), st.integers(-10**12, 10**18), st.floats(allow_nan=True),
                  st.booleans(), st.sampled_from(["like", "dwell", "LIKE ", "c1", "u1", "2024-01-01", ""]))
@@ -25,7 +25,7 @@ row = st.fixed_dictionaries({}, optional={
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(row, min_size=0, max_size=25), as_csv=st.booleans())
 def test_junk_rows_never_crash_and_are_all_accounted_for(rows, as_csv, tmp_path_factory):
-    from flows.workspace import Workspace
+    from dpoflow.flows.workspace import Workspace
 
     base = tmp_path_factory.mktemp("prop")
     ws = Workspace.open(base / "ws")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tasks.training.config import TrainConfig
-from tasks.training.losses import LOSS_NAMES, LogpBatch, PreferenceLoss
+from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.losses import LOSS_NAMES, LogpBatch, PreferenceLoss
 
 
 def logsig(x: float) -> float:
@@ -157,7 +157,7 @@ def test_config_validates_losses():
 
 def test_torch_free_loss_names_list_every_loss():
     """The config validates loss names without torch; that list must match the real losses."""
-    from tasks.training.loss_names import LOSS_NAMES
-    from tasks.training.losses import LOSSES
+    from dpoflow.tasks.training.loss_names import LOSS_NAMES
+    from dpoflow.tasks.training.losses import LOSSES
 
     assert tuple(LOSSES) == LOSS_NAMES

@@ -20,8 +20,8 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from tasks.metrics import fast, metric_path
-from tasks.metrics.tokenize import bleu_token_strings, rouge_token_strings
+from dpoflow.tasks.metrics import fast, metric_path
+from dpoflow.tasks.metrics.tokenize import bleu_token_strings, rouge_token_strings
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "slow", "big", "small", "red", "blue", "it", "is", "was", "and", "or", "to", "of", "running", "runs", "quickly", "happily", "generously", "connection", "connected", "studies", "studying", "I", "you", "we", "they", "Paris"]
 PUNCT = [",", ".", "!", "?", "'s", "-", "(", ")", '"', ":", ";", "1,000", "3.5", "2-3", "&amp;", "&lt;",
@@ -205,7 +205,7 @@ def test_arrow_inputs_and_length_mismatch():
 
 
 def test_evaluate_modules_equal_fast_path():
-    from tasks.metrics import load_metric
+    from dpoflow.tasks.metrics import load_metric
 
     preds, refs = _english_cases(40, seed=2)
     preds += ["今天天气很好", "我喜欢 Python 编程"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.config import ConfigError, load_config
-from flows.workspace import Workspace
+from dpoflow.flows.config import ConfigError, load_config
+from dpoflow.flows.workspace import Workspace
 
 # Small enough for CI's 2 cores; the production tag is not moved, so a rerun sees no change.
 FAST = ["sample.samplers=[{model: models@production, n: 2, max_new_tokens: 12, seed: 0}]",
@@ -22,8 +22,8 @@ FAST = ["sample.samplers=[{model: models@production, n: 2, max_new_tokens: 12, s
 
 
 def _demo_workspace(root: Path, night: int = 1) -> Workspace:
-    from flows.demo import _ensure_model, demo_config
-    from tasks.demo_data import demo_night
+    from dpoflow.flows.demo import _ensure_model, demo_config
+    from dpoflow.tasks.demo_data import demo_night
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "dpoflow.yaml").write_text(yaml.safe_dump(demo_config(root)))
@@ -47,7 +47,7 @@ def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
         FlowRunFilterParentFlowRunId,
     )
 
-    from flows.nightly import nightly_flow
+    from dpoflow.flows.nightly import nightly_flow
 
     ws = _demo_workspace(tmp_path / "ws")
     state = nightly_flow(workspace=str(ws.root), overrides=FAST, return_state=True)
@@ -88,7 +88,7 @@ def test_nightly_end_to_end_then_skip(tmp_path, prefect_harness):
 
 
 def test_stage_retries_only_after_transient_errors():
-    from flows.nightly import with_retries
+    from dpoflow.flows.nightly import with_retries
 
     calls: list[int] = []
     slept: list[float] = []
@@ -129,7 +129,7 @@ def test_stage_retries_only_after_transient_errors():
 
 NIGHTLY = """
 import sys
-from flows.nightly import nightly_flow
+from dpoflow.flows.nightly import nightly_flow
 nightly_flow(workspace=sys.argv[1], overrides=sys.argv[2:])
 """
 
@@ -151,7 +151,7 @@ def test_killed_run_restarts_without_redoing_finished_stages(tmp_path, prefect_h
     proc.wait()
     done = _versions(ws)
     assert "candidates" in done and "signals" in done
-    from flows.nightly import nightly_flow
+    from dpoflow.flows.nightly import nightly_flow
 
     out = nightly_flow(workspace=str(ws.root), overrides=FAST)
     after = _versions(ws)
@@ -183,7 +183,7 @@ def test_config_precedence_file_env_overrides(tmp_path):
 
 
 def test_config_show_has_no_secrets(tmp_path, monkeypatch):
-    from flows.cli import main
+    from dpoflow.flows.cli import main
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key")
     monkeypatch.setenv("EVENTS_DB_URL", "postgresql://u:hunter2@db/x")
@@ -200,7 +200,7 @@ def test_config_show_has_no_secrets(tmp_path, monkeypatch):
 
 
 def test_readme_documents_every_config_key():
-    from flows.config import reference_markdown
+    from dpoflow.flows.config import reference_markdown
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert reference_markdown() in readme, "README config reference is stale: run `python -m flows.config`"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from storage.schemas import PAIRS, conform
-from tasks.pairs import PairsConfig, build_pairs
+from dpoflow.storage.schemas import PAIRS, conform
+from dpoflow.tasks.pairs import PairsConfig, build_pairs
 
 # --- builders (also used by test_balance*) ----------------------------------------------------
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from flows.balance import run_balance
-from flows.pairs import run_pairs
+from dpoflow.flows.balance import run_balance
+from dpoflow.flows.pairs import run_pairs
 from tests.test_pairs import candidates, judgements, scores
 
 
@@ -69,8 +69,8 @@ def test_pairs_then_balance_in_the_store_is_idempotent(ws, tmp_path):
 
 
 def test_flows_run_under_prefect(ws, prefect_harness):
-    from flows.balance import balance_flow
-    from flows.pairs import pairs_flow
+    from dpoflow.flows.balance import balance_flow
+    from dpoflow.flows.pairs import pairs_flow
 
     _seed(ws, 12)
     out = pairs_flow(workspace=str(ws.root), overrides=["pairs.strategy=best_vs_rest"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.rules import FLAGS, RulesConfig, check, cn_id_valid, luhn_valid
+from dpoflow.tasks.rules import FLAGS, RulesConfig, check, cn_id_valid, luhn_valid
 
 
 def _one(response: str | None, prompt: str = "hello there", cfg: RulesConfig | None = None) -> dict:

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from flows.config import ConfigError, load_config
-from flows.sample import sample
-from flows.workspace import Workspace
-from storage.schemas import MESSAGES, PROMPTS
-from storage.store import StoreError
-from tasks import generation as gen
-from tasks import sampling
+from dpoflow.flows.config import ConfigError, load_config
+from dpoflow.flows.sample import sample
+from dpoflow.flows.workspace import Workspace
+from dpoflow.storage.schemas import MESSAGES, PROMPTS
+from dpoflow.storage.store import StoreError
+from dpoflow.tasks import generation as gen
+from dpoflow.tasks import sampling
 
 PLAIN = ["Explain gradient descent.", "请用简单的话解释二分查找。", "Mixed 中英 text, please."]
 CHAT = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is DPO?"}]]
@@ -257,7 +257,7 @@ def test_stage_samples_plain_and_chat_prompts_from_the_registry_model(tmp_path, 
     assert not forced.skipped and forced.report["shards_reused"] == 0
     assert ws.store.read(forced.outputs["candidates"]).equals(cands)
     # promoting another model moves models@production: the same config samples again
-    from tasks.tiny_model import build_tiny_model
+    from dpoflow.tasks.tiny_model import build_tiny_model
 
     newer = ws.registry.register(build_tiny_model(tmp_path / "newer", seed=1), tags=["production"])
     promoted = sample(ws)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from flows.sample import sample, sample_flow
-from flows.workspace import Workspace
+from dpoflow.flows.sample import sample, sample_flow
+from dpoflow.flows.workspace import Workspace
 
 
 def _overrides(model) -> list[str]:
@@ -34,9 +34,9 @@ def _shards(ws: Workspace) -> list[str]:
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from flows.stage import run_stage
-    from flows.workspace import Workspace
-    from tasks import sampling
+    from dpoflow.flows.stage import run_stage
+    from dpoflow.flows.workspace import Workspace
+    from dpoflow.tasks import sampling
 
     ws = Workspace.open(sys.argv[1], json.loads(sys.argv[2]))
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import sacrebleu
 
-from storage.schemas import SCORES, conform
-from tasks.metrics import metric_path
-from tasks.reward import RewardConfig, score_rewards
-from tasks.scoring import ExtraMetric, ScoreConfig, repair_utf8, score_table
+from dpoflow.storage.schemas import SCORES, conform
+from dpoflow.tasks.metrics import metric_path
+from dpoflow.tasks.reward import RewardConfig, score_rewards
+from dpoflow.tasks.scoring import ExtraMetric, ScoreConfig, repair_utf8, score_table
 
 
 def _candidates(rows: list[tuple[str, str, str, str]]) -> pa.Table:
@@ -81,7 +81,7 @@ def test_cap_and_invalid_utf8_are_counted():
 
 
 def test_config_composes_and_validates():
-    from flows.config import load_config
+    from dpoflow.flows.config import load_config
 
     cfg = load_config(overrides=["score.use_stemmer=true", "score.auto_score.weights={bleu: 1.0}"])
     assert cfg.score.use_stemmer and cfg.score.auto_score.weights == {"bleu": 1.0}
@@ -141,7 +141,7 @@ def test_reward_model_tiny_classifier(tiny_classifier_dir):
 
 @pytest.mark.slow
 def test_score_flow_writes_versioned_scores(ws, prefect_harness):
-    from flows.score import score_flow
+    from dpoflow.flows.score import score_flow
 
     ws.store.write("prompts", PROMPTS.slice(0, 4))
     ws.store.write("candidates", _candidates([("c1", "p1", "Say hi", "hi there"), ("c2", "p2", "说你好", "你好")]))
@@ -156,7 +156,7 @@ def test_score_flow_writes_versioned_scores(ws, prefect_harness):
 
 
 def test_run_score_without_prompts_dataset(ws):
-    from flows.score import run_score
+    from dpoflow.flows.score import run_score
 
     ws.store.write("candidates", _candidates([("c1", "p1", "Say hi", "hi there")]))
     run = run_score(ws)
@@ -165,7 +165,7 @@ def test_run_score_without_prompts_dataset(ws):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli_metrics", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dpoflow.flows.cli_metrics", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -14,9 +14,9 @@ import time
 import pyarrow as pa
 import pytest
 
-from storage.registry import ModelRegistry
-from storage.schemas import DatasetNameError, SchemaError
-from storage.store import DatasetStore, StoreError
+from dpoflow.storage.registry import ModelRegistry
+from dpoflow.storage.schemas import DatasetNameError, SchemaError
+from dpoflow.storage.store import DatasetStore, StoreError
 
 BUCKET = "dpoflow-test"
 
@@ -100,7 +100,7 @@ def test_append_mode_and_streamed_write(store):
 
 
 def test_large_versions_roll_over_files_and_empty_versions_keep_the_schema(store, monkeypatch):
-    import storage.store as st
+    import dpoflow.storage.store as st
 
     monkeypatch.setattr(st, "ROWS_PER_FILE", 3)
     info = store.write("prompts", prompts(8))
@@ -165,7 +165,7 @@ def test_bad_dataset_names(store, name):
 
 
 def test_content_key_skip_and_force(ws):
-    from flows.stage import StageResult, run_stage
+    from dpoflow.flows.stage import StageResult, run_stage
 
     ws.store.write("prompts", prompts(3), stage="import")
     calls = []
@@ -191,7 +191,7 @@ def test_content_key_skip_and_force(ws):
 
 WRITER = textwrap.dedent("""
     import sys, time, pyarrow as pa
-    from storage.store import DatasetStore
+    from dpoflow.storage.store import DatasetStore
     store = DatasetStore(sys.argv[1])
     n_batches, slow = int(sys.argv[2]), float(sys.argv[3])
     def batches():
@@ -292,7 +292,7 @@ def test_model_registry_safetensors_only(ws, tiny_model_dir, tmp_path):
 
 
 def test_import_quarantines_bad_rows(ws, tmp_path):
-    from flows.importing import import_dataset
+    from dpoflow.flows.importing import import_dataset
 
     f = tmp_path / "events.jsonl"
     rows = [

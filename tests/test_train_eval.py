@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows.workspace import Workspace
-from tasks.training.promotion import PromoteConfig, decide_and_apply, gate
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks.training.promotion import PromoteConfig, decide_and_apply, gate
 
 _GOOD = ["A clear and correct answer.", "清楚、正确、简洁的回答。", "Python lists are ordered collections.",
          "Binary search halves the range every step.", "北京是中国的首都。", "Drink water and sleep well."]
@@ -45,7 +45,7 @@ def trained_ws(tmp_path, tiny_model_dir):
 # --- ref_logps ----------------------------------------------------------------------------
 
 def test_ref_logps_reused_without_loading_the_reference(trained_ws):
-    from tasks.training.ref_logps import ref_logps_for
+    from dpoflow.tasks.training.ref_logps import ref_logps_for
 
     ws = trained_ws
     first = ref_logps_for(ws, "dpo_train@0", ws.config.train)
@@ -73,7 +73,7 @@ def test_ref_logps_reused_without_loading_the_reference(trained_ws):
 
 
 def test_ref_logps_for_a_local_model_folder(tmp_path, tiny_model_dir):
-    from tasks.training.ref_logps import ref_logps_for, resolve_model
+    from dpoflow.tasks.training.ref_logps import ref_logps_for, resolve_model
 
     ws = Workspace.open(tmp_path / "ws", [f"train.model={tiny_model_dir}"])
     ws.store.write("dpo_train", make_pairs(4))
@@ -90,10 +90,10 @@ def test_ref_logps_for_a_local_model_folder(tmp_path, tiny_model_dir):
 def test_eval_metrics_are_hand_checkable(tiny_model_dir):
     """Policy = the tiny model; stored reference = policy log-probs shifted by known offsets, so
     every reward is β·offset and accuracy, margin and loss can be computed by hand."""
-    from flows.config import load_config
-    from tasks.training.evaluation import EvalConfig, evaluate_preferences
-    from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
-    from tasks.training.tokenization import tokenize_pairs
+    from dpoflow.flows.config import load_config
+    from dpoflow.tasks.training.evaluation import EvalConfig, evaluate_preferences
+    from dpoflow.tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+    from dpoflow.tasks.training.tokenization import tokenize_pairs
 
     cfg = load_config(None, ["train.beta=0.1"]).train
     model, tok = load_causal_lm(tiny_model_dir)
@@ -114,7 +114,7 @@ def test_eval_metrics_are_hand_checkable(tiny_model_dir):
 
 
 def test_win_rate_counts_ties_half_and_skips_unscored():
-    from tasks.training.evaluation import win_rate
+    from dpoflow.tasks.training.evaluation import win_rate
 
     r = win_rate(np.array([1.0, 2.0, np.nan, 3.0]), np.array([0.0, 2.0, 1.0, 4.0]))
     assert (r["wins"], r["ties"], r["losses"], r["n_compared"], r["n_unscored"]) == (1, 1, 1, 3, 1)
@@ -122,8 +122,8 @@ def test_win_rate_counts_ties_half_and_skips_unscored():
 
 
 def test_generation_comparison_of_a_model_with_itself_is_all_ties(tiny_model_dir):
-    from tasks.training.evaluation import EvalConfig, generation_comparison
-    from tasks.training.logprobs import load_causal_lm
+    from dpoflow.tasks.training.evaluation import EvalConfig, generation_comparison
+    from dpoflow.tasks.training.logprobs import load_causal_lm
 
     m = load_causal_lm(tiny_model_dir)
     ecfg = EvalConfig(n_prompts=3, max_new_tokens=6)
@@ -135,7 +135,7 @@ def test_generation_comparison_of_a_model_with_itself_is_all_ties(tiny_model_dir
 
 
 def test_training_curves_png(tmp_path):
-    from tasks.training.evaluation import plot_training_curves
+    from dpoflow.tasks.training.evaluation import plot_training_curves
 
     hist = [{"step": i, "loss": 0.7 - 0.01 * i, "rewards/accuracies": i / 10, "lr": 1e-5} for i in range(1, 11)]
     p = plot_training_curves(hist, tmp_path / "c.png")
@@ -187,7 +187,7 @@ def test_promotion_gate_both_ways(tmp_path, tiny_model_dir):
 # --- dpoflow train end to end --------------------------------------------------------------
 
 def test_cli_train_end_to_end(trained_ws, capsys):
-    from flows.cli import main
+    from dpoflow.flows.cli import main
 
     ws = trained_ws
     base = ws.registry.version_of("models@production")
@@ -243,8 +243,8 @@ def _procs_mentioning(text: str) -> list[int]:
 
 LAUNCHER = """
 import sys
-from flows.train import train_pipeline
-from flows.workspace import Workspace
+from dpoflow.flows.train import train_pipeline
+from dpoflow.flows.workspace import Workspace
 ws = Workspace.open(sys.argv[1], ["train.max_steps=100000", "train.batch_size=4", "train.checkpoint_every=0"])
 train_pipeline(ws, "dpo_train@0", None, promote=False)
 """
@@ -259,7 +259,7 @@ def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
 
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(trained_ws.root)])
     deadline = time.time() + 180
-    while time.time() < deadline and not [p for p in _procs_mentioning("tasks.training.worker")
+    while time.time() < deadline and not [p for p in _procs_mentioning("dpoflow.tasks.training.worker")
                                           if str(trained_ws.root) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]:
         assert proc.poll() is None, "launcher ended before training started"
         time.sleep(0.3)
@@ -274,8 +274,8 @@ def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
 
 def test_training_hard_timeout_kills_the_process_group(trained_ws):
     """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process."""
-    from flows.train import train_pipeline
-    from tasks.training.trainer import TrainingError
+    from dpoflow.flows.train import train_pipeline
+    from dpoflow.tasks.training.trainer import TrainingError
 
     ws = Workspace.open(trained_ws.root, ["train.max_steps=100000", "train.batch_size=4",
                                           "train.launch_timeout_s=6", "train.checkpoint_every=0"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.workspace import Workspace
+from dpoflow.flows.workspace import Workspace
 from tests.test_train_eval import make_pairs
 
 
@@ -13,7 +13,7 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    from flows.train import train_flow
+    from dpoflow.flows.train import train_flow
 
     ws = Workspace.open(tmp_path / "ws")
     base = ws.registry.register(tiny_model_dir, tags=["production"])
@@ -27,7 +27,7 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     assert set(out["outputs"]) >= {"ref_logps", "eval_ref_logps", "train_runs", "model_evals", "promotions"}
     assert out["decision"]["reasons"] and not out["skipped"]["ref_logps"]
     # the ref_logps subflow says when it reused stored rows (the train summary reports it)
-    from flows.train import ref_logps_flow
+    from dpoflow.flows.train import ref_logps_flow
 
     kw = {"pairs": ["dpo_train@latest"], "workspace": str(ws.root), "overrides": overrides}
     first, again = ref_logps_flow(**kw), ref_logps_flow(**kw)  # the promoted model is the new reference
@@ -50,7 +50,7 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
 def test_training_progress_reads_the_last_metrics_row(tmp_path):
     import json
 
-    from tasks.training.distributed import training_progress
+    from dpoflow.tasks.training.distributed import training_progress
 
     path = tmp_path / "metrics.jsonl"
     assert training_progress(path) is None  # not started

@@ -8,18 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storage.schemas import conform
-from tasks.training.config import TrainConfig
-from tasks.training.data import collate, epoch_batches, split_batch
-from tasks.training.logprobs import (
+from dpoflow.storage.schemas import conform
+from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.data import collate, epoch_batches, split_batch
+from dpoflow.tasks.training.logprobs import (
     SequenceLogps,
     align_ref_logps,
     compute_ref_logps,
     load_causal_lm,
     ref_logps_table,
 )
-from tasks.training.tokenization import tokenize_pairs
-from tasks.training.trainer import TrainingError, train
+from dpoflow.tasks.training.tokenization import tokenize_pairs
+from dpoflow.tasks.training.trainer import TrainingError, train
 
 GOOD = ["Thank you, here is a helpful reply about {t}.", "A good answer about {t} is clear and short.",
         "Here is a clear and correct answer on {t}.", "关于{t}，这是一个有帮助的回答。"]
@@ -184,7 +184,7 @@ def test_dpo_learns_separable_preferences(tiny_model_dir, tmp_path):
             "logps/rejected", "grad_norm", "lr", "tokens_per_s", "padding_share", "skipped"}
     assert keys <= set(res.metrics[-1])
     assert res.summary["steps"] == 24 and (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 24
-    from tasks.training.distributed import training_progress  # the progress artifact's reading
+    from dpoflow.tasks.training.distributed import training_progress  # the progress artifact's reading
 
     assert res.metrics[5]["total_steps"] == 24 and training_progress(tmp_path / "run" / "metrics.jsonl") == 1.0
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.training.config import TrainConfig
-from tasks.training.trainer import train
+from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.trainer import train
 from tests.test_training_core import pairs_table
 
 RUNNER = """
 import json, logging, sys, torch
 logging.basicConfig(level=logging.INFO)
 import pyarrow.parquet as pq
-from tasks.training.config import TrainConfig
-from tasks.training.trainer import train
+from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.trainer import train
 torch.set_num_threads(1)
 cfg = TrainConfig.model_validate(json.loads(sys.argv[1]))
 train(cfg, pq.read_table(sys.argv[2]), sys.argv[3], sys.argv[4])

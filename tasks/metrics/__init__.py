@@ -2,7 +2,7 @@
 
 ``evaluate.load(metric_path("bleu"))`` works with no network: the module scripts live in
 this package (``tasks/metrics/bleu/bleu.py``, ``tasks/metrics/rouge/rouge.py``) and compute
-with :mod:`tasks.metrics.fast`, so the module, the stage and the CLI give the same numbers.
+with :mod:`dpoflow.tasks.metrics.fast`, so the module, the stage and the CLI give the same numbers.
 """
 
 from __future__ import annotations

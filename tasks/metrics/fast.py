@@ -2,7 +2,7 @@
 
 Why: calling sacrebleu / rouge_score (or an `evaluate` module) once per candidate costs
 tens of microseconds to milliseconds of Python per row. Here a batch is tokenized with
-Arrow kernels (:mod:`tasks.metrics.tokenize`), n-grams become dense integer ids (pairs of
+Arrow kernels (:mod:`dpoflow.tasks.metrics.tokenize`), n-grams become dense integer ids (pairs of
 (n-1)-gram id, token id, factorised by hashing), clipped counts are found with hash joins
 and summed with ``bincount``, and ROUGE-L's LCS uses the bit-parallel algorithm of Hyyrö
 (2004) run for all pairs at once (one numpy step per token position, multi-word bit
@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.metrics.tokenize import PY_WHITESPACE, Tokens, bleu_tokenize, rouge_tokenize
+from dpoflow.tasks.metrics.tokenize import PY_WHITESPACE, Tokens, bleu_tokenize, rouge_tokenize
 
 BUILTIN_METRICS = ("bleu", "rouge")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")

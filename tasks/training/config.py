@@ -12,7 +12,7 @@ Public API (stable; other modules and the `train` / `ref_logps` stages build on 
 
 Loss parameters (``label_smoothing``, ``simpo_gamma``, ``rpo_alpha``) default to ``None``
 meaning "not given". Giving one that none of the selected losses uses is a validation error,
-never a silently ignored knob (see :mod:`tasks.training.losses` for which loss uses what).
+never a silently ignored knob (see :mod:`dpoflow.tasks.training.losses` for which loss uses what).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from flows.config import Section
-from tasks.training.evaluation import EvalConfig
-from tasks.training.promotion import PromoteConfig
+from dpoflow.flows.config import Section
+from dpoflow.tasks.training.evaluation import EvalConfig
+from dpoflow.tasks.training.promotion import PromoteConfig
 
 
 class TrainConfig(Section):
@@ -118,7 +118,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_losses(self) -> TrainConfig:
-        from tasks.training.loss_names import validate_loss_params
+        from dpoflow.tasks.training.loss_names import validate_loss_params
 
         validate_loss_params(self.loss_names, self.loss_weights, label_smoothing=self.label_smoothing,
                              simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha)
@@ -136,7 +136,7 @@ class TrainConfig(Section):
 
     @property
     def needs_reference(self) -> bool:
-        from tasks.training.loss_names import REFERENCE_FREE
+        from dpoflow.tasks.training.loss_names import REFERENCE_FREE
 
         return any(n not in REFERENCE_FREE for n in self.loss_names)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.training.tokenization import TokenizedPairs
+from dpoflow.tasks.training.tokenization import TokenizedPairs
 
 
 def epoch_batches(lengths: np.ndarray, global_batch: int, *, seed: int, epoch: int, group: bool = True,

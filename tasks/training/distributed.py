@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.processes import terminate
+from dpoflow.tasks.processes import terminate
 
 log = logging.getLogger("dpoflow.train")
 
@@ -51,7 +51,7 @@ def _free_port() -> int:
 def torchrun_command(cfg, spec_path: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.devices}",
             f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", f"--master_addr={cfg.master_addr}",
-            f"--master_port={port}", "-m", "tasks.training.worker", str(spec_path)]
+            f"--master_port={port}", "-m", "dpoflow.tasks.training.worker", str(spec_path)]
 
 
 PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`
@@ -75,7 +75,7 @@ def training_progress(metrics_path: Path) -> float | None:
 def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Table | None = None,
            ref_model_path=None, resume: bool = True, stop: threading.Event | None = None,
            logger: logging.Logger | None = None, on_progress: Callable[[float], None] | None = None):
-    from tasks.training.trainer import TrainingCancelled, TrainingError, TrainResult
+    from dpoflow.tasks.training.trainer import TrainingCancelled, TrainingError, TrainResult
 
     logger = logger or log
     run_dir = Path(run_dir)
@@ -133,9 +133,9 @@ def _reference(cfg, train_table: pa.Table, ref_path) -> pa.Table:
     """Reference log-probs in this process, so each worker holds only the policy."""
     import torch
 
-    from tasks.generation import pick_device
-    from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
-    from tasks.training.tokenization import tokenize_pairs
+    from dpoflow.tasks.generation import pick_device
+    from dpoflow.tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+    from dpoflow.tasks.training.tokenization import tokenize_pairs
 
     device = pick_device()
     model, tok = load_causal_lm(ref_path, device=device)

@@ -6,7 +6,7 @@ Public API:
     EvalConfig                                   ``ws.config.train.eval``.
     preference_metrics(policy_c, policy_r, ref_c, ref_r, tokens_c, tokens_r, cfg) -> dict
         pure (numpy in, floats out): reward accuracy, margins and loss of the configured
-        objective, computed by :class:`tasks.training.losses.PreferenceLoss` itself, so the
+        objective, computed by :class:`dpoflow.tasks.training.losses.PreferenceLoss` itself, so the
         eval loss is exactly the training loss on held-out pairs.
     evaluate_preferences(model, tokenizer, pairs, ref_table, cfg, ecfg, device) -> (dict, pa.Table)
     held_out_prompts(pairs, n) -> (prompt_ids, prompts, references)
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from flows.config import Section
+from dpoflow.flows.config import Section
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 
@@ -70,7 +70,7 @@ def preference_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray,
     """Held-out metrics of the configured objective; returns (metrics, chosen_r, rejected_r, loss)."""
     import torch
 
-    from tasks.training.losses import LogpBatch, PreferenceLoss
+    from dpoflow.tasks.training.losses import LogpBatch, PreferenceLoss
 
     def t(x: np.ndarray | None) -> torch.Tensor | None:
         return None if x is None else torch.as_tensor(np.asarray(x, np.float64))
@@ -107,8 +107,8 @@ def _cap_pairs(pairs: pa.Table, max_pairs: int | None) -> pa.Table:
 def evaluate_preferences(model: Any, tokenizer: Any, pairs: pa.Table, ref_table: pa.Table | None, cfg: Any,
                          ecfg: EvalConfig, device: str = "cpu") -> tuple[dict[str, Any], pa.Table]:
     """Policy log-probs on held-out pairs (same tokenization as training) + stored reference."""
-    from tasks.training.logprobs import align_ref_logps, compute_ref_logps
-    from tasks.training.tokenization import tokenize_pairs
+    from dpoflow.tasks.training.logprobs import align_ref_logps, compute_ref_logps
+    from dpoflow.tasks.training.tokenization import tokenize_pairs
 
     pairs = _cap_pairs(pairs, ecfg.max_pairs)
     tokenized = tokenize_pairs(pairs, tokenizer, cfg)
@@ -153,7 +153,7 @@ def _reward_scores(path: str | Path, prompts: Sequence[Any], responses: Sequence
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.generation import render_prompts
+    from dpoflow.tasks.generation import render_prompts
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True).eval()
@@ -177,7 +177,7 @@ def score_responses(responses: Sequence[str | None], references: Sequence[Any], 
         if reward_model_path is None:
             raise ValueError("eval.scorer=reward_model needs eval.reward_model")
         return _reward_scores(reward_model_path, prompts, responses)
-    from tasks.metrics.fast import compute
+    from dpoflow.tasks.metrics.fast import compute
 
     kind = "bleu" if ecfg.metric == "bleu" else "rouge"
     return np.asarray(compute(list(responses), list(references), metrics=(kind,), workers=1)[ecfg.metric], float)
@@ -199,7 +199,7 @@ def win_rate(new: np.ndarray, base: np.ndarray, tol: float = 1e-9) -> dict[str, 
 def generation_comparison(new: tuple[Any, Any], base: tuple[Any, Any], pairs: pa.Table, ecfg: EvalConfig,
                           device: str = "cpu", reward_model_path: str | Path | None = None) -> dict[str, Any]:
     """Generate with both models on the same held-out prompts and seeds, score, count wins."""
-    from tasks.generation import GenParams, generate_responses
+    from dpoflow.tasks.generation import GenParams, generate_responses
 
     pids, prompts, refs = held_out_prompts(pairs, ecfg.n_prompts)
     params = GenParams(n=1, temperature=ecfg.temperature, top_p=ecfg.top_p,
@@ -237,8 +237,8 @@ def evaluate_model(model_dir: str | Path, pairs: pa.Table, ref_table: pa.Table |
                    *, baseline_dir: str | Path | None = None, reward_model_path: str | Path | None = None,
                    device: str | None = None) -> EvalResult:
     """Preference metrics on dpo_eval, then (if a baseline is given) the generation comparison."""
-    from tasks.generation import pick_device
-    from tasks.training.logprobs import load_causal_lm
+    from dpoflow.tasks.generation import pick_device
+    from dpoflow.tasks.training.logprobs import load_causal_lm
 
     device = device or pick_device()
     model, tok = load_causal_lm(model_dir, device=device)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.training.data import Batch, collate
+from dpoflow.tasks.training.data import Batch, collate
 
 
 def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

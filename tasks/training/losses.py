@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tasks.training.loss_names import (  # noqa: F401  (re-exported: part of this module's API)
+from dpoflow.tasks.training.loss_names import (  # noqa: F401  (re-exported: part of this module's API)
     LOSS_NAMES,
     PARAM_USERS,
     REFERENCE_FREE,

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field
 
-from flows.config import Section
+from dpoflow.flows.config import Section
 
 PRODUCTION = "production"
 CANDIDATE = "candidate"

@@ -92,10 +92,10 @@ def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
     """The stage function (a closure over the train config and the resolved reference)."""
 
     def ref_logps_stage(ctx: Any):
-        from flows.stage import StageResult
-        from tasks.generation import pick_device
-        from tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
-        from tasks.training.tokenization import tokenize_pairs
+        from dpoflow.flows.stage import StageResult
+        from dpoflow.tasks.generation import pick_device
+        from dpoflow.tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
+        from dpoflow.tasks.training.tokenization import tokenize_pairs
 
         table = ctx.read("pairs")
         path = model_path(ctx.workspace, model)
@@ -120,8 +120,8 @@ def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
 def ref_logps_for(ws: Any, pairs_ref: str, cfg: Any, *, model: ModelRef | None = None, force: bool = False,
                   hold: Callable[[], Any] | None = None):
     """Compute (or reuse) the stored reference log-probs of one pairs version."""
-    from flows.stage import run_stage
-    from tasks.training import logprobs, tokenization
+    from dpoflow.flows.stage import run_stage
+    from dpoflow.tasks.training import logprobs, tokenization
 
     model = model or resolve_model(ws, cfg.ref_model or cfg.model)
     fn = make_ref_logps_stage(cfg, model)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.training.ref_logps import ModelRef, model_path
+from dpoflow.tasks.training.ref_logps import ModelRef, model_path
 
 # Settings that do not change the trained weights (left out of the train step's content key).
 RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
@@ -63,10 +63,10 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
     callback that receives the share of optimizer steps done."""
 
     def train_stage(ctx: Any):
-        from flows.stage import StageResult
-        from tasks.training.distributed import launch
-        from tasks.training.evaluation import plot_training_curves
-        from tasks.training.promotion import register_candidate
+        from dpoflow.flows.stage import StageResult
+        from dpoflow.tasks.training.distributed import launch
+        from dpoflow.tasks.training.evaluation import plot_training_curves
+        from dpoflow.tasks.training.promotion import register_candidate
 
         table = ctx.read("train")
         ref = ctx.read("train_ref") if ctx.has("train_ref") else None
@@ -110,9 +110,9 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
 
 def make_eval_stage(cfg: Any, baseline: ModelRef | None) -> Callable:
     def eval_stage(ctx: Any):
-        from flows.stage import StageResult
-        from tasks.training.evaluation import eval_report_markdown, evaluate_model
-        from tasks.training.ref_logps import resolve_model
+        from dpoflow.flows.stage import StageResult
+        from dpoflow.tasks.training.evaluation import eval_report_markdown, evaluate_model
+        from dpoflow.tasks.training.ref_logps import resolve_model
 
         run = _row(ctx.read("train_run"))
         ws = ctx.workspace
@@ -173,8 +173,8 @@ def gate_metrics(run: dict[str, Any], model_eval: dict[str, Any] | None) -> dict
 
 def make_promote_stage(cfg: Any) -> Callable:
     def promote_stage(ctx: Any):
-        from flows.stage import StageResult
-        from tasks.training.promotion import decide_and_apply
+        from dpoflow.flows.stage import StageResult
+        from dpoflow.tasks.training.promotion import decide_and_apply
 
         run = _row(ctx.read("train_run"))
         model_eval = _row(ctx.read("model_eval")) if ctx.has("model_eval") else None

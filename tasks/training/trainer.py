@@ -63,18 +63,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from tasks.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tasks.training.config import TrainConfig
-from tasks.training.data import collate, epoch_batches, split_batch
-from tasks.training.logprobs import (
+from dpoflow.tasks.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.data import collate, epoch_batches, split_batch
+from dpoflow.tasks.training.logprobs import (
     SequenceLogps,
     align_ref_logps,
     autocast_dtype,
     compute_ref_logps,
     load_causal_lm,
 )
-from tasks.training.losses import LogpBatch, PreferenceLoss
-from tasks.training.tokenization import tokenize_pairs
+from dpoflow.tasks.training.losses import LogpBatch, PreferenceLoss
+from dpoflow.tasks.training.tokenization import tokenize_pairs
 
 log = logging.getLogger("dpoflow.train")
 
@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        from tasks.training.distributed import launch
+        from dpoflow.tasks.training.distributed import launch
 
         return launch(cfg, train_table, model_path, run_dir, ref_logps=ref_logps, ref_model_path=ref_model_path,
                       resume=resume, stop=stop, logger=logger)
@@ -439,7 +439,7 @@ def _shard(policy: torch.nn.Module, device: torch.device, amp: torch.dtype | Non
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from tasks.training.logprobs import _causal_lm
+    from dpoflow.tasks.training.logprobs import _causal_lm
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()

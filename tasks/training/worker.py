@@ -49,8 +49,8 @@ def main(spec_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from tasks.training.config import TrainConfig
-    from tasks.training.trainer import train
+    from dpoflow.tasks.training.config import TrainConfig
+    from dpoflow.tasks.training.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(message)s")
     watch_launcher()

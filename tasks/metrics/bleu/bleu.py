@@ -3,7 +3,7 @@
 Same definition and defaults as ``sacrebleu.sentence_bleu`` (tokenize 13a, smoothing
 'exp', effective order, 0-100 scale, one or several references per prediction). Text with
 CJK characters is tokenized with one character per token (see
-``tasks.metrics.tokenize`` for the rule), so Chinese and mixed text get meaningful scores.
+``dpoflow.tasks.metrics.tokenize`` for the rule), so Chinese and mixed text get meaningful scores.
 
 Load without the Hub: ``evaluate.load("<dpoflow>/tasks/metrics/bleu")``.
 """
@@ -12,7 +12,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from tasks.metrics.fast import compute
+from dpoflow.tasks.metrics.fast import compute
 
 _CITATION = """Papineni et al. (2002) BLEU; Post (2018) A Call for Clarity in Reporting BLEU Scores."""
 

@@ -2,7 +2,7 @@
 
 Same numbers as ``rouge_score.RougeScorer`` F1 (stemming optional; several references:
 best F1 per type, as ``score_multi``). Text with CJK characters is tokenized with one
-character per token, other scripts as words (rule in ``tasks.metrics.tokenize``), where
+character per token, other scripts as words (rule in ``dpoflow.tasks.metrics.tokenize``), where
 rouge_score's default tokenizer would drop all non-ASCII text.
 
 Load without the Hub: ``evaluate.load("<dpoflow>/tasks/metrics/rouge")``.
@@ -12,7 +12,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from tasks.metrics.fast import ROUGE_KEYS, compute
+from dpoflow.tasks.metrics.fast import ROUGE_KEYS, compute
 
 _CITATION = """Lin (2004) ROUGE: A Package for Automatic Evaluation of Summaries."""
 
