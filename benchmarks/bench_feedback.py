@@ -101,7 +101,7 @@ def run_ours(data: Path, write: bool, state_mb: int | None = None) -> dict:
         n_signals = ws.store.info("signals").rows
     else:  # the core alone: validation + aggregation, no spool / store
         cands = pc.unique(cand)
-        acc = fb.EventAccumulator(cfg, expected_rows=fb._expected_rows(cfg, {}))
+        acc = fb.EventAccumulator(cfg, expected_rows=fb.expected_rows(cfg, {}))
         acc.preload(cands)
         rep = {"rows_in": 0, "accepted": 0}
         now = int(time.time() * 1e6)

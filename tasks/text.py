@@ -54,7 +54,7 @@ def unit_length(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
         np.zeros(0, np.int64)
 
 
-def hash64(values: pa.Array | pa.ChunkedArray | list, salt: str = "") -> np.ndarray:
+def stable_hash64(values: pa.Array | pa.ChunkedArray | list, salt: str = "") -> np.ndarray:
     """Stable 64-bit hash per value (blake2b of salt + value; null hashes like "").
 
     Hashes each distinct value once (dictionary encoding), so a column with many repeats
@@ -76,4 +76,4 @@ def hash64(values: pa.Array | pa.ChunkedArray | list, salt: str = "") -> np.ndar
 
 def unit_interval(values: pa.Array | pa.ChunkedArray | list, salt: str = "") -> np.ndarray:
     """A stable pseudo-random number in [0, 1) per value: for splits and seeded sampling."""
-    return (hash64(values, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return (stable_hash64(values, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import os
-import sqlite3
 
 import numpy as np
 import pyarrow as pa
@@ -15,27 +13,8 @@ import pytest
 
 from dpoflow.flows.ingest import run_ingest
 from dpoflow.tasks import feedback as fb
-
-T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
-
-
-def iso(days: float = 0.0, seconds: float = 0.0) -> str:
-    return (T0 + dt.timedelta(days=days, seconds=seconds)).isoformat()
-
-
-def candidates(ws, ids=("c1", "c2", "c3")) -> None:
-    n = len(ids)
-    ws.store.write("candidates", pa.table({
-        "candidate_id": list(ids), "prompt_id": ["p"] * n, "prompt": ["q"] * n, "response": list(ids),
-        "origin": ["sampled"] * n, "model_version": ["m"] * n, "dup_count": pa.array([1] * n, pa.int32())}))
-
-
-def ev(eid, user, resp, etype="like", ts=None, **kw) -> dict:
-    return {"event_id": eid, "user_id": user, "response_id": resp, "event_type": etype, "ts": ts or iso(), **kw}
-
-
-def write_jsonl(path, rows) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+from dpoflow.tasks.kernels import hash64
+from tests.builders import T0, candidates, ev, iso, quarantine_reasons, sqlite_events, write_jsonl
 
 
 def configure(ws, **ingest) -> None:
@@ -45,10 +24,6 @@ def configure(ws, **ingest) -> None:
 
 def signals(ws) -> dict[str, dict]:
     return {r["candidate_id"]: r for r in ws.store.read("signals").to_pylist()}
-
-
-def quarantine_reasons(ws) -> list[str]:
-    return sorted(ws.store.read("quarantine").column("reason").to_pylist()) if ws.store.exists("quarantine") else []
 
 
 def test_every_quarantine_reason_and_valid_rows(ws, tmp_path):
@@ -128,18 +103,6 @@ def test_parquet_and_csv_sources(ws, tmp_path):
     assert t["event_type"].to_pylist() == ["dwell", "copy", "like", "share"]  # normalised case
     assert t["user_id"].to_pylist()[:2] == ["7", "8"]
     assert set(t["ts"].to_pylist()) == {T0}  # epoch ms, naive text and Arrow ms all in UTC
-
-
-def sqlite_events(path, rows) -> None:
-    """Append event dicts to the `events` table of a SQLite file (created on first use)."""
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT, user_id TEXT, response_id TEXT, "
-                "event_type TEXT, value REAL, ts TEXT, position INTEGER, variant TEXT)")
-    con.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
-                    [(r["event_id"], r["user_id"], r["response_id"], r["event_type"], r.get("value"), r["ts"],
-                      r.get("position"), r.get("variant")) for r in rows])
-    con.commit()
-    con.close()
 
 
 def test_sqlite_source_incremental_with_lookback(ws, tmp_path, monkeypatch):
@@ -291,15 +254,15 @@ def test_ipw_from_config_and_estimated():
 
 def test_hash64_distinguishes_and_is_stable():
     arr = pa.array(["a", "a\x00", "", "abcdefgh", "abcdefghi", "事件-1", "事件-1", None], pa.string())
-    h = fb.hash64(arr.slice(0, 7))
+    h = hash64(arr.slice(0, 7))
     assert len(set(h[:6].tolist())) == 6 and h[5] == h[6]
     many = pa.array([f"evt-{i}" for i in range(100_000)])
-    assert len(np.unique(fb.hash64(many))) == 100_000
-    assert (fb.hash64(many.slice(50)) == fb.hash64(many)[50:]).all()
+    assert len(np.unique(hash64(many))) == 100_000
+    assert (hash64(many.slice(50)) == hash64(many)[50:]).all()
     # a value's hash does not depend on its neighbours (lengths, empty strings, offsets)
     mixed = pa.array(["", "x" * 17, "事件-1", "", "abcdefgh"])
-    alone = np.concatenate([fb.hash64(pa.array([v])) for v in mixed.to_pylist()])
-    assert (fb.hash64(mixed) == alone).all() and (fb.hash64(pa.array(["", ""])) == alone[0]).all()
+    alone = np.concatenate([hash64(pa.array([v])) for v in mixed.to_pylist()])
+    assert (hash64(mixed) == alone).all() and (hash64(pa.array(["", ""])) == alone[0]).all()
 
 
 def test_stage_runs_as_prefect_flow(ws, tmp_path, prefect_harness):

@@ -11,7 +11,7 @@ import pytest
 
 from dpoflow.flows.ingest import run_ingest
 from dpoflow.flows.workspace import Workspace
-from tests.test_feedback import sqlite_events
+from tests.builders import sqlite_events
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 CANDS = [f"c{i}" for i in range(6)]

@@ -10,12 +10,14 @@ import pytest
 
 from dpoflow.storage.store import DatasetStore, StagedFiles, StoreError
 from dpoflow.tasks import feedback as fb
+from dpoflow.tasks import kernels
+from dpoflow.tasks.feedback import sources, validation
 from dpoflow.tasks.partitions import Budget, Partitions
 
 
 def test_repeats_flags_every_later_occurrence_in_arrival_order():
     h = np.array([5, 3, 5, 7, 3, 5, 0], np.uint64)
-    assert fb._repeats(h).tolist() == [False, False, True, False, True, True, False]
+    assert kernels.repeats(h).tolist() == [False, False, True, False, True, True, False]
     rng = np.random.default_rng(3)
     big = rng.integers(0, 5000, 20_000).astype(np.uint64)
     seen: set[int] = set()
@@ -23,7 +25,7 @@ def test_repeats_flags_every_later_occurrence_in_arrival_order():
     for x in big.tolist():
         want.append(x in seen)
         seen.add(x)
-    assert fb._repeats(big).tolist() == want
+    assert kernels.repeats(big).tolist() == want
 
 
 def test_partitions_spill_over_budget_and_read_back_in_arrival_order(tmp_path):
@@ -90,7 +92,7 @@ def test_spilled_state_gives_the_same_statuses_and_signals_as_in_memory():
 
 
 def test_codes_are_stable_per_value_and_trimmed_duplicates_share_one_code():
-    codes = fb.Codes()
+    codes = kernels.Codes()
     codes.preload(pa.array(["c1", "c2", "c3"]))
     a = codes.encode(pa.array(["c3", "x", "c1", "x"]))
     assert a.tolist() == [2, 3, 0, 3] and codes.values == ["c1", "c2", "c3", "x"]
@@ -100,9 +102,9 @@ def test_codes_are_stable_per_value_and_trimmed_duplicates_share_one_code():
     # a worker's lookup against an old snapshot is completed by resolve
     old = codes.index()
     vals = pa.array(["z", "y"])
-    pre = fb.Codes.find(old, fb.hash64(vals))
+    pre = kernels.Codes.find(old, kernels.hash64(vals))
     codes.encode(pa.array(["z"]))
-    assert pre.tolist() == [-1, 4] and codes.resolve(vals, fb.hash64(vals), pre).tolist() == [5, 4]
+    assert pre.tolist() == [-1, 4] and codes.resolve(vals, kernels.hash64(vals), pre).tolist() == [5, 4]
 
 
 def test_validate_response_codes_are_candidate_indices():
@@ -130,12 +132,12 @@ def test_staged_files_commit_as_one_version_and_only_where_staged(tmp_path):
 
 
 def test_to_string_trims_ascii_and_unicode_spaces_and_skips_clean_columns():
-    assert fb._to_string(pa.array(["\u3000a", "b\u00a0", "c", " d\t", "  ", None])).to_pylist() == \
+    assert validation.to_string(pa.array(["\u3000a", "b\u00a0", "c", " d\t", "  ", None])).to_pylist() == \
         ["a", "b", "c", "d", None, None]
     clean = pa.array(["a", "bc", "", None])
-    assert not fb._may_need_trim(clean) and fb._to_string(clean).to_pylist() == ["a", "bc", None, None]
-    assert fb._may_need_trim(pa.array(["a", "事"]))  # a non-ASCII edge byte: checked by the real trim
-    assert fb._to_string(pa.array(["a\x1f", "\x1c"])).to_pylist() == ["a", None]  # Arrow's trim strips 28-31
+    assert not validation.may_need_trim(clean) and validation.to_string(clean).to_pylist() == ["a", "bc", None, None]
+    assert validation.may_need_trim(pa.array(["a", "事"]))  # a non-ASCII edge byte: checked by the real trim
+    assert validation.to_string(pa.array(["a\x1f", "\x1c"])).to_pylist() == ["a", None]  # Arrow's trim strips 28-31
 
 
 def test_dictionary_ids_with_nulls_are_quarantined_not_a_crash():
@@ -153,14 +155,14 @@ def test_dictionary_ids_with_nulls_are_quarantined_not_a_crash():
 
 
 def test_parse_number_fast_paths_flag_the_same_rows_as_the_general_one():
-    out, bad = fb._parse_number(pa.array([1, -1, None, 2**40, 0]), pa.int32())
+    out, bad = validation.parse_number(pa.array([1, -1, None, 2**40, 0]), pa.int32())
     assert out.to_pylist() == [1, None, None, None, 0] and bad.tolist() == [False, True, False, True, False]
-    out, bad = fb._parse_number(pa.array([1.5, None, float("nan"), float("inf")]), pa.float64())
+    out, bad = validation.parse_number(pa.array([1.5, None, float("nan"), float("inf")]), pa.float64())
     assert out.to_pylist() == [1.5, None, None, None] and bad.tolist() == [False, False, True, True]
     clean = pa.array([2.0, None, 3.25])
-    out, bad = fb._parse_number(clean, pa.float64())
+    out, bad = validation.parse_number(clean, pa.float64())
     assert out.to_pylist() == [2.0, None, 3.25] and not bad.any()
-    out, bad = fb._parse_number(pa.array(["7", "x", None, "-2"]), pa.int32())  # text: the general path
+    out, bad = validation.parse_number(pa.array(["7", "x", None, "-2"]), pa.int32())  # text: the general path
     assert out.to_pylist() == [7, None, None, None] and bad.tolist() == [False, True, False, True]
 
 
@@ -174,9 +176,9 @@ def test_partition_count_follows_the_expected_rows_of_every_source(tmp_path):
     cfg = fb.IngestConfig(sources=[{"name": "files", "path": str(tmp_path)},
                                    {"name": "db", "kind": "sql", "url_env": "X", "table": "t"}])
     state = {"db": {"watermark": 5, "type": "number", "rows_last_run": 4_000}}
-    assert fb._expected_rows(cfg, state) == 300 + 1_800 // fb._TEXT_BYTES_PER_ROW + 4_000
-    seen = {"files": {str(tmp_path / "a.parquet"): fb._file_sig(tmp_path / "a.parquet")}}
-    assert fb._expected_rows(cfg, {**state, "files": seen}) == 1_800 // fb._TEXT_BYTES_PER_ROW + 4_000
+    assert sources.expected_rows(cfg, state) == 300 + 1_800 // sources.TEXT_BYTES_PER_ROW + 4_000
+    seen = {"files": {str(tmp_path / "a.parquet"): sources.file_sig(tmp_path / "a.parquet")}}
+    assert sources.expected_rows(cfg, {**state, "files": seen}) == 1_800 // sources.TEXT_BYTES_PER_ROW + 4_000
     assert partition_count(0, 1000) == 16 and partition_count(40_000, 1000) == 64  # powers of two
     assert partition_count(10**12, 1000) == 4096
 
