@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from dpoflow.flows.config import Section
 from dpoflow.storage.schemas import DPO_SPLIT, PAIRS, conform
-from dpoflow.tasks.text import hash64, normalize, unit_interval, unit_length, units
+from dpoflow.tasks.text import normalize, stable_hash64, unit_interval, unit_length, units
 
 MIX_DIMENSIONS = ("source", "category", "language")
 
@@ -98,7 +98,7 @@ def minhash(texts: pa.Array | pa.ChunkedArray, num_perm: int = 64, shingle: int 
     n = len(tok)
     lens = np.asarray(pc.list_value_length(tok).to_numpy(zero_copy_only=False), dtype=np.int64)
     flat = pc.list_flatten(tok)
-    h = hash64(flat, salt="unit:")
+    h = stable_hash64(flat, salt="unit:")
     starts = np.asarray(tok.offsets)[:-1].astype(np.int64)
     parent = np.repeat(np.arange(n), lens)
     pos = np.arange(len(flat)) - starts[parent] if len(flat) else np.zeros(0, np.int64)
@@ -115,7 +115,7 @@ def minhash(texts: pa.Array | pa.ChunkedArray, num_perm: int = 64, shingle: int 
         sig = np.empty((n, num_perm), np.uint64)
         has = np.bincount(sp, minlength=n) > 0
         first = np.searchsorted(sp, np.arange(n))
-        empty_sig = _mix64(hash64(pa.array(np.arange(n).astype(str)), salt="empty:"))
+        empty_sig = _mix64(stable_hash64(pa.array(np.arange(n).astype(str)), salt="empty:"))
         for p in range(num_perm):
             salt = _mix64(np.array([seed * 1_000_003 + p], np.uint64))[0]
             v = _mix64(sh ^ salt)
@@ -317,7 +317,7 @@ def balance_pairs(pairs: pa.Table, config: BalanceConfig | None = None, tokenize
         comp_of_code[codes_sorted] = lab
         # representative: the member prompt whose id hash is smallest (stable as unrelated rows come and go)
         up_ids = t.column("prompt_id").take(pa.array(uniq_first))
-        hv = hash64(up_ids, salt="cluster-rep:")
+        hv = stable_hash64(up_ids, salt="cluster-rep:")
         best = np.full(len(lab), np.iinfo(np.uint64).max, np.uint64)
         np.minimum.at(best, lab, hv)
         rep_idx = np.empty(len(lab), np.int64)
