@@ -52,7 +52,7 @@ def main() -> None:
 
     from dpoflow.flows.deploy import flow_run_settings
     from dpoflow.flows.nightly import nightly_direct, nightly_flow
-    from dpoflow.flows.stages import STAGES, stage_flow
+    from dpoflow.flows.registry import STAGES, stage_flow
 
     for name in STAGES:  # import every stage (torch, transformers...) before timing either side
         stage_flow(name)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dpoflow.flows.stage import StageRun, publish_markdown, publish_table, run_stage
+from dpoflow.flows.reporting import publish_markdown, publish_table
+from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks import balance as balance_task
-from dpoflow.tasks import text as text_task
 
 
 def run_balance(ws: Workspace, pairs: str = "pairs@latest", *, force: bool = False) -> StageRun:
     """The stage without Prefect (for tests, the CLI and the nightly flow)."""
-    return run_stage(ws, "balance", balance_task.balance, {"pairs": pairs}, ws.config.balance, force=force,
-                     code=(balance_task, text_task))
+    return run_stage(ws, "balance", balance_task.balance, {"pairs": pairs}, ws.config.balance, force=force)
 
 
 @flow(name="balance")

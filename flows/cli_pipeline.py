@@ -3,46 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
-from dpoflow.flows.stages import STAGES
-
-ORDER = ["sample", "score", "ingest", "pairs", "balance", "train"]
+from dpoflow.flows.registry import STAGES, stage
 
 
-def _flow_params(stage: str) -> list[str]:
-    from dpoflow.flows.stages import stage_flow
-
-    return list(inspect.signature(stage_flow(stage).fn).parameters)
-
-
-def _inputs_to_params(stage: str, inputs: list[str]) -> dict[str, str]:
-    """`--input candidates@3` -> {"candidates": "candidates@3"}, checked against the flow's inputs."""
-    params = _flow_params(stage)
+def _inputs_to_params(name: str, inputs: list[str]) -> dict[str, str]:
+    """`--input candidates@3` -> {"candidates": "candidates@3"}: a ref goes to the input role
+    of that name, else to the one input that reads that dataset (`pairs@2` -> pairs_import)."""
+    roles = {i.role: i for i in stage(name).inputs}
     out = {}
     for ref in inputs:
-        name = ref.split("@", 1)[0]
-        if name not in params:
-            accepted = [p for p in params if p not in ("workspace", "overrides", "force", "promote")]
-            raise SystemExit(f"dpoflow: error: stage {stage!r} has no input {name!r} (inputs: {', '.join(accepted)})")
-        out[name] = ref
+        dataset = ref.split("@", 1)[0]
+        role = dataset if dataset in roles else next((r for r, i in roles.items() if i.dataset == dataset), None)
+        if role is None:
+            raise SystemExit(f"dpoflow: error: stage {name!r} has no input {dataset!r} (inputs: {', '.join(roles)})")
+        out[role] = ref
     return out
 
 
 def run_stages(stage: str, inputs: list[str], workspace: str | None, overrides: list[str], force: bool,
                downstream: bool, deployment: bool = False) -> dict[str, Any]:
     """Run `stage` (and with `downstream` every later stage, fed with what the earlier wrote)."""
-    from dpoflow.flows.stages import stage_flow
+    from dpoflow.flows.registry import stage_flow
 
-    todo = ORDER[ORDER.index(stage):] if downstream else [stage]
+    order = list(STAGES)
+    todo = order[order.index(stage):] if downstream else [stage]
     produced: dict[str, str] = {}
     results: dict[str, Any] = {}
     for i, name in enumerate(todo):
-        params = _flow_params(name)
-        kw: dict[str, Any] = {k: v for k, v in produced.items() if k in params}
+        kw: dict[str, Any] = {k: v for k, v in produced.items() if k in STAGES[name].input_roles()}
         if i == 0:
             kw.update(_inputs_to_params(name, inputs))
         kw.update({"workspace": workspace, "overrides": overrides or None, "force": force})

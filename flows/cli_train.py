@@ -50,8 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ref_logps(args: argparse.Namespace) -> int:
+    from dpoflow.flows.train import ref_logps_for
     from dpoflow.flows.workspace import Workspace
-    from dpoflow.tasks.training.ref_logps import ref_logps_for
 
     ws = Workspace.open(args.workspace, list(getattr(args, "set", None) or []) or None)
     run = ref_logps_for(ws, args.pairs, ws.config.train, force=args.force)

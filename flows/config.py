@@ -60,6 +60,8 @@ class InboxConfig(Section):
     served: str | None = Field(None, description="served responses file or folder (become candidates, origin=served)")
     annotations: str | None = Field(None, description="human annotations (JSONL / CSV / Label Studio JSON)")
     pairs: str | None = Field(None, description="ready-made preference pairs to add (source=imported)")
+    feedback_events: str | None = Field(None, description="behaviour events file or folder (checked by the ingest "
+                                        "rules: event types, timestamp window, orphans, exactly-once, abuse)")
 
 
 class NightlyConfig(Section):
@@ -74,9 +76,9 @@ class NightlyConfig(Section):
                                   "posted to Prefect (short stages are posted in batches, e.g. while training runs)")
 
 
-def _stage_models() -> dict[str, tuple[type[BaseModel], Any]]:
-    """Stage sections, imported lazily so a broken optional stage never blocks `datasets list`."""
-    from dpoflow.flows.stages import config_sections
+def _stage_models() -> dict[str, type[BaseModel]]:
+    """Stage sections from the stage registry, imported only when the config is built."""
+    from dpoflow.flows.registry import config_sections
 
     return config_sections()
 
@@ -92,7 +94,7 @@ def _build_model() -> type[BaseModel]:
         "nightly": (NightlyConfig, Field(default_factory=NightlyConfig)),
         "annotations": (annotations_model, Field(default_factory=annotations_model)),
     }
-    for name, (model, _) in _stage_models().items():
+    for name, model in _stage_models().items():
         fields[name] = (model, Field(default_factory=model))
     return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid", populate_by_name=True), **fields)
 

@@ -32,14 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpoflow.flows.stages import STAGES
+from dpoflow.flows.registry import STAGES
 
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
 CPU_POOL = "dpoflow-cpu"
 GPU_POOL = "dpoflow-gpu"
-# Stages that hold a GPU (and the nightly flow, which runs them in-process as subflows).
-GPU_STAGES = frozenset({"sample", "train", "nightly"})
+# Deployments on the GPU pool: the registry's GPU stages, and the nightly flow, which runs
+# them in-process as subflows.
+GPU_STAGES = frozenset({s.name for s in STAGES.values() if s.pool == "gpu"} | {"nightly"})
 # Flows deployed besides the STAGES: the nightly DAG and the manual import of a file.
 NIGHTLY_FLOW = "dpoflow.flows.nightly:nightly_flow"
 EXTRA_FLOWS = {"import": "dpoflow.flows.importing:import_flow", "nightly": NIGHTLY_FLOW}
@@ -57,7 +58,7 @@ def deployment_name(flow: str) -> str:
 
 def flow_specs() -> dict[str, str]:
     """Every deployable flow: deployment name -> ``module:function``, in nightly order."""
-    return {**{name: spec for name, (_, spec) in STAGES.items()}, **EXTRA_FLOWS}
+    return {**{name: s.flow for name, s in STAGES.items()}, **EXTRA_FLOWS}
 
 
 def pool_for(name: str) -> str:
@@ -108,10 +109,10 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, device: str = "
     torchrun launch over 4 GPUs takes 4 of a 4-slot limit). ``timeout_s`` bounds the wait
     for a free GPU (``TimeoutError`` after it); ``None`` waits as long as it takes.
     """
-    from dpoflow.flows.stage import _flow_run_id
+    from dpoflow.flows.reporting import flow_run_id
 
     name = gpu_limit_name()
-    if not name or not _flow_run_id() or device == "cpu":
+    if not name or not flow_run_id() or device == "cpu":
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -124,9 +125,10 @@ def gpu_slot(occupy: int = 1, timeout_s: float | None = None, *, device: str = "
 # --- building and serving deployments -----------------------------------------------------
 
 def _load_flow(spec: str):
-    from dpoflow.flows.stages import _load
+    import importlib
 
-    return _load(spec)
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = DEFAULT_CRON,

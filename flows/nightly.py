@@ -22,14 +22,14 @@ from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
 from dpoflow.flows.deploy import settings_context
-from dpoflow.flows.stage import (
+from dpoflow.flows.registry import run_direct, stage_flow
+from dpoflow.flows.reporting import (
     batched_artifacts,
     post_overdue_artifacts,
     publish_markdown,
     publish_table,
     stage_logger,
 )
-from dpoflow.flows.stages import stage_flow
 from dpoflow.flows.workspace import Workspace
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -122,50 +122,20 @@ def import_inbox(ws: Workspace, force: bool = False) -> dict[str, str]:
 
     inbox = ws.config.nightly.inbox
     out: dict[str, str] = {}
-    for name in ("prompts", "served", "pairs"):
+    for name in ("prompts", "served", "pairs", "feedback_events"):
         path = getattr(inbox, name)
         if path and Path(path).exists():
             run = import_dataset(ws, name, path, force=force)
-            out[name] = run.outputs[name]
+            if name in run.outputs:  # a file without a valid row writes no version
+                out[name] = run.outputs[name]
     if inbox.annotations and Path(inbox.annotations).exists():
-        from dpoflow.flows.cli_feedback import import_annotations
+        from dpoflow.flows.importing import import_annotations
 
         res = import_annotations(ws, inbox.annotations, force=force)
         out["annotations"] = res["annotations"]
         if res.get("judgements"):
             out["judgements"] = res["judgements"]
     return out
-
-
-def _direct(ws: Workspace, stage: str, p: dict[str, Any]) -> dict[str, Any]:
-    """A stage without Prefect: the same stage functions the flows call."""
-    force = p.get("force", False)
-    if stage == "sample":
-        from dpoflow.flows.sample import sample
-
-        return sample(ws, p["prompts"], p.get("served"), force=force).outputs
-    if stage == "score":
-        from dpoflow.flows.score import run_score
-
-        return run_score(ws, p["candidates"], p.get("prompts"), force=force).outputs
-    if stage == "ingest":
-        from dpoflow.flows.ingest import run_ingest
-
-        return run_ingest(ws, p["candidates"], force=force).outputs
-    if stage == "pairs":
-        from dpoflow.flows.pairs import run_pairs
-
-        keys = ("candidates", "prompts", "scores", "signals", "judgements", "pairs_import")
-        return run_pairs(ws, *(p.get(k) or None for k in keys), force=force).outputs
-    if stage == "balance":
-        from dpoflow.flows.balance import run_balance
-
-        return run_balance(ws, p["pairs"], force=force).outputs
-    if stage == "train":
-        from dpoflow.flows.train import train_pipeline
-
-        return train_pipeline(ws, p["dpo_train"], p.get("dpo_eval"), force=force).to_dict()
-    raise KeyError(stage)
 
 
 def run_pipeline(ws: Workspace, call: Callable[[str, dict[str, Any]], Any],
@@ -204,8 +174,8 @@ def nightly_direct(workspace: str | None = None, overrides: list[str] | None = N
                    force: bool = False) -> dict[str, Any]:
     """The same DAG without Prefect, one stage after another (benchmarks, debugging)."""
     ws = Workspace.open(workspace, overrides)
-    return run_pipeline(ws, lambda s, p: _direct(ws, s, p),
-                        lambda a, b: (_direct(ws, *a), _direct(ws, *b)), {"force": force}, force)
+    return run_pipeline(ws, lambda s, p: run_direct(ws, s, p),
+                        lambda a, b: (run_direct(ws, *a), run_direct(ws, *b)), {"force": force}, force)
 
 
 @flow(name="nightly", log_prints=True)

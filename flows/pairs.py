@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dpoflow.flows.stage import StageRun, publish_table, run_stage
+from dpoflow.flows.reporting import publish_table
+from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks import pairs as pairs_task
-from dpoflow.tasks import text as text_task
 
 OPTIONAL = ("prompts", "scores", "signals", "judgements")
 
@@ -31,7 +31,7 @@ def run_pairs(ws: Workspace, candidates: str = "candidates@latest", prompts: str
     """The stage without Prefect (for tests, the CLI and the nightly flow)."""
     inputs = resolve_inputs(ws, {"candidates": candidates, "prompts": prompts, "scores": scores,
                                  "signals": signals, "judgements": judgements, "pairs_import": pairs_import})
-    return run_stage(ws, "pairs", pairs_task.pairs, inputs, ws.config.pairs, force=force, code=(pairs_task, text_task))
+    return run_stage(ws, "pairs", pairs_task.pairs, inputs, ws.config.pairs, force=force)
 
 
 @flow(name="pairs")

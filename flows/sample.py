@@ -13,16 +13,10 @@ from collections.abc import Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from dpoflow.flows.stage import (
-    StageContext,
-    StageResult,
-    StageRun,
-    _flow_run_id,
-    progress_reporter,
-    run_stage,
-)
+from dpoflow.flows.reporting import flow_run_id, progress_reporter
+from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
-from dpoflow.tasks import generation, sampling
+from dpoflow.tasks import sampling
 
 
 @task(name="sample-shard", task_run_name="sample-shard-{label}", cache_policy=NO_CACHE, persist_result=False)
@@ -35,31 +29,21 @@ def _prefect_runner(label: str, work: Callable[[], dict]) -> dict:
     return sample_shard_task(label, work)
 
 
-def stage_fn(shard_runner: Callable | None = None, force: bool = False) -> Callable[[StageContext], StageResult]:
-    """The stage function for run_stage (Prefect tasks per shard when `shard_runner` is given;
-    a forced run recomputes finished shards too)."""
-
-    def fn(ctx: StageContext) -> StageResult:
-        return sampling.sample_stage(ctx, shard_runner=shard_runner, reuse_shards=not force,
-                                     on_progress=progress_reporter("sample-progress", "sample: prompts done"))
-
-    fn.__module__ = sampling.__name__  # the code version hashes tasks/sampling.py
-    return fn
-
-
 def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = None, *,
            force: bool = False, shard_runner: Callable | None = None) -> StageRun:
     """Run the stage (with or without Prefect); unchanged inputs/config/code/models reuse the
     output. The key covers the model each sampler resolves to now, so promoting a new
     production model resamples even though the config still says `models@production`.
     Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task."""
-    if shard_runner is None and _flow_run_id():
+    if shard_runner is None and flow_run_id():
         shard_runner = _prefect_runner
     from dpoflow.flows.deploy import gpu_slot
 
     # The GPU slot is held only while sampling really runs (never alongside training).
-    return run_stage(ws, "sample", stage_fn(shard_runner, force), {"prompts": prompts, "served": served},
-                     ws.config.sample, force=force, code=(sampling, generation),
+    return run_stage(ws, "sample", sampling.make_sample_stage(
+        shard_runner, reuse_shards=not force,
+        progress=lambda: progress_reporter("sample-progress", "sample: prompts done")), {"prompts": prompts, "served": served},
+                     ws.config.sample, force=force,
                      key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)}, hold=gpu_slot)
 
 

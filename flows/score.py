@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dpoflow.flows.stage import StageRun, publish_table, run_stage
+from dpoflow.flows.reporting import publish_table
+from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
-from dpoflow.tasks import reward, rules, scoring
-from dpoflow.tasks.metrics import fast, tokenize
+from dpoflow.tasks import scoring
 
 
 def run_score(ws: Workspace, candidates: str = "candidates@latest", prompts: str | None = "prompts@latest",
@@ -16,7 +16,7 @@ def run_score(ws: Workspace, candidates: str = "candidates@latest", prompts: str
     if prompts and prompts.split("@", 1)[0] and not ws.store.exists(prompts.split("@", 1)[0]):
         prompts = None
     return run_stage(ws, "score", scoring.score, {"candidates": candidates, "prompts": prompts}, ws.config.score,
-                     force=force, code=(scoring, rules, reward, fast, tokenize))
+                     force=force)
 
 
 @flow(name="score")

@@ -19,21 +19,15 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from dpoflow.flows.stage import (
-    StageRun,
+from dpoflow.flows.reporting import (
     artifacts_posted_meanwhile,
     progress_reporter,
     publish_markdown,
     publish_table,
-    run_stage,
 )
+from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks.training import promotion, ref_logps, stage
-
-TRAIN_CODE = ("dpoflow.tasks.training.trainer", "dpoflow.tasks.training.losses", "dpoflow.tasks.training.data",
-              "dpoflow.tasks.training.tokenization", "dpoflow.tasks.training.logprobs", "dpoflow.tasks.training.promotion")
-EVAL_CODE = ("dpoflow.tasks.training.evaluation", "dpoflow.tasks.training.losses", "dpoflow.tasks.training.tokenization",
-             "dpoflow.tasks.training.logprobs", "dpoflow.tasks.generation")
 
 
 def optional_ref(ws: Workspace, ref: str | None) -> str | None:
@@ -47,11 +41,21 @@ def optional_ref(ws: Workspace, ref: str | None) -> str | None:
     return str(ws.store.resolve(ref))
 
 
+def ref_logps_for(ws: Workspace, pairs_ref: str, cfg: Any, *, model: ref_logps.ModelRef | None = None,
+                  force: bool = False, hold: Callable[[], Any] | None = None) -> StageRun:
+    """Compute (or reuse) the stored reference log-probs of one pairs version: the content key
+    covers the pairs version, the reference model version, tokenization and precision."""
+    model = model or ref_logps.resolve_model(ws.registry, cfg.ref_model or cfg.model)
+    return run_stage(ws, "ref_logps", ref_logps.make_ref_logps_stage(cfg, model), {"pairs": pairs_ref},
+                     ref_logps.ref_key_config(cfg), force=force, hold=hold,
+                     key_extra={"ref_model": model.version})
+
+
 def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
     from dpoflow.flows.deploy import gpu_slot
 
-    return ref_logps.ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
+    return ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
 
 
 def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> list[StageRun]:
@@ -68,12 +72,6 @@ def _while_training(devices: int) -> Iterator[None]:
 
     with gpu_slot(occupy=devices, device=pick_device()), artifacts_posted_meanwhile():
         yield
-
-
-def _modules(names: tuple[str, ...]) -> tuple[Any, ...]:
-    import importlib
-
-    return tuple(importlib.import_module(m) for m in names)
 
 
 @dataclass
@@ -107,8 +105,8 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     train_ref = str(ws.store.resolve(dpo_train))
     eval_ref = optional_ref(ws, dpo_eval)
 
-    policy = ref_logps.resolve_model(ws, cfg.model)
-    reference = ref_logps.resolve_model(ws, cfg.ref_model) if cfg.ref_model else policy
+    policy = ref_logps.resolve_model(ws.registry, cfg.model)
+    reference = ref_logps.resolve_model(ws.registry, cfg.ref_model) if cfg.ref_model else policy
     inputs: dict[str, str | None] = {"train": train_ref, "train_ref": None}
     eval_ref_logps = None
     if cfg.needs_reference:
@@ -124,7 +122,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
         progress = lambda: progress_reporter("train-progress", "train: optimizer steps done",  # noqa: E731
                                              background=True)  # only waits on the training process
         return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference, progress), inputs,
-                         stage.train_key_config(cfg), force=force, code=_modules(TRAIN_CODE),
+                         stage.train_key_config(cfg), force=force,
                          key_extra={"policy": policy.version, "ref_model": reference.version},
                          hold=lambda: _while_training(cfg.devices))
 
@@ -138,7 +136,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     eval_run = None
     if eval_ref and cfg.eval.enabled:
         prod = promotion.current_production(ws.registry)
-        baseline = ref_logps.resolve_model(ws, f"models@{prod}") if prod else None
+        baseline = ref_logps.resolve_model(ws.registry, f"models@{prod}") if prod else None
         if baseline is not None and baseline.version == out.model_version:
             baseline = None
 
@@ -147,7 +145,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
 
             return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
                              {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},
-                             stage.eval_key_config(cfg), force=force, code=_modules(EVAL_CODE),
+                             stage.eval_key_config(cfg), force=force,
                              key_extra={"baseline": baseline.version if baseline else None}, hold=gpu_slot)
 
         eval_run = runner("evaluate", eval_step)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from dpoflow.flows.config import Section
+from dpoflow.tasks.contract import Section
 
 
 class RewardConfig(Section):

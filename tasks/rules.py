@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.flows.config import Section
+from dpoflow.tasks.contract import Section
 from dpoflow.tasks.lang import detect_language
 from dpoflow.tasks.metrics.tokenize import PY_WHITESPACE, rouge_tokenize, word_counts
 

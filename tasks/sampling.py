@@ -43,10 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.flows.config import Section
 from dpoflow.storage.registry import is_registry_ref
 from dpoflow.storage.schemas import CANDIDATES, QUARANTINE
 from dpoflow.tasks import generation as gen
+from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
 
 log = logging.getLogger("dpoflow.sample")
@@ -513,20 +513,32 @@ def model_keys(cfg: SampleConfig, registry: Any) -> dict[str, str]:
     return out
 
 
-def sample_stage(ctx: Any, *, shard_runner: ShardRunner | None = None, reuse_shards: bool = True,
+def make_sample_stage(shard_runner: ShardRunner | None = None, reuse_shards: bool = True,
+                      progress: Callable[[], Callable[[float], None] | None] | None = None
+                      ) -> Callable[[StageContext], StageResult]:
+    """The stage function for the runner; `progress()`, called when sampling starts, may give
+    a callback for the share of prompts done."""
+
+    def sample(ctx: StageContext) -> StageResult:
+        return sample_stage(ctx, shard_runner=shard_runner, reuse_shards=reuse_shards,
+                            on_progress=progress() if progress else None)
+
+    return sample
+
+
+def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, reuse_shards: bool = True,
                  on_progress: Callable[[float], None] | None = None,
                  on_shard: Callable[[str, dict], None] | None = None,
-                 before_generate: Callable[[int], None] | None = None) -> Any:
+                 before_generate: Callable[[int], None] | None = None) -> StageResult:
     """prompts (+ served) -> candidates. `shard_runner(label, work)` runs one shard's work
     (the flow wraps it in a Prefect task); `on_progress(fraction)` reports progress;
     `on_shard(label, info)` is told when a shard is done (its output is then durable);
     `reuse_shards=False` (a forced run) recomputes shards that were already finished."""
-    from dpoflow.flows.stage import StageResult
 
     cfg: SampleConfig = ctx.config
-    store = ctx.workspace.store
+    store = ctx.store
     runner = shard_runner or _inline
-    models = [resolve_model(sc.model, ctx.workspace.registry) for sc in cfg.samplers]  # fail before work
+    models = [resolve_model(sc.model, ctx.registry) for sc in cfg.samplers]  # fail before work
     device = gen.pick_device(cfg.device)
     if device == "cpu" and cfg.cpu_threads:
         import torch

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.flows.config import Section
+from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.storage.schemas import SCORES
 from dpoflow.tasks.metrics import fast
 from dpoflow.tasks.reward import RewardConfig, score_rewards
@@ -296,7 +296,6 @@ def _extra_column(extra: dict[str, np.ndarray], n: int) -> pa.Array:
 
 def score(ctx) -> Any:
     """Stage function for flows.stage.run_stage: candidates (+ prompts) -> scores."""
-    from dpoflow.flows.stage import StageResult
 
     cfg: ScoreConfig = ctx.config
     candidates = ctx.read("candidates")

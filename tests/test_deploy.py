@@ -25,7 +25,7 @@ from dpoflow.flows.deploy import (
     flow_specs,
     gpu_slot,
 )
-from dpoflow.flows.stages import STAGES
+from dpoflow.flows.registry import STAGES
 
 RAW = yaml.safe_load(REPO_PREFECT_YAML.read_text())
 DEPLOYMENTS = {d["name"]: d for d in RAW["deployments"]}
@@ -42,7 +42,7 @@ def problems() -> list[str]:
 
 def test_prefect_yaml_covers_every_stage_with_the_stage_registry_entrypoints():
     assert RAW["deployments"] and len(DEPLOYMENTS) == len(RAW["deployments"]), "duplicate names"
-    # one deployment per stage + nightly + import, nothing else, entrypoints as in flows/stages.py
+    # one deployment per stage + nightly + import, nothing else, entrypoints as in flows/registry.py
     assert set(DEPLOYMENTS) == set(flow_specs()) == set(STAGES) | {"nightly", "import"}
     for name, dep in DEPLOYMENTS.items():
         assert dep["entrypoint"] == flow_specs()[name]

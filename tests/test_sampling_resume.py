@@ -34,7 +34,7 @@ def _shards(ws: Workspace) -> list[str]:
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from dpoflow.flows.stage import run_stage
+    from dpoflow.flows.runner import run_stage
     from dpoflow.flows.workspace import Workspace
     from dpoflow.tasks import sampling
 

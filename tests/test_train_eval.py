@@ -45,7 +45,7 @@ def trained_ws(tmp_path, tiny_model_dir):
 # --- ref_logps ----------------------------------------------------------------------------
 
 def test_ref_logps_reused_without_loading_the_reference(trained_ws):
-    from dpoflow.tasks.training.ref_logps import ref_logps_for
+    from dpoflow.flows.train import ref_logps_for
 
     ws = trained_ws
     first = ref_logps_for(ws, "dpo_train@0", ws.config.train)
@@ -73,16 +73,17 @@ def test_ref_logps_reused_without_loading_the_reference(trained_ws):
 
 
 def test_ref_logps_for_a_local_model_folder(tmp_path, tiny_model_dir):
-    from dpoflow.tasks.training.ref_logps import ref_logps_for, resolve_model
+    from dpoflow.flows.train import ref_logps_for
+    from dpoflow.tasks.training.ref_logps import resolve_model
 
     ws = Workspace.open(tmp_path / "ws", [f"train.model={tiny_model_dir}"])
     ws.store.write("dpo_train", make_pairs(4))
-    m = resolve_model(ws, str(tiny_model_dir))
+    m = resolve_model(ws.registry, str(tiny_model_dir))
     assert m.version.startswith("local:") and m.local is not None
     run = ref_logps_for(ws, "dpo_train", ws.config.train)
     assert ws.store.read(run.outputs["ref_logps"]).column("ref_model_version")[0].as_py() == m.version
     with pytest.raises(ValueError, match="neither a local model folder nor a registered model"):
-        resolve_model(ws, "models@production")
+        resolve_model(ws.registry, "models@production")
 
 
 # --- evaluation ---------------------------------------------------------------------------

@@ -17,16 +17,21 @@ never a silently ignored knob (see :mod:`dpoflow.tasks.training.losses` for whic
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from dpoflow.flows.config import Section
+from dpoflow.tasks.contract import Section
 from dpoflow.tasks.training.evaluation import EvalConfig
 from dpoflow.tasks.training.promotion import PromoteConfig
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
 
 class TrainConfig(Section):
+    # No float field may be inf or NaN: `lr: .inf` used to train to all non-finite weights.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     # --- model ---------------------------------------------------------------------------
     model: str | None = Field(
         None, description="policy to start from: a local model folder, a registry model version, "
@@ -39,8 +44,8 @@ class TrainConfig(Section):
         "sigmoid", description="loss name or list of names: sigmoid (DPO; with label_smoothing = "
         "conservative DPO), robust, ipo, hinge, nca_pair, sppo_hard, apo_zero, apo_down, bco_pair, "
         "sigmoid_norm, simpo")
-    loss_weights: list[float] | None = Field(
-        None, description="weight of each loss in `loss` (same length); None = 1.0 each")
+    loss_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="weight of each loss in `loss` (same length, each >= 0, not all 0); None = 1.0 each")
     beta: float = Field(0.1, gt=0, description="β: strength of the implicit KL constraint / reward scale")
     label_smoothing: float | None = Field(
         None, ge=0, lt=0.5, description="ε, assumed label-noise rate (sigmoid = cDPO, robust, simpo); "
@@ -51,7 +56,8 @@ class TrainConfig(Section):
 
     # --- tokenization --------------------------------------------------------------------
     max_length: int = Field(1024, ge=2, description="max tokens of prompt + completion (each side)")
-    max_prompt_length: int = Field(512, ge=1, description="max prompt tokens kept when a pair is too long")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="max prompt tokens kept when a pair is too long; None = max_length // 2")
     truncation_side: Literal["left", "right"] = Field(
         "left", description="which end of a too-long prompt is cut: left keeps its end (the last turn), "
         "right keeps its start")
@@ -62,7 +68,7 @@ class TrainConfig(Section):
     # --- optimisation --------------------------------------------------------------------
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (β1, β2)")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW (β1, β2), each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW ε")
     batch_size: int = Field(8, ge=1, description="pairs per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
@@ -75,8 +81,20 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final LR as a share of lr (cosine / linear)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; None = no clipping")
     seed: int = Field(0, description="seed for data order and initialisation of new weights")
+    data_order: Literal["shuffled", "sequential"] = Field(
+        "shuffled", description="shuffled = a seeded permutation per epoch (length-grouped when "
+        "length_grouping); sequential = dpo_train's row order, batch after batch (as TRL without "
+        "shuffling), e.g. to compare losses step by step with another trainer")
     length_grouping: bool = Field(True, description="group pairs of similar length into batches (less padding)")
     group_size_mult: int = Field(16, ge=1, description="length grouping window, in global batches")
+    packing: bool = Field(
+        True, description="padding-free micro-batches: sequences packed into rows with position_ids per "
+        "sequence and attention kept inside each (block-diagonal mask; flash-attention varlen on CUDA); "
+        "the same log-probs as padded rows, less padding")
+    packing_row_factor: float = Field(
+        2.0, ge=1, description="packed row length as a multiple of the micro-batch's longest sequence: "
+        "longer rows leave less padding but, without flash-attention, cost attention over the whole row "
+        "(2 measured best on CPU)")
 
     # --- precision / memory --------------------------------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -89,6 +107,12 @@ class TrainConfig(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="module names to adapt, or 'all-linear'")
+
+    ref_logps_in_trainer: bool = Field(
+        True, description="when the reference is the starting policy and training runs in one process, "
+        "compute the training set's reference log-probs in the training process (one model load, no "
+        "ref_logps stage for dpo_train); false = store them with the ref_logps stage first, so runs that "
+        "differ only in β / loss / lr reuse them")
 
     # --- processes -----------------------------------------------------------------------
     devices: int = Field(1, ge=1, description="processes per node (GPUs, or CPU processes on gloo)")
@@ -110,6 +134,9 @@ class TrainConfig(Section):
     max_nan_steps: int = Field(10, ge=0, description="non-finite losses skipped before the run aborts")
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower; exact resume on GPU)")
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
+    max_truncated_share: float = Field(
+        0.2, ge=0, le=1, description="share of pairs that tokenization may truncate or drop before the run "
+        "warns (in the log, the train report and the CLI output)")
 
     # --- evaluation (the eval helper may extend) -----------------------------------------
     eval_batch_size: int = Field(16, ge=1, description="pairs per batch when scoring dpo_eval")
@@ -122,9 +149,25 @@ class TrainConfig(Section):
 
         validate_loss_params(self.loss_names, self.loss_weights, label_smoothing=self.label_smoothing,
                              simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha)
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length (room for the completion)")
+        if self.loss_weights is not None and not any(w > 0 for w in self.loss_weights):
+            raise ValueError(f"loss_weights {self.loss_weights} are all 0: nothing would be trained")
+        if self.prompt_limit >= self.max_length:
+            given = "" if self.max_prompt_length is not None else " (derived: max_length // 2)"
+            raise ValueError(f"max_prompt_length {self.prompt_limit}{given} must be smaller than max_length "
+                             f"{self.max_length}, to leave room for the completion")
         return self
+
+    @property
+    def prompt_limit(self) -> int:
+        """max_prompt_length, or half of max_length when not given."""
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
+    def check_pairs(self, n_pairs: int, what: str = "dpo_train") -> None:
+        """Fail before any work when the data cannot fill one optimizer step."""
+        if n_pairs < self.global_batch:
+            raise ValueError(f"{what} has {n_pairs} pairs, fewer than one global batch of {self.global_batch} "
+                             f"(batch_size {self.batch_size} x grad_accum {self.grad_accum} x {self.world_size} "
+                             "processes); lower train.batch_size or train.grad_accum")
 
     @property
     def loss_names(self) -> list[str]:
@@ -150,5 +193,5 @@ class TrainConfig(Section):
 
     def tokenization_key(self) -> dict:
         """The settings that decide token ids; stored ref log-probs are valid only for the same."""
-        return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+        return {"max_length": self.max_length, "max_prompt_length": self.prompt_limit,
                 "truncation_side": self.truncation_side, "chat_template": self.chat_template}

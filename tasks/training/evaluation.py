@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from dpoflow.flows.config import Section
+from dpoflow.tasks.contract import Section
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 

@@ -3,14 +3,14 @@
 Public API:
 
     ModelRef(ref, version, local)          a resolved model: registry version or local folder.
-    resolve_model(ws, ref) -> ModelRef     cheap: never loads (or downloads) the model.
-    model_path(ws, model) -> Path          the local folder (downloads a remote registry model).
+    resolve_model(registry, ref) -> ModelRef   cheap: never loads (or downloads) the model.
+    model_path(registry, model) -> Path        the local folder (downloads a remote registry model).
     ref_key_config(cfg) -> dict            the settings the stored values depend on.
     make_ref_logps_stage(cfg, model) -> stage fn   reads role ``pairs``, writes ``ref_logps``.
-    ref_logps_for(ws, pairs_ref, cfg, *, model=None, force=False) -> StageRun
-        run the stage through ``run_stage`` (content key = pairs version + reference model
-        version + tokenization + precision), so a rerun or a β sweep reuses the stored rows
-        and the reference model is not even loaded.
+
+The shell (``dpoflow.flows.train.ref_logps_for``) runs the stage with a content key of pairs
+version + reference model version + tokenization + precision, so a rerun or a β sweep reuses
+the stored rows and the reference model is not even loaded.
 
 Why: DPO needs log π_ref(y|x) for every pair, every epoch. Computing it once per (pairs
 version, reference version) under ``torch.inference_mode`` means training holds only the
@@ -24,7 +24,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dpoflow.tasks.contract import StageContext, StageResult
+
+if TYPE_CHECKING:
+    from dpoflow.storage.registry import ModelRegistry
 
 MODEL_PREFIX = "models@"
 
@@ -58,7 +63,7 @@ def folder_fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def resolve_model(ws: Any, ref: str | None) -> ModelRef:
+def resolve_model(registry: ModelRegistry, ref: str | None) -> ModelRef:
     """Resolve a model ref without loading it: ``models@tag``, a registry version, or a folder.
 
     ``None`` means the production model."""
@@ -68,15 +73,15 @@ def resolve_model(ws: Any, ref: str | None) -> ModelRef:
         folder = folder.resolve()
         return ModelRef(ref, f"local:{folder.name}-{folder_fingerprint(folder)}", folder)
     try:
-        version = ws.registry.version_of(ref)
+        version = registry.version_of(ref)
     except Exception as exc:
         raise ValueError(f"model {ref!r} is neither a local model folder nor a registered model: {exc}") from exc
     return ModelRef(ref, version)
 
 
-def model_path(ws: Any, model: ModelRef) -> Path:
+def model_path(registry: ModelRegistry, model: ModelRef) -> Path:
     """The model's local folder; a registry model is fetched to the cache when the store is remote."""
-    path = model.local if model.local is not None else ws.registry.local_path(model.version)
+    path = model.local if model.local is not None else registry.local_path(model.version)
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"model {model.ref} ({model.version}) has no files at {path}")
     return Path(path)
@@ -88,17 +93,16 @@ def ref_key_config(cfg: Any) -> dict[str, Any]:
     return {"tokenization": cfg.tokenization_key(), "precision": cfg.precision}
 
 
-def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
+def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable[[StageContext], StageResult]:
     """The stage function (a closure over the train config and the resolved reference)."""
 
-    def ref_logps_stage(ctx: Any):
-        from dpoflow.flows.stage import StageResult
+    def ref_logps_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.generation import pick_device
         from dpoflow.tasks.training.logprobs import compute_ref_logps, load_causal_lm, ref_logps_table
         from dpoflow.tasks.training.tokenization import tokenize_pairs
 
         table = ctx.read("pairs")
-        path = model_path(ctx.workspace, model)
+        path = model_path(ctx.registry, model)
         device = pick_device()
         ctx.logger.info("ref_logps: loading reference %s from %s on %s", model.version, path, device)
         ref_model, tokenizer = load_causal_lm(path, device=device)
@@ -116,14 +120,3 @@ def make_ref_logps_stage(cfg: Any, model: ModelRef) -> Callable:
 
     return ref_logps_stage
 
-
-def ref_logps_for(ws: Any, pairs_ref: str, cfg: Any, *, model: ModelRef | None = None, force: bool = False,
-                  hold: Callable[[], Any] | None = None):
-    """Compute (or reuse) the stored reference log-probs of one pairs version."""
-    from dpoflow.flows.stage import run_stage
-    from dpoflow.tasks.training import logprobs, tokenization
-
-    model = model or resolve_model(ws, cfg.ref_model or cfg.model)
-    fn = make_ref_logps_stage(cfg, model)
-    return run_stage(ws, "ref_logps", fn, {"pairs": pairs_ref}, ref_key_config(cfg), force=force, hold=hold,
-                     code=(logprobs, tokenization), key_extra={"ref_model": model.version})

@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dpoflow.tasks.contract import StageContext, StageResult
 from dpoflow.tasks.training.ref_logps import ModelRef, model_path
 
 # Settings that do not change the trained weights (left out of the train step's content key).
@@ -62,8 +63,7 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
     """The train stage function; `progress()` (called when training really starts) may give a
     callback that receives the share of optimizer steps done."""
 
-    def train_stage(ctx: Any):
-        from dpoflow.flows.stage import StageResult
+    def train_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.training.distributed import launch
         from dpoflow.tasks.training.evaluation import plot_training_curves
         from dpoflow.tasks.training.promotion import register_candidate
@@ -75,7 +75,7 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
         run_id = hashlib.sha256(json.dumps([ctx.inputs, train_key_config(cfg), policy.version],
                                            sort_keys=True).encode()).hexdigest()[:16]
         run_dir = ctx.scratch / run_id
-        path = model_path(ctx.workspace, policy)
+        path = model_path(ctx.registry, policy)
         ctx.logger.info("train: %s from %s (run folder %s)", ctx.inputs["train"], policy.version, run_dir)
         # Always a child process group (torchrun), also for one process: a hard timeout and a
         # cancelled flow run then kill every trainer process, and a rerun resumes from checkpoints.
@@ -90,7 +90,7 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
         metrics = {k: v for k, v in (res.summary.get("last_good") or {}).items() if isinstance(v, int | float)}
         metrics.update({"steps": res.summary.get("steps"), "nan_steps": res.summary.get("nan_steps")})
         version = register_candidate(
-            ctx.workspace.registry, res.output_dir, parents=parents, metrics=metrics,
+            ctx.registry, res.output_dir, parents=parents, metrics=metrics,
             config={"train": cfg.model_dump(mode="json"), "run_id": run_id, "ref_model": reference.version},
             note=f"DPO ({'+'.join(cfg.loss_names)}, beta={cfg.beta}) on {ctx.inputs['train']}")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the registry holds the result now
@@ -109,20 +109,19 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
 
 
 def make_eval_stage(cfg: Any, baseline: ModelRef | None) -> Callable:
-    def eval_stage(ctx: Any):
-        from dpoflow.flows.stage import StageResult
+    def eval_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.training.evaluation import eval_report_markdown, evaluate_model
         from dpoflow.tasks.training.ref_logps import resolve_model
 
         run = _row(ctx.read("train_run"))
-        ws = ctx.workspace
-        new_dir = model_path(ws, resolve_model(ws, f"models@{run['model_version']}"))
+        reg = ctx.registry
+        new_dir = model_path(reg, resolve_model(reg, f"models@{run['model_version']}"))
         base_dir = None
         if baseline is not None and baseline.version != run["model_version"]:
-            base_dir = model_path(ws, baseline)
+            base_dir = model_path(reg, baseline)
         reward_path = None
         if cfg.eval.scorer == "reward_model" and cfg.eval.reward_model:
-            reward_path = model_path(ws, resolve_model(ws, cfg.eval.reward_model))
+            reward_path = model_path(reg, resolve_model(reg, cfg.eval.reward_model))
         pairs = ctx.read("eval")
         ref = ctx.read("eval_ref") if ctx.has("eval_ref") else None
         res = evaluate_model(new_dir, pairs, ref, cfg, cfg.eval, baseline_dir=base_dir,
@@ -172,13 +171,12 @@ def gate_metrics(run: dict[str, Any], model_eval: dict[str, Any] | None) -> dict
 
 
 def make_promote_stage(cfg: Any) -> Callable:
-    def promote_stage(ctx: Any):
-        from dpoflow.flows.stage import StageResult
+    def promote_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.training.promotion import decide_and_apply
 
         run = _row(ctx.read("train_run"))
         model_eval = _row(ctx.read("model_eval")) if ctx.has("model_eval") else None
-        decision = decide_and_apply(ctx.workspace.registry, run["model_version"], gate_metrics(run, model_eval),
+        decision = decide_and_apply(ctx.registry, run["model_version"], gate_metrics(run, model_eval),
                                     cfg.promote)
         ctx.logger.info("promote %s: %s", run["model_version"], "; ".join(decision.reasons))
         row = {"model_version": [decision.model_version], "passed": [decision.passed],

@@ -1,112 +1,27 @@
-"""The stage pattern: the one piece of the flow layer that runs any stage.
+"""Reporting to Prefect: run loggers, table / markdown / progress artifacts, batched posting.
 
-    resolve input refs -> content key -> skip if produced -> call the pure stage function
-    -> write outputs (+ quarantine) with lineage -> log + Prefect table artifact
-
-A stage function is plain Python over Arrow tables: ``fn(ctx: StageContext) -> StageResult``.
-It never imports Prefect; this module reports to Prefect only when a flow run is active.
+Everything here is a no-op outside a Prefect flow run, so the stages and the runner can call
+it unconditionally, and the core (`tasks/`) never needs to know Prefect exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
-import inspect
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-from pydantic import BaseModel
-
-from dpoflow.flows.workspace import Workspace
+if TYPE_CHECKING:
+    from dpoflow.flows.runner import StageRun
 
 log = logging.getLogger("dpoflow")
 
 
-@dataclass
-class StageResult:
-    """What a stage function returns.
-
-    outputs: dataset name -> table (or RecordBatchReader, streamed to the store).
-    quarantine: rejected input rows (QUARANTINE schema), appended to the `quarantine` dataset.
-    report: counts for the run report, e.g. {"rows_in": 10, "dropped": {"empty": 2}}.
-    metadata: dataset name -> extra metadata stored in that output version's commit.
-    """
-
-    outputs: dict[str, Any]
-    quarantine: pa.Table | None = None
-    report: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class StageContext:
-    stage: str
-    workspace: Workspace
-    inputs: dict[str, str]  # role -> pinned "name@version"
-    config: Any
-    logger: logging.Logger
-    flow_run_id: str | None = None
-
-    def read(self, role: str, columns: list[str] | None = None) -> pa.Table:
-        return self.workspace.store.read(self.inputs[role], columns=columns)
-
-    def has(self, role: str) -> bool:
-        return self.inputs.get(role) is not None
-
-    @property
-    def artifacts(self) -> Path:
-        p = self.workspace.artifacts / self.stage
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    @property
-    def scratch(self) -> Path:
-        p = self.workspace.scratch / self.stage
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-
-@dataclass
-class StageRun:
-    stage: str
-    outputs: dict[str, str]
-    skipped: bool
-    content_key: str
-    report: dict[str, Any]
-    seconds: float
-
-
-def code_version(*modules: Any) -> str:
-    """Package version + hash of the stage's source files: editing the code re-runs the stage."""
-    try:
-        pkg = version("dpoflow")
-    except PackageNotFoundError:
-        pkg = "0+local"
-    h = hashlib.sha256()
-    for m in modules:
-        mod = sys.modules.get(m) if isinstance(m, str) else inspect.getmodule(m)
-        src = inspect.getsourcefile(mod) if mod else None
-        if src:
-            h.update(Path(src).read_bytes())
-    return f"{pkg}+{h.hexdigest()[:12]}"
-
-
-def config_dict(config: Any) -> Any:
-    if isinstance(config, BaseModel):
-        return config.model_dump(mode="json")
-    return config
-
-
-def _flow_run_id() -> str | None:
+def flow_run_id() -> str | None:
     if "prefect" not in sys.modules:
         return None
     try:
@@ -119,7 +34,7 @@ def _flow_run_id() -> str | None:
 
 
 def stage_logger(stage: str) -> logging.Logger:
-    if _flow_run_id():
+    if flow_run_id():
         from prefect.logging import get_run_logger
 
         return get_run_logger()  # type: ignore[return-value]
@@ -132,7 +47,7 @@ def artifact_key(text: str) -> str:
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
-    if not _flow_run_id() or not rows:
+    if not flow_run_id() or not rows:
         return
     from prefect.artifacts import TableArtifact
 
@@ -140,7 +55,7 @@ def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> Non
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
-    if not _flow_run_id():
+    if not flow_run_id():
         return
     _publish("markdown", key, markdown, description)
 
@@ -233,9 +148,9 @@ def _publish(kind: str, key: str, data: str, description: str) -> None:
     from prefect.client.schemas.actions import ArtifactCreate
     from prefect.utilities.context import get_task_and_flow_run_ids
 
-    task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    task_run_id, run_id = get_task_and_flow_run_ids()
     _POSTER.post(ArtifactCreate(type=kind, key=artifact_key(key), description=description, data=data,
-                                flow_run_id=flow_run_id, task_run_id=task_run_id))
+                                flow_run_id=run_id, task_run_id=task_run_id))
 
 
 def progress_reporter(key: str, description: str, *, background: bool = False
@@ -244,18 +159,18 @@ def progress_reporter(key: str, description: str, *, background: bool = False
     artifact thread's client. ``background=True`` does not wait for the API: only for work
     that creates no runs meanwhile (training waits on its process); sampling creates a task
     per shard, and a write racing a run's creation costs a 2 s retry on the temporary server."""
-    if not _flow_run_id():
+    if not flow_run_id():
         return None
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
     from prefect.utilities.context import get_task_and_flow_run_ids
 
-    task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    task_run_id, run_id = get_task_and_flow_run_ids()
     created: list[Any] = []
 
     def create(client: Any) -> None:
         created.append(client.create_artifact(ArtifactCreate(
             type="progress", key=artifact_key(key), description=description, data=0.0,
-            flow_run_id=flow_run_id, task_run_id=task_run_id)).id)
+            flow_run_id=run_id, task_run_id=task_run_id)).id)
 
     def update(client: Any, pct: float) -> None:
         if created:
@@ -309,64 +224,3 @@ def report_rows(stage: str, run: StageRun, rows_in: dict[str, int], rows_out: di
         rows.append({"stage": stage, "what": f"quarantined: {reason}", "rows": n})
     rows.append({"stage": stage, "what": "seconds", "rows": round(run.seconds, 3)})
     return rows
-
-
-def run_stage(
-    ws: Workspace,
-    stage: str,
-    fn: Callable[[StageContext], StageResult],
-    inputs: dict[str, str | None],
-    config: Any,
-    *,
-    force: bool = False,
-    code: tuple[Any, ...] = (),
-    key_extra: dict[str, Any] | None = None,
-    hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-) -> StageRun:
-    """Run one stage with versioned inputs and outputs; skip it when nothing changed.
-
-    `inputs` maps roles to refs (``None`` = optional input absent); refs are pinned to
-    versions before anything else, so the content key and the lineage name exact versions.
-    `key_extra` adds things the key must cover that are not dataset versions (e.g. the
-    fingerprint of an external file being imported). `hold` is a resource to hold while the
-    stage function runs (e.g. a GPU slot); a skipped stage never waits for it.
-    """
-    t0 = time.perf_counter()
-    store = ws.store
-    pinned = {role: str(store.resolve(ref)) for role, ref in inputs.items() if ref}
-    cfg = config_dict(config)
-    cv = code_version(fn, *code)
-    key = store.content_key(stage, {**pinned, **(key_extra or {})}, cfg, cv)
-    logger = stage_logger(stage)
-    if not force:
-        found = store.find_outputs(key)
-        if found is not None:
-            logger.info("%s: inputs, config and code unchanged -> reusing %s", stage, found)
-            run = StageRun(stage, found, True, key, {"skipped": True}, time.perf_counter() - t0)
-            publish_table(f"{stage}-report", [{"stage": stage, "what": f"reused: {k}", "rows": v}
-                                              for k, v in found.items()], f"{stage} skipped (unchanged)")
-            return run
-    flow_run_id = _flow_run_id()
-    ctx = StageContext(stage, ws, pinned, config, logger, flow_run_id)
-    with hold() if hold else contextlib.nullcontext():
-        result = fn(ctx)
-    parents = list(pinned.values())
-    outputs: dict[str, str] = {}
-    rows_out: dict[str, int] = {}
-    for name, data in result.outputs.items():
-        info = store.write(name, data, parents=parents, stage=stage, config=cfg, code_version=cv,
-                           content_key=key, flow_run_id=flow_run_id, extra=result.metadata.get(name))
-        outputs[name] = info.ref
-        rows_out[name] = info.rows
-    if result.quarantine is not None and result.quarantine.num_rows:
-        q = store.write("quarantine", result.quarantine, mode="append", parents=parents, stage=stage,
-                        content_key=key, flow_run_id=flow_run_id)
-        outputs["quarantine"] = q.ref
-        rows_out["quarantine (added)"] = result.quarantine.num_rows
-    store.record_outputs(key, stage, pinned, outputs)
-    run = StageRun(stage, outputs, False, key, result.report, time.perf_counter() - t0)
-    rows_in = {ref: store.info(ref).rows for ref in pinned.values()}
-    logger.info("%s: %s -> %s in %.2fs %s", stage, pinned, outputs, run.seconds,
-                {k: v for k, v in result.report.items() if k in ("dropped", "quarantined")})
-    publish_table(f"{stage}-report", report_rows(stage, run, rows_in, rows_out), f"{stage}: rows in / out")
-    return run

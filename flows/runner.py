@@ -1,0 +1,108 @@
+"""The stage runner: the one piece of the shell that runs any stage.
+
+    resolve input refs -> content key -> skip if produced -> call the core stage function
+    -> write outputs (+ quarantine) with lineage -> log + Prefect table artifact
+
+A stage function is plain Python over Arrow tables, ``fn(ctx: StageContext) -> StageResult``
+(dpoflow.tasks.contract). It never imports Prefect; reporting happens here, and only when a
+flow run is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from dpoflow.flows.code_version import code_version
+from dpoflow.flows.reporting import flow_run_id, publish_table, report_rows, stage_logger
+from dpoflow.flows.workspace import Workspace
+from dpoflow.tasks.contract import StageContext, StageResult
+
+
+@dataclass
+class StageRun:
+    """What the shell reports of one stage run: the versions written (or reused) and counts."""
+
+    stage: str
+    outputs: dict[str, str]
+    skipped: bool
+    content_key: str
+    report: dict[str, Any]
+    seconds: float
+
+
+def config_dict(config: Any) -> Any:
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    return config
+
+
+def run_stage(
+    ws: Workspace,
+    stage: str,
+    fn: Callable[[StageContext], StageResult],
+    inputs: dict[str, str | None],
+    config: Any,
+    *,
+    force: bool = False,
+    key_extra: dict[str, Any] | None = None,
+    hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    options: dict[str, Any] | None = None,
+) -> StageRun:
+    """Run one stage with versioned inputs and outputs; skip it when nothing changed.
+
+    `inputs` maps roles to refs (``None`` = optional input absent); refs are pinned to
+    versions before anything else, so the content key and the lineage name exact versions.
+    `key_extra` adds things the key must cover that are not dataset versions (e.g. the
+    fingerprint of an external file being imported). `hold` is a resource to hold while the
+    stage function runs (e.g. a GPU slot); a skipped stage never waits for it. `options`
+    are settings from outside the stage's section that it may read (``ctx.options``).
+    The code version is derived from the imports of the module that defines `fn`
+    (see flows/code_version.py).
+    """
+    t0 = time.perf_counter()
+    store = ws.store
+    pinned = {role: str(store.resolve(ref)) for role, ref in inputs.items() if ref}
+    cfg = config_dict(config)
+    cv = code_version(fn.__module__)
+    key = store.content_key(stage, {**pinned, **(key_extra or {})}, cfg, cv)
+    logger = stage_logger(stage)
+    if not force:
+        found = store.find_outputs(key)
+        if found is not None:
+            logger.info("%s: inputs, config and code unchanged -> reusing %s", stage, found)
+            run = StageRun(stage, found, True, key, {"skipped": True}, time.perf_counter() - t0)
+            publish_table(f"{stage}-report", [{"stage": stage, "what": f"reused: {k}", "rows": v}
+                                              for k, v in found.items()], f"{stage} skipped (unchanged)")
+            return run
+    run_id = flow_run_id()
+    ctx = StageContext(stage, pinned, config, logger, store=ws.store, registry=ws.registry,
+                       scratch_root=ws.scratch, artifacts_root=ws.artifacts, flow_run_id=run_id,
+                       options=options or {})
+    with hold() if hold else contextlib.nullcontext():
+        result = fn(ctx)
+    parents = list(pinned.values())
+    outputs: dict[str, str] = {}
+    rows_out: dict[str, int] = {}
+    for name, data in result.outputs.items():
+        info = store.write(name, data, parents=parents, stage=stage, config=cfg, code_version=cv,
+                           content_key=key, flow_run_id=run_id, extra=result.metadata.get(name))
+        outputs[name] = info.ref
+        rows_out[name] = info.rows
+    if result.quarantine is not None and result.quarantine.num_rows:
+        q = store.write("quarantine", result.quarantine, mode="append", parents=parents, stage=stage,
+                        content_key=key, flow_run_id=run_id)
+        outputs["quarantine"] = q.ref
+        rows_out["quarantine (added)"] = result.quarantine.num_rows
+    store.record_outputs(key, stage, pinned, outputs)
+    run = StageRun(stage, outputs, False, key, result.report, time.perf_counter() - t0)
+    rows_in = {ref: store.info(ref).rows for ref in pinned.values()}
+    logger.info("%s: %s -> %s in %.2fs %s", stage, pinned, outputs, run.seconds,
+                {k: v for k, v in result.report.items() if k in ("dropped", "quarantined")})
+    publish_table(f"{stage}-report", report_rows(stage, run, rows_in, rows_out), f"{stage}: rows in / out")
+    return run
