@@ -1,67 +1,13 @@
-"""CLI plugin for feedback: `dpoflow import annotations FILE` (through `import_annotations`, called
-by the lead's generic import command), `dpoflow feedback ingest|formulas|annotators`."""
+"""CLI plugin for feedback: `dpoflow feedback ingest|formulas|annotators` (`dpoflow import
+annotations FILE` is the import door's: flows/importing.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from dpoflow.flows.stage import StageContext, StageResult, run_stage
 from dpoflow.flows.workspace import Workspace
-
-
-def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) -> dict[str, Any]:
-    """Import a JSONL / CSV / Label Studio file into `annotations` (union with the previous version,
-    the same annotator's later label of the same items wins) and aggregate it into `judgements`."""
-    from dpoflow.flows.ingest import run_annotations
-    from dpoflow.tasks import annotations as annot
-    from dpoflow.tasks.importing import fingerprint
-
-    p = Path(path)
-    new, quarantine, report = annot.read_annotations(p, ws.config.annotations)
-    # the import reads its own previous version, so its content key changes after each import:
-    # a file already imported (same path, size, mtime) is recognised by a record in the store
-    fp = fingerprint([p])
-    done = ws.store.get_state("annotations.imported", {}) or {}
-    if not force and fp in done.values() and ws.store.exists("annotations"):
-        jrun = run_annotations(ws, "annotations@latest")
-        return {"annotations": str(ws.store.resolve("annotations@latest")),
-                "judgements": jrun.outputs.get("judgements"), "skipped": True}
-
-    def stage(ctx: StageContext) -> StageResult:
-        table, q = new, quarantine
-        if q.num_rows and ws.store.exists("quarantine"):  # a bad row seen in an earlier import: once
-            old = ws.store.read("quarantine", columns=["raw"], filter=pa.compute.field("dataset") == "annotations")
-            q = q.filter(pa.compute.invert(pa.compute.is_in(q.column("raw"), value_set=old.column("raw"))))
-        if ctx.has("annotations"):
-            prev = ctx.read("annotations")
-            keep = pa.compute.invert(pa.compute.is_in(prev.column("annotation_id"), value_set=new.column("annotation_id")))
-            table = pa.concat_tables([prev.filter(keep), new])
-        return StageResult(outputs={"annotations": table}, quarantine=q, report=report,
-                           metadata={"annotations": {"file": str(p)}})
-
-    stage.__module__ = annot.__name__
-    prev = "annotations@latest" if ws.store.exists("annotations") else None
-    run = run_stage(ws, "import:annotations", stage, {"annotations": prev}, {"file": str(p.resolve())},
-                    force=force, code=(annot,), key_extra={"file": fp})
-    done[str(p.resolve())] = fp
-    ws.store.set_state("annotations.imported", done)
-    jrun = run_annotations(ws, run.outputs["annotations"], force=force)
-    out = {"annotations": run.outputs["annotations"], "judgements": jrun.outputs.get("judgements"),
-           "skipped": run.skipped}
-    if not run.skipped:
-        out.update(rows_in=report["rows_in"], rows_out=report["rows_out"], format=report["format"],
-                   quarantined=report["quarantined"])
-        if "quarantine" in run.outputs:
-            out["quarantine"] = run.outputs["quarantine"]
-    if not jrun.skipped:
-        out["agreement"] = jrun.report.get("agreement")
-        out["pairwise_fleiss_kappa"] = jrun.report.get("pairwise_fleiss_kappa")
-    return out
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

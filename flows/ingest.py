@@ -4,17 +4,18 @@
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
 
-from dpoflow.flows.stage import StageContext, StageResult, StageRun, code_version, publish_table, run_stage
+from dpoflow.flows.reporting import publish_table
+from dpoflow.flows.runner import StageRun, config_dict, run_stage
 from dpoflow.flows.workspace import Workspace
-from dpoflow.storage.store import StoreError
 from dpoflow.tasks import annotations as annot
 from dpoflow.tasks import feedback
+from dpoflow.tasks.code_version import code_version
 
 
 def _optional(ws: Workspace, ref: str | None) -> str | None:
@@ -25,16 +26,18 @@ def _optional(ws: Workspace, ref: str | None) -> str | None:
     return ref if ws.store.exists(name) else None
 
 
-LAST_RUN_KEY = "ingest.last_run"
+def record_rerun_key(ws: Workspace, stage: str, fn: Callable[..., Any], inputs: dict[str, str | None],
+                     config: Any, key_extra: dict[str, Any], outputs: dict[str, str]) -> None:
+    """Record `outputs` under the content key of a rerun on `inputs` as well.
 
-
-def _still_latest(ws: Workspace, outputs: dict[str, str]) -> bool:
-    """The outputs of our last run are still the newest versions (nobody wrote after us)."""
-    try:
-        return all(ws.store.latest(ref.partition("@")[0]) == int(ref.partition("@")[2])
-                   for name, ref in outputs.items() if name != "quarantine")
-    except (StoreError, ValueError):  # a dataset was removed, or a malformed record
-        return False
+    Why: a stage that reads its own previous output (ingest, the annotations import) has a
+    new content key after every run, since that input moved. With nothing new, a rerun would
+    reproduce its input, so the outputs just written are also the outputs of that rerun: with
+    them recorded under its key, the content key alone skips it, and any other write to the
+    dataset (or new source data) changes the key and runs the stage."""
+    pinned = {role: str(ws.store.resolve(ref)) for role, ref in inputs.items() if ref}
+    key = ws.store.content_key(stage, {**pinned, **key_extra}, config_dict(config), code_version(fn.__module__))
+    ws.store.record_outputs(key, stage, pinned, outputs)
 
 
 def _with_secrets(cfg: feedback.IngestConfig) -> feedback.IngestConfig:
@@ -53,40 +56,34 @@ def _with_secrets(cfg: feedback.IngestConfig) -> feedback.IngestConfig:
     return cfg.model_copy(update={"sources": sources})
 
 
+def _fingerprints(cfg: feedback.IngestConfig, state: dict[str, Any]) -> dict[str, Any]:
+    return {s.name: feedback.source_fingerprint(s, state.get(s.name) or {}) for s in cfg.sources}
+
+
 def run_ingest(ws: Workspace, candidates: str | None = "candidates@latest",
                feedback_events: str | None = "feedback_events@latest", *, force: bool = False,
-               config: feedback.IngestConfig | None = None) -> StageRun:
-    """Run the ingest stage without requiring Prefect (CLI, tests); the flow calls this too.
+               config: feedback.IngestConfig | None = None, stage: str = "ingest") -> StageRun:
+    """Run the ingest stage without requiring Prefect (CLI, tests, the import door); the flow
+    calls this too.
 
     The content key covers a fingerprint of every source (files: names, sizes, mtimes; SQL:
     row count and max watermark), so new events are never skipped as "unchanged". Watermarks
     are stored only after the outputs were committed: a crash mid-run re-reads, never loses."""
     cfg = _with_secrets(config or ws.config.ingest)
     state = ws.store.get_state(feedback.STATE_KEY, {}) or {}
-    fp = {s.name: feedback.source_fingerprint(s, state.get(s.name) or {}) for s in cfg.sources}
-    inputs = {"candidates": _optional(ws, candidates), "feedback_events": _optional(ws, feedback_events)}
-    # The stage reads its own previous output, so its content key changes after every run; an
-    # unchanged source fingerprint + candidates + config since our last run means nothing new.
-    last = ws.store.get_state(LAST_RUN_KEY, None) or {}
-    pinned_c = str(ws.store.resolve(inputs["candidates"])) if inputs["candidates"] else None
-    signature = json.dumps({"sources": fp, "candidates": pinned_c, "config": cfg.model_dump(mode="json"),
-                            "code": code_version(feedback.ingest, feedback)}, sort_keys=True, default=str)
-    if not force and last.get("signature") == signature and _still_latest(ws, last.get("outputs") or {}):
-        return StageRun("ingest", dict(last["outputs"]), True, last.get("content_key", ""), {"skipped": True}, 0.0)
-    run = run_stage(ws, "ingest", feedback.ingest, inputs, cfg, force=force, code=(feedback,),
-                    key_extra={"sources": fp})
+    inputs = {"candidates": _optional(ws, candidates), "served": _optional(ws, "served@latest"),
+              "feedback_events": _optional(ws, feedback_events)}
+    run = run_stage(ws, stage, feedback.ingest, inputs, cfg, force=force,
+                    key_extra={"sources": _fingerprints(cfg, state)})
     if not run.skipped:
         new = dict(state)
         new.update(run.report.get("watermarks") or {})
         ws.store.set_state(feedback.STATE_KEY, new)
-        fp_after = {s.name: feedback.source_fingerprint(s, new.get(s.name) or {}) for s in cfg.sources}
-        signature = json.dumps({"sources": fp_after, "candidates": pinned_c, "config": cfg.model_dump(mode="json"),
-                                "code": code_version(feedback.ingest, feedback)}, sort_keys=True, default=str)
-        ws.store.set_state(LAST_RUN_KEY, {"signature": signature, "outputs": run.outputs,
-                                          "content_key": run.content_key})
+        rerun = {**inputs, "feedback_events": run.outputs["feedback_events"]}
+        record_rerun_key(ws, stage, feedback.ingest, rerun, cfg, {"sources": _fingerprints(cfg, new)}, run.outputs)
         rows = [{"reason": k, "rows": v} for k, v in sorted((run.report.get("quarantined") or {}).items())]
         rows += [{"reason": f"dropped: {k}", "rows": v} for k, v in (run.report.get("dropped") or {}).items()]
-        publish_table("ingest-quarantine-reasons", rows, "ingest: quarantined / dropped rows per reason")
+        publish_table(f"{stage}-quarantine-reasons", rows, f"{stage}: quarantined / dropped rows per reason")
     return run
 
 
@@ -99,27 +96,16 @@ def ingest_flow(candidates: str = "candidates@latest", feedback_events: str = "f
     return run_ingest(ws, candidates, feedback_events, force=force).outputs
 
 
-def _annotations_stage(ctx: StageContext) -> StageResult:
-    table = ctx.read("annotations")
-    judgements, stats = annot.aggregate(table, ctx.config)
-    rows = [{"annotator": a, **v} for a, v in sorted(stats["annotators"].items())]
-    publish_table("annotator-reliability", rows, "agreement of each annotator with the consensus")
-    report = {k: v for k, v in stats.items() if k != "annotators"}
-    report["annotators"] = len(stats["annotators"])
-    return StageResult(outputs={"judgements": judgements}, report=report,
-                       metadata={"judgements": {"agreement": stats.get("agreement"),
-                                                "annotators": stats["annotators"]}})
-
-
-_annotations_stage.__module__ = annot.__name__
-
-
 def run_annotations(ws: Workspace, annotations: str = "annotations@latest", *, force: bool = False,
                     config: Any = None) -> StageRun:
     """annotations@V -> judgements (majority / mean / Bradley-Terry with agreement stats)."""
     cfg = config or ws.config.annotations
-    return run_stage(ws, "annotations", _annotations_stage, {"annotations": annotations}, cfg,
-                     force=force, code=(annot,))
+    run = run_stage(ws, "annotations", annot.aggregate_stage, {"annotations": annotations}, cfg, force=force)
+    if not run.skipped:
+        stats = ws.store.info(run.outputs["judgements"]).extra.get("annotators") or {}
+        publish_table("annotator-reliability", annot.reliability_rows(stats),
+                      "agreement of each annotator with the consensus")
+    return run
 
 
 @flow(name="annotations")

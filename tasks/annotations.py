@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
-from dpoflow.flows.config import Section
 from dpoflow.storage.schemas import ANNOTATIONS, JUDGEMENTS, QUARANTINE, TS
+from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id_one
-from dpoflow.tasks.importing import ImportError_
+from dpoflow.tasks.importing import ImportError_, unseen_quarantine
 
 KINDS = ("pairwise", "ranking", "rating")
 ITEM_KEYS = ("item_id", "response_id", "candidate_id", "id")
@@ -450,3 +451,38 @@ def aggregate(table: pa.Table, cfg: AnnotationsConfig | None = None) -> tuple[pa
     all_agree = [x for x in (pair_agree + rating_agree) if x is not None]
     stats["agreement"] = float(np.mean(all_agree)) if all_agree else None
     return judgements, stats
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+def import_stage(ctx: StageContext) -> StageResult:
+    """`dpoflow import annotations FILE`: the file's labels added to the previous `annotations`
+    version (the same annotator's later label of the same items wins). Config: ``file`` and
+    ``annotations`` (the AnnotationsConfig the file is read with). A bad row seen by an earlier
+    import is not quarantined again."""
+    path = Path(ctx.config["file"])
+    new, quarantine, report = read_annotations(path, AnnotationsConfig.model_validate(ctx.config["annotations"]))
+    quarantine = unseen_quarantine(ctx.store, quarantine)
+    table = new
+    if ctx.has("annotations"):
+        prev = ctx.read("annotations")
+        keep = pc.invert(pc.is_in(prev.column("annotation_id"), value_set=new.column("annotation_id")))
+        table = pa.concat_tables([prev.filter(keep), new])
+    return StageResult(outputs={"annotations": table}, quarantine=quarantine, report=report,
+                       metadata={"annotations": {"file": str(path)}})
+
+
+def aggregate_stage(ctx: StageContext) -> StageResult:
+    """annotations@V -> judgements (majority / mean / Bradley-Terry with agreement stats); the
+    per-annotator reliability goes into the version's metadata."""
+    judgements, stats = aggregate(ctx.read("annotations"), ctx.config)
+    report = {k: v for k, v in stats.items() if k != "annotators"}
+    report["annotators"] = len(stats["annotators"])
+    return StageResult(outputs={"judgements": judgements}, report=report,
+                       metadata={"judgements": {"agreement": stats.get("agreement"),
+                                                "annotators": stats["annotators"]}})
+
+
+def reliability_rows(annotators: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One report row per annotator (the `annotator-reliability` table)."""
+    return [{"annotator": a, **v} for a, v in sorted(annotators.items())]

@@ -24,7 +24,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from dpoflow.storage.schemas import QUARANTINE, schema_for
+from dpoflow.tasks.contract import StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
+from dpoflow.tasks.kernels import hash64, is_in
 from dpoflow.tasks.lang import detect_language
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
@@ -63,6 +65,27 @@ def _quarantine(source: str, dataset: str, reasons: list[str], raws: list[str], 
         "source": [source] * n, "stage": [stage] * n, "dataset": [dataset] * n, "reason": reasons,
         "raw": raws, "row_index": pa.array(idx, pa.int64()), "quarantined_at": pa.array([now] * n, QUARANTINE.field("quarantined_at").type),
     }, schema=QUARANTINE)
+
+
+def _quarantine_keys(q: pa.Table) -> np.ndarray:
+    """A content key per quarantine row: the dataset it was meant for and the raw row."""
+    parts = [pc.fill_null(q.column(c).cast(pa.string()), "") for c in ("dataset", "raw")]
+    return hash64(pc.binary_join_element_wise(*parts, "\x1f"))
+
+
+def unseen_quarantine(store: Any, q: pa.Table) -> pa.Table:
+    """The rows of `q` not quarantined before (same dataset and raw row), so that importing a
+    file again (or a copy of it), or rerunning an import killed after its quarantine commit,
+    adds nothing to `quarantine`."""
+    if not q.num_rows or not store.exists("quarantine"):
+        return q
+    datasets = pc.unique(q.column("dataset"))
+    old = store.read("quarantine", columns=["dataset", "raw"],
+                     filter=pc.field("dataset").isin(datasets.to_pylist()))
+    if not old.num_rows:
+        return q
+    seen = is_in(_quarantine_keys(q), _quarantine_keys(old))
+    return q.filter(pa.array(~seen)) if seen.any() else q
 
 
 def read_file(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
@@ -282,3 +305,44 @@ def import_files(dataset: str, path: str | os.PathLike[str]) -> tuple[pa.Table, 
     report = {"files": [str(f) for f in files], "rows_in": rows_in, "rows_out": good.num_rows,
               "quarantined": {k: v for k, v in counts.items() if v}, "notes": [k for k, v in counts.items() if not v]}
     return good, q, report
+
+
+# Rows of these datasets are identified by this column: an import adds its rows, and a row
+# whose id is already there replaces the old one (the file is the newer word on it).
+ID_COLUMNS = {"prompts": "prompt_id", "served": "response_id", "pairs": "pair_id", "candidates": "candidate_id",
+              "models": "model_version", "judgements": "judgement_id", "annotations": "annotation_id"}
+
+
+def add_rows(previous: pa.Table, new: pa.Table, dataset: str) -> pa.Table:
+    """`previous` plus `new`; a previous row with the id of a new one is replaced by it."""
+    key = ID_COLUMNS.get(dataset)
+    if key and previous.num_rows and new.num_rows:
+        keep = pc.invert(pc.is_in(previous.column(key), value_set=new.column(key).combine_chunks()))
+        previous = previous.filter(keep)
+    return pa.concat_tables([previous.select(new.column_names).cast(new.schema), new])
+
+
+def import_stage(ctx: StageContext) -> StageResult:
+    """`dpoflow import DATASET PATH`: the file's valid rows added to the previous version
+    (role ``previous``; absent with ``--replace``), bad rows to quarantine.
+
+    Config: ``dataset``, ``path`` and ``on_bad_rows``. A file without a valid row writes no
+    version of the dataset (only its quarantine rows), and bad rows an earlier import of the
+    same file quarantined already are not added again."""
+    cfg = ctx.config
+    dataset = cfg["dataset"]
+    good, quarantine, report = import_files(dataset, cfg["path"])
+    if cfg.get("on_bad_rows") == "fail" and quarantine.num_rows:
+        raise ImportError_(f"{quarantine.num_rows} bad row(s) in {cfg['path']}: {report['quarantined']}")
+    fresh = unseen_quarantine(ctx.store, quarantine)
+    report["quarantined_before"] = quarantine.num_rows - fresh.num_rows
+    outputs: dict[str, Any] = {}
+    if good.num_rows:
+        table = good
+        if ctx.has("previous"):
+            table = add_rows(ctx.read("previous"), good, dataset)
+            report["added_to"] = ctx.inputs["previous"]
+        outputs[dataset] = table
+    return StageResult(outputs=outputs, quarantine=fresh, report=report,
+                       metadata={dataset: {"files": report["files"]}} if outputs else {})
+

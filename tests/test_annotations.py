@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from dpoflow.flows.cli import main
-from dpoflow.flows.cli_feedback import import_annotations
+from dpoflow.flows.importing import import_annotations
 from dpoflow.tasks import annotations as an
 
 

@@ -216,6 +216,20 @@ def known_candidates(store: Any, ref: str, lookback: int) -> pa.Array:
     return pc.unique(pa.chunked_array([c for p in parts for c in p.chunks], pa.string()).combine_chunks())
 
 
+def known_responses(store: Any, candidates: str | None, served: str | None, lookback: int) -> pa.Array | None:
+    """The response ids events may answer: the served responses and the candidates of the
+    pinned version and `lookback` earlier ones. None when neither dataset exists (then there
+    is nothing to check against and the orphan check is off)."""
+    parts = []
+    if candidates:
+        parts.append(known_candidates(store, candidates, lookback))
+    if served:
+        parts.append(store.read(served, columns=["response_id"]).column("response_id").combine_chunks())
+    if not parts:
+        return None
+    return pc.unique(pa.concat_arrays([p.cast(pa.string()) for p in parts]))
+
+
 def expected_rows(cfg: IngestConfig, state_all: dict[str, Any]) -> int:
     """How many rows this run will read, to size the state partitions: Parquet footers, JSONL /
     CSV sizes, and for SQL the rows the source gave last time (nightly volumes are alike).

@@ -35,7 +35,7 @@ from dpoflow.tasks.feedback.sources import (
     expected_rows,
     iter_files,
     iter_sql,
-    known_candidates,
+    known_responses,
 )
 from dpoflow.tasks.feedback.validation import null_mask, previously_quarantined, quarantine_rows, validate
 from dpoflow.tasks.kernels import hash64, indices
@@ -102,7 +102,6 @@ def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) 
     return _Unit(out, acc.prepare(out), False)
 
 
-
 def ingest(ctx: StageContext) -> StageResult:
     """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine.
 
@@ -111,17 +110,15 @@ def ingest(ctx: StageContext) -> StageResult:
     an Arrow IPC file. Exactly-once and the abuse filters then give every spooled row a status;
     pass 2 writes the spool's accepted rows as staged Parquet files from two threads while a
     third computes votes and signals."""
-
     cfg: IngestConfig = ctx.config
     store = ctx.store
     now = dt.datetime.now(dt.UTC)
     now_us = int(now.timestamp() * 1e6)
     state_all = store.get_state(STATE_KEY, {}) or {}
-    cand = None
-    if ctx.has("candidates"):
-        cand = known_candidates(store, ctx.inputs["candidates"], cfg.candidate_lookback_versions)
-    else:
-        ctx.logger.warning("ingest: no candidates dataset: the orphan check is off")
+    cand = known_responses(store, ctx.inputs.get("candidates"), ctx.inputs.get("served"),
+                           cfg.candidate_lookback_versions)
+    if cand is None:
+        ctx.logger.warning("ingest: neither `served` nor `candidates` exists: the orphan check is off")
     prior_n = store.info(ctx.inputs["feedback_events"]).rows if ctx.has("feedback_events") else 0
     acc = EventAccumulator(cfg, ctx.scratch, prior_n + expected_rows(cfg, state_all))
     if cand is not None:
