@@ -45,7 +45,7 @@ def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     ws = _ws(args)
     if args.name == "annotations":  # several formats + aggregation into judgements
-        from dpoflow.flows.cli_feedback import import_annotations
+        from dpoflow.flows.importing import import_annotations
 
         result = import_annotations(ws, args.file, force=args.force)
         _print(args, result, [f"{k}: {v}" for k, v in result.items()])
