@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dpoflow.flows.code_version import code_version
 from dpoflow.flows.reporting import flow_run_id, publish_table, report_rows, stage_logger
 from dpoflow.flows.workspace import Workspace
+from dpoflow.storage.schemas import QUARANTINE_KEY
+from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.contract import StageContext, StageResult
 
 
@@ -89,15 +90,22 @@ def run_stage(
     parents = list(pinned.values())
     outputs: dict[str, str] = {}
     rows_out: dict[str, int] = {}
+    bases: dict[str, int] = {}  # a stage that read a version of its own output dataset (read-modify-write)
+    for ref in pinned.values():
+        n, _, v = ref.partition("@")
+        bases[n] = max(bases.get(n, -1), int(v))
     for name, data in result.outputs.items():
+        # computed from bases[name]: a commit on top of a newer version is a ConflictError, not a lost update
         info = store.write(name, data, parents=parents, stage=stage, config=cfg, code_version=cv,
-                           content_key=key, flow_run_id=run_id, extra=result.metadata.get(name))
+                           content_key=key, flow_run_id=run_id, extra=result.metadata.get(name),
+                           expected_version=bases.get(name))
         outputs[name] = info.ref
         rows_out[name] = info.rows
     if result.quarantine is not None and result.quarantine.num_rows:
-        q = store.write("quarantine", result.quarantine, mode="append", parents=parents, stage=stage,
-                        content_key=key, flow_run_id=run_id)
-        outputs["quarantine"] = q.ref
+        # keyed by content: a rerun after a kill past this commit adds the same bad rows once
+        q = store.append_unique("quarantine", result.quarantine, QUARANTINE_KEY, parents=parents, stage=stage,
+                                content_key=key, flow_run_id=run_id)
+        outputs["quarantine"] = q.ref if q else str(store.resolve("quarantine"))
         rows_out["quarantine (added)"] = result.quarantine.num_rows
     store.record_outputs(key, stage, pinned, outputs)
     run = StageRun(stage, outputs, False, key, result.report, time.perf_counter() - t0)

@@ -46,6 +46,7 @@ from pydantic import Field, field_validator
 from dpoflow.storage.registry import is_registry_ref
 from dpoflow.storage.schemas import CANDIDATES, QUARANTINE
 from dpoflow.tasks import generation as gen
+from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
 
@@ -318,10 +319,8 @@ class Shard:
 
 
 def _code_hash() -> str:
-    h = hashlib.sha256()
-    for mod in (gen, sys.modules[__name__]):
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
+    """The sampling code's version (this module and the core modules it imports)."""
+    return code_version(__name__)
 
 
 def sampler_name(cfg: SampleConfig, i: int) -> str:

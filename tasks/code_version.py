@@ -25,14 +25,22 @@ def _is_core(name: str) -> bool:
 
 @lru_cache(maxsize=512)
 def _source(name: str) -> Path | None:
-    """The .py file of a module or package (None when `name` is not a module)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
+    """The .py file of a core module or package (None when `name` is not one).
+
+    Found from the folder of its top package (`dpoflow.tasks`, `dpoflow.storage`), without
+    importing the module or its parents: computing a version must stay cheap (no torch)."""
+    top = next((c for c in CORE if name == c or name.startswith(c + ".")), None)
+    if top is None:
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(spec.origin)
+    base = Path(next(iter(spec.submodule_search_locations)))
+    rest = name[len(top):].lstrip(".").split(".") if name != top else []
+    for candidate in (base.joinpath(*rest, "__init__.py"), base.joinpath(*rest[:-1], f"{rest[-1]}.py") if rest else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
 
 
 def _imported(name: str, path: Path) -> set[str]:
@@ -55,6 +63,14 @@ def _imported(name: str, path: Path) -> set[str]:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if _source(sub) is not None else base)
     return found
+
+
+def _shell_source(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -87,7 +103,7 @@ def module_closure(start: str) -> dict[str, Path]:
         if name in seen:
             continue
         seen.add(name)
-        path = _source(name)
+        path = _source(name) if _is_core(name) else _shell_source(name)
         if path is None:
             continue
         if _is_core(name):
