@@ -90,7 +90,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = _ws(args).store
     info = store.info(args.ref)
     table = store.read(info.ref)
-    head = table.slice(0, args.limit).to_pylist()
+    head = store.head(info.ref, args.limit)  # safe for any stored value (e.g. a year -1 time)
     data = {**info.to_dict(), "schema": [f"{f.name}: {f.type}" for f in table.schema], "head": head}
     lines = [f"{info.ref}  rows={info.rows}  stage={info.stage}  created={info.created}",
              f"parents: {', '.join(info.parents) or '-'}", f"code: {info.code_version}", "columns:"]

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-from dpoflow.flows.deploy import settings_context
+from dpoflow.flows.local_server import settings_context
 from dpoflow.flows.registry import run_direct, stage_flow
 from dpoflow.flows.reporting import (
     batched_artifacts,
@@ -44,7 +44,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT):
         return True
     name = type(exc).__name__
-    return name in ("ConcurrentWriteError", "OutOfMemoryError") or "out of memory" in str(exc).lower()
+    return name in ("ConcurrentWriteError", "ConflictError", "OutOfMemoryError") or "out of memory" in str(exc).lower()
 
 
 def with_retries(fn: Callable[[], Any], retries: int, delay_s: float, what: str,

@@ -117,6 +117,9 @@ QUARANTINE = pa.schema([
     _f("row_index", pa.int64(), True),
     _f("quarantined_at", TS),
 ])
+# What makes two quarantine rows the same row (when it was quarantined does not): appends are
+# deduplicated on it, so a rerun of a killed import or stage adds its bad rows once.
+QUARANTINE_KEY = ["source", "stage", "dataset", "reason", "raw", "row_index"]
 
 SIGNALS = pa.schema([
     _f("candidate_id", pa.string()),

@@ -17,14 +17,17 @@ that a tag, a model or the lineage of a kept version refers to.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import posixpath
+import random
+import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +44,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 from dpoflow.storage.schemas import SCHEMAS, conform, schema_for, validate_name
 
 META_KEY = "dpoflow"
+ANY = object()  # "any current value" for compare-and-set arguments
 ROWS_PER_FILE = 2_000_000  # rows per Parquet data file
 ROW_GROUP = 128 * 1024  # rows per row group: streaming reads hold about one group per column
 TABLE_CONFIG = {
@@ -66,6 +70,12 @@ class StoreError(RuntimeError):
 
 class ConcurrentWriteError(StoreError):
     """Another writer committed the same dataset version first."""
+
+
+class ConflictError(ConcurrentWriteError):
+    """A read-modify-write lost the race: the dataset (or tag) moved past the version the
+    write was computed from. Nothing of the write is visible; recompute from the newer
+    version and write again (`DatasetStore.update` does that loop)."""
 
 
 @dataclass(frozen=True)
@@ -103,11 +113,27 @@ class VersionInfo:
         return d
 
 
+_SELECTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
-    """Split ``name[@selector]`` into (name, selector); selector defaults to ``latest``."""
+    """Split ``name[@selector]`` into (name, selector); selector defaults to ``latest``.
+
+    A selector is ``latest``, a version number (ASCII digits only: ``"²".isdigit()`` is true
+    in Python but no version) or a tag name; anything else is a one-line StoreError."""
+    if not isinstance(ref, str):
+        raise StoreError(f"invalid ref {ref!r}: expected 'name', 'name@VERSION' or 'name@TAG'")
     name, _, sel = ref.partition("@")
-    validate_name(name)
-    return name, (sel or "latest")
+    validate_name(name)  # DatasetNameError: a one-line error naming the bad name
+    sel = sel or "latest"
+    if not _SELECTOR_RE.match(sel):
+        raise StoreError(f"invalid ref {ref!r}: after '@' comes a version number (ASCII digits), "
+                         "'latest' or a tag name (letters, digits, '_', '-', '.')")
+    return name, sel
+
+
+def _is_version(sel: str) -> bool:
+    return sel.isascii() and sel.isdigit()
 
 
 def storage_options_from_env(root: str) -> dict[str, str]:
@@ -248,7 +274,7 @@ class DatasetStore:
         name, sel = parse_ref(ref)
         if sel == "latest":
             return Ref(name, self.latest(name))
-        if sel.isdigit():
+        if _is_version(sel):
             v = int(sel)
             latest = self.latest(name)
             if v > latest:
@@ -274,15 +300,25 @@ class DatasetStore:
         flow_run_id: str | None = None,
         extra: dict[str, Any] | None = None,
         schema: pa.Schema | None = None,
+        expected_version: int | None = None,
     ) -> VersionInfo:
         """Commit `data` as the next version of `name` (``overwrite``: the version holds only
         `data`; ``append``: previous rows plus `data`). Validated against the contract first.
+
+        `expected_version` is the version of `name` the data was computed from (-1: from
+        nothing, the dataset must not exist yet). The commit then lands exactly on the next
+        version, or raises :class:`ConflictError` when another writer got there first: a
+        read-modify-write never silently drops the other writer's rows. ``None`` commits on
+        top of whatever is latest (plain appends commute; an overwrite replaces). A failed
+        write removes the data files it staged.
 
         Streams (readers / batch iterators) are validated batch by batch and never held whole.
         """
         validate_name(name)
         if mode not in ("overwrite", "append"):
             raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
+        if expected_version is not None:
+            self._check_base(name, expected_version)
         contract = schema or schema_for(name)
         if isinstance(data, StagedFiles):
             if data.name != name or contract is None:
@@ -319,16 +355,88 @@ class DatasetStore:
         meta_json = json.dumps(meta, default=str, sort_keys=True)
         # Data files first (invisible until committed), then one atomic Delta commit.
         actions = list(data.actions) if isinstance(data, StagedFiles) else self._write_files(name, batches, arrow_schema)
-        commit = CommitProperties(custom_metadata={META_KEY: meta_json})
+        commit = CommitProperties(custom_metadata={META_KEY: meta_json},
+                                  max_commit_retries=0 if expected_version is not None else None)
         try:
-            self._commit(name, actions, mode, arrow_schema, commit)
-        except CommitFailedError as exc:
-            raise ConcurrentWriteError(
-                f"another writer committed {name!r} at the same time; nothing of this write is "
-                f"visible, retry it ({exc})"
-            ) from exc
-        version = self._find_commit(name, meta_json)
+            self._commit(name, actions, mode, arrow_schema, commit, expected_version)
+        except BaseException as exc:
+            self._remove_staged(name, actions)  # unreferenced files would only be litter
+            if isinstance(exc, ConflictError):
+                raise
+            if expected_version is not None and isinstance(exc, CommitFailedError):
+                raise self._conflict(name, expected_version) from exc
+            if isinstance(exc, CommitFailedError):
+                raise ConcurrentWriteError(
+                    f"another writer committed {name!r} at the same time; nothing of this write is "
+                    f"visible, retry it ({exc})"
+                ) from exc
+            raise
+        version = expected_version + 1 if expected_version is not None else self._find_commit(name, meta_json)
         return self.info(f"{name}@{version}")
+
+    def update(self, name: str, compute: Callable[[str | None], Any], *, retries: int = 8,
+               **write_kw: Any) -> VersionInfo:
+        """Read-modify-write with optimistic concurrency: ``compute(base)`` gets the ref the
+        new version is computed from (``None`` when `name` does not exist yet) and returns its
+        data; when another writer commits in between, `compute` runs again on the newer
+        version (up to `retries` times, then the ConflictError is raised)."""
+        for attempt in range(retries + 1):
+            base = self.latest(name) if self.exists(name) else -1
+            data = compute(f"{name}@{base}" if base >= 0 else None)
+            try:
+                return self.write(name, data, expected_version=base, **write_kw)
+            except ConflictError:
+                if attempt == retries:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the winner finish
+        raise AssertionError("unreachable")
+
+    def append_unique(self, name: str, table: pa.Table, key: list[str], **write_kw: Any) -> VersionInfo | None:
+        """Append the rows of `table` whose `key` columns are not in `name` yet (and not
+        repeated within `table`); None when nothing is new. A rerun of the same write adds
+        nothing, and two concurrent writers of the same rows add them once."""
+        new_keys = _row_keys(table, key)
+        first = pc.equal(pc.index_in(new_keys, new_keys), pa.array(range(len(new_keys)), pa.int32()))
+        table = table.filter(first)
+
+        def compute(base: str | None) -> pa.Table:
+            if base is None:
+                return table
+            have = _row_keys(self.read(base, columns=key), key)
+            return table.filter(pc.invert(pc.is_in(_row_keys(table, key), have)))
+
+        for attempt in range(9):
+            base = self.latest(name) if self.exists(name) else -1
+            fresh = compute(f"{name}@{base}" if base >= 0 else None)
+            if fresh.num_rows == 0:
+                return None
+            try:
+                return self.write(name, fresh, mode="append", expected_version=base, **write_kw)
+            except ConflictError:
+                if attempt == 8:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        return None
+
+    def _check_base(self, name: str, expected: int) -> None:
+        latest = self.latest(name) if self.exists(name) else -1
+        if latest != expected:
+            raise self._conflict(name, expected)
+
+    def _conflict(self, name: str, expected: int) -> ConflictError:
+        latest = self.latest(name) if self.exists(name) else -1
+        read = f"{name}@{expected}" if expected >= 0 else f"that {name!r} did not exist"
+        if expected < 0:
+            return ConflictError(f"conflict: this write assumed {read}, but another writer created it "
+                                 f"(latest is {name}@{latest}); nothing was written, rerun to include it")
+        return ConflictError(f"conflict: this write was computed from {read}, but another writer committed "
+                             f"{name}@{latest} meanwhile; nothing was written, rerun to recompute from it")
+
+    def _remove_staged(self, name: str, actions: Iterable[AddAction]) -> None:
+        base = self._strip(self.table_uri(name))
+        for a in actions:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm(f"{base}/{a.path}")
 
     def stage_files(self, name: str, batches: Iterable[pa.Table | pa.RecordBatch]) -> StagedFiles:
         """Write (contract-checked) data files for a later `write(name, StagedFiles)`; they are
@@ -380,30 +488,40 @@ class DatasetStore:
                                                  write_statistics=stats),
                          sink=sink, path=path, fname=fname, rows=0)
 
-        for part in batches:
-            offset = 0
-            while offset < part.num_rows:
-                if state["writer"] is None:
-                    open_(part)
-                take = min(part.num_rows - offset, ROWS_PER_FILE - state["rows"])
-                chunk = part.slice(offset, take)
-                if isinstance(chunk, pa.Table):
-                    state["writer"].write_table(chunk, row_group_size=ROW_GROUP)
-                else:
-                    state["writer"].write_batch(chunk, row_group_size=ROW_GROUP)
-                state["rows"] += take
-                offset += take
-                if state["rows"] >= ROWS_PER_FILE:
-                    close()
-        if state["writer"] is None and not actions:
-            open_(None)  # an empty version still gets one (empty) file carrying the schema
-        close()
+        try:
+            for part in batches:
+                offset = 0
+                while offset < part.num_rows:
+                    if state["writer"] is None:
+                        open_(part)
+                    take = min(part.num_rows - offset, ROWS_PER_FILE - state["rows"])
+                    chunk = part.slice(offset, take)
+                    if isinstance(chunk, pa.Table):
+                        state["writer"].write_table(chunk, row_group_size=ROW_GROUP)
+                    else:
+                        state["writer"].write_batch(chunk, row_group_size=ROW_GROUP)
+                    state["rows"] += take
+                    offset += take
+                    if state["rows"] >= ROWS_PER_FILE:
+                        close()
+            if state["writer"] is None and not actions:
+                open_(None)  # an empty version still gets one (empty) file carrying the schema
+            close()
+        except BaseException:
+            # a bad batch mid-stream (or a kill signal turned exception): no half-written litter
+            if state["writer"] is not None:
+                with contextlib.suppress(Exception):
+                    state["writer"].close()
+                    state["sink"].close()
+                actions.append(AddAction(state["fname"], 0, {}, 0, True, "{}"))
+            self._remove_staged(name, actions)
+            raise
         return actions
 
     def _commit(self, name: str, actions: list[AddAction], mode: str, schema: pa.Schema,
-                commit: CommitProperties) -> None:
+                commit: CommitProperties, expected: int | None = None) -> None:
         uri = self.table_uri(name)
-        if not self.exists(name):
+        if expected == -1 or (expected is None and not self.exists(name)):
             try:
                 create_table_with_add_actions(uri, DeltaSchema.from_arrow(schema), actions, mode="error",
                                               configuration=TABLE_CONFIG, storage_options=self.options or None,
@@ -412,8 +530,12 @@ class DatasetStore:
             except Exception:
                 if not self.exists(name):
                     raise
+                if expected == -1:
+                    raise self._conflict(name, -1) from None
                 # another writer created the table first: commit on top of it below
-        table = DeltaTable(uri, storage_options=self.options or None)
+        # Loaded at the version the data came from, with no commit retries: Delta's
+        # put-if-absent of the next log entry then fails if anyone committed meanwhile.
+        table = DeltaTable(uri, version=expected, storage_options=self.options or None)
         table.create_write_transaction(actions, mode=mode, schema=schema, commit_properties=commit)
 
     def _find_commit(self, name: str, meta_json: str) -> int:
@@ -467,6 +589,10 @@ class DatasetStore:
     def read_batches(self, ref: str, batch_size: int = 65536, columns: list[str] | None = None
                      ) -> Iterator[pa.RecordBatch]:
         yield from self.dataset(ref).to_batches(batch_size=batch_size, columns=columns)
+
+    def head(self, ref: str, limit: int = 10) -> list[dict[str, Any]]:
+        """The first `limit` rows as Python dicts, safe for any stored value (see `python_rows`)."""
+        return python_rows(self.dataset(ref).head(max(limit, 0)))
 
     def to_pandas(self, ref: str, columns: list[str] | None = None):
         return self.read(ref, columns=columns).to_pandas()
@@ -531,20 +657,53 @@ class DatasetStore:
     def tags(self, name: str) -> dict[str, int]:
         return {k: int(v) for k, v in self._read_json(self._meta_path("tags", f"{validate_name(name)}.json"), {}).items()}
 
-    def tag(self, ref: str, tag: str) -> Ref:
-        """Point `tag` at a version (moving it if it pointed elsewhere)."""
-        if not tag or tag == "latest" or tag.isdigit() or "@" in tag or "/" in tag:
-            raise StoreError(f"invalid tag {tag!r}: not empty, not 'latest', not a number, no '@' or '/'")
+    def tag(self, ref: str, tag: str, *, expected: int | None | object = ANY) -> Ref:
+        """Point `tag` at a version (moving it if it pointed elsewhere).
+
+        `expected`: the version the caller saw the tag at (None: unset); if it moved since,
+        ConflictError, and the tag stays where the other writer put it."""
+        if not tag or tag == "latest" or _is_version(tag) or not _SELECTOR_RE.match(tag):
+            raise StoreError(f"invalid tag {tag!r}: not empty, not 'latest', not a number; letters, digits, "
+                             "'_', '-', '.'")
         r = self.resolve(ref)
-        tags = self.tags(r.name)
-        tags[tag] = r.version
-        self._write_json(self._meta_path("tags", f"{r.name}.json"), tags)
+
+        def move(tags: dict[str, int]) -> dict[str, int]:
+            if expected is not ANY and tags.get(tag) != expected:
+                raise ConflictError(f"conflict: tag {r.name}@{tag} was expected at {expected}, but another "
+                                    f"writer moved it to {tags.get(tag)}; it was left there")
+            return {**tags, tag: r.version}
+
+        self.update_json(self._meta_path("tags", f"{r.name}.json"), move)
         return r
 
     def untag(self, name: str, tag: str) -> None:
-        tags = self.tags(name)
-        tags.pop(tag, None)
-        self._write_json(self._meta_path("tags", f"{name}.json"), tags)
+        self.update_json(self._meta_path("tags", f"{validate_name(name)}.json"),
+                         lambda tags: {k: v for k, v in tags.items() if k != tag})
+
+    def update_json(self, path: str, change: Callable[[Any], Any], default: Any = None) -> Any:
+        """Read-modify-write of a small JSON record under an exclusive lock, so two writers
+        moving different tags both land (no lost update). `change` may raise to abort."""
+        with self._locked(path):
+            value = change(self._read_json(path, {} if default is None else default))
+            self._write_json(path, value)
+            return value
+
+    @contextlib.contextmanager
+    def _locked(self, path: str) -> Iterator[None]:
+        """An advisory file lock beside `path` (local stores; on object storage a single
+        PUT is the unit, and concurrent tag writers there are not serialised)."""
+        if self.remote:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # --- content keys (skip unchanged stages) ----------------------------------------------
 
@@ -632,6 +791,8 @@ class DatasetStore:
         """
         keep = self.referenced_versions(keep_last)
         removed: dict[str, list[int]] = {}
+        if not dry_run:
+            self.remove_litter(max_age_s=min(shard_max_age_s, 3600))
         now = dt.datetime.now(dt.UTC)
         for name in self.list():
             if name.startswith("shard_"):
@@ -664,8 +825,79 @@ class DatasetStore:
         return removed
 
 
+    def remove_litter(self, max_age_s: float = 3600) -> dict[str, int]:
+        """Remove what killed writers leave behind, once older than `max_age_s` (so a writer
+        still at work keeps its files): ``*.tmp`` files of small JSON records under
+        ``_dpoflow/`` and Parquet files that no commit of their table ever referenced."""
+        cutoff = time.time() - max_age_s
+        out = {"tmp": 0, "parquet": 0}
+
+        def old(path: str) -> bool:
+            try:
+                mtime = self.fs.info(path).get("mtime") or self.fs.modified(path)
+            except (FileNotFoundError, OSError, NotImplementedError):
+                return False
+            stamp = mtime.timestamp() if isinstance(mtime, dt.datetime) else float(mtime)
+            return stamp < cutoff
+
+        meta = self._meta_path()
+        if self.fs.exists(meta):
+            for path in self.fs.find(meta):
+                if path.endswith(".tmp") and old(path):
+                    self.fs.rm(path)
+                    out["tmp"] += 1
+        for name in self.list():
+            base = self._strip(self.table_uri(name))
+            log = f"{base}/_delta_log"
+            referenced: set[str] = set()
+            for entry in self.fs.find(log):
+                if entry.endswith(".json"):
+                    with self.fs.open(entry, "r") as f:
+                        actions = [json.loads(line) for line in f if line.strip()]
+                    referenced |= {a["add"]["path"] for a in actions if "add" in a}
+            for path in self.fs.find(base):
+                if "_delta_log" in path or not path.endswith(".parquet"):
+                    continue
+                if path[len(base) + 1:] not in referenced and old(path):
+                    self.fs.rm(path)
+                    out["parquet"] += 1
+        return out
+
+
+_PY_MIN_US = int((dt.datetime(1, 1, 1, tzinfo=dt.UTC) - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds()) * 10**6
+_PY_MAX_US = int((dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+                  - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds()) * 10**6
+
+
+def python_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """``table.to_pylist()`` that cannot crash on a stored value: a timestamp column holding
+    a time Python's datetime cannot represent (year -1, year 10000) is given as ISO text."""
+    columns = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_timestamp(col.type) and len(col) - col.null_count:
+            micros = pc.cast(col.cast(pa.timestamp("us", tz=col.type.tz)), pa.int64())
+            lo, hi = pc.min_max(micros).values()
+            if lo.as_py() < _PY_MIN_US or hi.as_py() > _PY_MAX_US:
+                col = col.cast(pa.string())
+        columns[name] = col
+    return pa.table(columns).to_pylist() if columns else [{} for _ in range(table.num_rows)]
+
+
 def _safe_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32] if not key.replace("_", "").replace("-", "").isalnum() else key
+
+
+def _row_keys(table: pa.Table, key: list[str]) -> pa.Array:
+    """One string per row joining the `key` columns (nulls marked apart from empty text)."""
+    if table.num_rows == 0:
+        return pa.array([], pa.string())
+    parts = []
+    for c in key:
+        col = table.column(c)
+        text = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+        parts.append(pc.if_else(pc.is_null(text), "\x00null", pc.binary_join_element_wise("v", text, "")))
+    joined = pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
 
 def _conform_batch(name: str, batch: pa.RecordBatch, contract: pa.Schema | None) -> Iterator[pa.RecordBatch]:

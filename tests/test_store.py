@@ -165,7 +165,9 @@ def test_bad_dataset_names(store, name):
 
 
 def test_content_key_skip_and_force(ws):
-    from dpoflow.flows.stage import StageResult, run_stage
+    from dpoflow.flows.runner import run_stage
+    from dpoflow.storage.store import ConflictError
+    from dpoflow.tasks.contract import StageResult
 
     ws.store.write("prompts", prompts(3), stage="import")
     calls = []
@@ -173,10 +175,11 @@ def test_content_key_skip_and_force(ws):
     def upper(ctx):
         calls.append(1)
         t = ctx.read("prompts")
-        return StageResult(outputs={"prompts": t.set_column(1, "prompt", pa.array(
+        return StageResult(outputs={"shard_upper": t.set_column(1, "prompt", pa.array(
             [s.upper() for s in t.column("prompt").to_pylist()]))})
 
     first = run_stage(ws, "upper", upper, {"prompts": "prompts@0"}, {"k": 1})
+    ws.store.write("prompts", prompts(4), stage="import")
     again = run_stage(ws, "upper", upper, {"prompts": "prompts"}, {"k": 1})  # latest is now @1 ...
     assert not first.skipped and len(calls) == 2 and not again.skipped  # ... so that is new input
     same = run_stage(ws, "upper", upper, {"prompts": "prompts@0"}, {"k": 1})
@@ -185,8 +188,16 @@ def test_content_key_skip_and_force(ws):
     assert not changed_cfg.skipped and len(calls) == 3
     forced = run_stage(ws, "upper", upper, {"prompts": "prompts@0"}, {"k": 1}, force=True)
     assert not forced.skipped and len(calls) == 4 and forced.outputs != first.outputs
-    info = ws.store.info(first.outputs["prompts"])
+    info = ws.store.info(first.outputs["shard_upper"])
     assert info.parents == ["prompts@0"] and info.stage == "upper" and info.content_key == first.content_key
+
+    def rewrite(ctx):  # a read-modify-write of its own input dataset
+        return StageResult(outputs={"prompts": ctx.read("prompts")})
+
+    with pytest.raises(ConflictError, match="computed from prompts@0"):
+        run_stage(ws, "rewrite", rewrite, {"prompts": "prompts@0"}, {})  # prompts@1 exists: no lost update
+    assert ws.store.latest("prompts") == 1
+    assert run_stage(ws, "rewrite", rewrite, {"prompts": "prompts"}, {}).outputs["prompts"] == "prompts@2"
 
 
 WRITER = textwrap.dedent("""
