@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -15,6 +16,14 @@ from dpoflow.flows.ingest import run_ingest
 from dpoflow.tasks import feedback as fb
 from dpoflow.tasks.kernels import hash64
 from tests.builders import T0, candidates, ev, iso, quarantine_reasons, sqlite_events, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _events_from_2024_are_not_stale(request):
+    """These tests date their events around 2024-03-01: open the timestamp window for them
+    (the window itself is tested in tests/test_validation_path.py)."""
+    if "ws" in request.fixturenames:
+        request.getfixturevalue("ws").config.ingest.min_ts = T0 - dt.timedelta(days=365)
 
 
 def configure(ws, **ingest) -> None:
@@ -53,7 +62,7 @@ def test_every_quarantine_reason_and_valid_rows(ws, tmp_path):
     assert rep["dropped"] == {"duplicate event_id": 1}
     assert rep["quarantined"] == {
         "missing field: user_id": 1, "missing field: ts": 1, "unknown event type": 1,
-        "unparseable timestamp": 1, "future timestamp": 1, "orphan": 1, "malformed field: value": 1,
+        "unparseable timestamp": 1, "future ts": 1, "orphan": 1, "malformed field: value": 1,
         "missing field: value": 1, "malformed field: position": 1, "malformed row: invalid JSON": 1}
     assert rep["rows_in"] == rep["accepted"] + sum(rep["quarantined"].values()) + sum(rep["dropped"].values())
     events = ws.store.read("feedback_events")
@@ -270,7 +279,8 @@ def test_stage_runs_as_prefect_flow(ws, tmp_path, prefect_harness):
 
     candidates(ws)
     write_jsonl(tmp_path / "e.jsonl", [ev("f1", "u1", "c1"), ev("f2", "u2", "c1", "ponder")])
-    (ws.root / "dpoflow.yaml").write_text(f"ingest:\n  sources:\n    - name: app\n      path: {tmp_path / 'e.jsonl'}\n")
+    (ws.root / "dpoflow.yaml").write_text(f"ingest:\n  min_ts: {iso(days=-1)}\n  sources:\n    - name: app\n"
+                                          f"      path: {tmp_path / 'e.jsonl'}\n")
     out = ingest_flow(workspace=str(ws.root))
     assert set(out) == {"feedback_events", "signals", "quarantine"}
     assert ws.store.read(out["signals"]).num_rows == 1
@@ -281,7 +291,8 @@ def test_cli_feedback_commands(ws, tmp_path, capsys):
 
     candidates(ws)
     write_jsonl(tmp_path / "e.jsonl", [ev("f1", "u1", "c1")])
-    (ws.root / "dpoflow.yaml").write_text(f"ingest:\n  sources:\n    - name: app\n      path: {tmp_path / 'e.jsonl'}\n")
+    (ws.root / "dpoflow.yaml").write_text(f"ingest:\n  min_ts: {iso(days=-1)}\n  sources:\n    - name: app\n"
+                                          f"      path: {tmp_path / 'e.jsonl'}\n")
     assert main(["feedback", "ingest", "--workspace", str(ws.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["report"]["accepted"] == 1
     assert main(["feedback", "formulas"]) == 0

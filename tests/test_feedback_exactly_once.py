@@ -59,6 +59,7 @@ def setup(ws: Workspace, sources: list[dict]) -> None:
         "origin": ["sampled"] * n, "model_version": ["m"] * n, "dup_count": pa.array([1] * n, pa.int32())}))
     cfg = ws.config.ingest
     cfg.sources = sources
+    cfg.min_ts = T0 - dt.timedelta(days=1)  # events of 2024: inside the timestamp window
     cfg.half_life_days = 2.0
     cfg.propensities = {0: 1.0, 1: 0.5, 2: 0.25}
     cfg.abuse.rate_cap_per_day = 5

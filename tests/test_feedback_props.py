@@ -46,6 +46,7 @@ def test_junk_rows_never_crash_and_are_all_accounted_for(rows, as_csv, tmp_path_
         path = base / "e.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ("{broken\n" if len(rows) % 3 == 0 else ""))
     ws.config.ingest.sources = [{"name": "junk", "path": str(path)}]
+    ws.config.ingest.min_ts = "2023-01-01T00:00:00Z"
     run = run_ingest(ws)
     rep = run.report
     n_q = ws.store.read("quarantine").num_rows if ws.store.exists("quarantine") else 0

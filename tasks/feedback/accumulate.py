@@ -156,9 +156,9 @@ class EventAccumulator:
         """prepare + merge of valid, typed rows."""
         self.merge(self.prepare(typed), new)
 
-    def finish(self) -> Outcome:
+    def finish(self, now_us: int | None = None) -> Outcome:
         """Exactly-once, abuse filters, votes and signals; `status` is per merged row."""
-        out = self.abuse()
+        out = self.abuse(now_us)
         out.signals = self.signals(out)
         return out
 
@@ -173,10 +173,11 @@ class EventAccumulator:
                 if p < k:
                     pending.append(ex.submit(fn, p))
 
-    def abuse(self) -> Outcome:
+    def abuse(self, now_us: int | None = None) -> Outcome:
         """Exactly-once and the abuse filters: everything the `feedback_events` output needs
         (`signals` is left None: `signals()` computes it, e.g. in a thread while the events
-        are written)."""
+        are written). `as_of` is never later than `now_us` (the ingest time): one client
+        with a clock in the future cannot age every other vote."""
         cfg = self.cfg
         status = np.full(self.n_rows, INVALID, np.int8)
         for dup, blocked in self._each(lambda p: self._dedup(p, status), self.by_id.k):
@@ -190,6 +191,8 @@ class EventAccumulator:
             rand_counts[:len(c)] += c
         props = self._propensities(rand_counts)
         as_of_us = int(cfg.as_of.timestamp() * 1e6) if cfg.as_of else (top_ts if top_ts is not None else 0)
+        if now_us is not None:
+            as_of_us = min(as_of_us, now_us)
         as_of = dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC) if top_ts is not None or cfg.as_of else None
         self._fin = (status, as_of_us, props)
         return Outcome(status, None, props, as_of)

@@ -65,8 +65,14 @@ class IngestConfig(Section):
     value_required: list[str] = Field(default_factory=lambda: ["dwell"], description="event types that need `value`")
     dwell_full_ms: float = Field(30_000.0, gt=0, description="dwell time that earns the full dwell weight")
     half_life_days: float = Field(30.0, gt=0, description="time-decay half-life of a vote")
-    as_of: dt.datetime | None = Field(None, description="reference time for decay (default: newest valid event)")
-    future_tolerance_s: float = Field(300.0, ge=0, description="timestamps later than now + this are quarantined")
+    as_of: dt.datetime | None = Field(None, description="reference time for decay (default: newest valid event); "
+                                      "never later than the ingest time")
+    max_clock_skew: float = Field(300.0, ge=0, description="seconds: events later than the ingest time plus this are "
+                                  "quarantined as `future ts` (a client with a wrong clock)")
+    min_ts: dt.datetime | None = Field(None, description="events before this are quarantined as `stale ts` "
+                                       "(default: `max_event_age_days` before as_of, or before the ingest time)")
+    max_event_age_days: float = Field(365.0, gt=0, description="the default `min_ts`: this many days before as_of "
+                                      "(or the ingest time when as_of is not set)")
     candidate_lookback_versions: int = Field(7, ge=0, description="events may answer the candidates of this many "
                                              "earlier `candidates` versions too (feedback on last nights' responses); "
                                              "older ones are orphans")

@@ -9,7 +9,7 @@ Signal formulas (also in README.md, "Feedback signals"), per response r over
 its winning votes v (after dedup and abuse filtering):
 
     s_v   = w[type_v]                                  (dwell: w_dwell * min(value_v / dwell_full_ms, 1))
-    d_v   = 2 ** (-(T - ts_v) / half_life)             (T = as_of, default: newest valid event)
+    d_v   = 2 ** (-(T - ts_v) / half_life)             (T = as_of, default: newest valid event, at most the ingest time)
     ipw_v = 1 / max(p[pos_v], p_min)                   (1 when no position is logged)
     e_v   = s_v * d_v * ipw_v
     P = sum(max(e_v, 0)),  N = sum(max(-e_v, 0)),  n = P + N

@@ -71,9 +71,9 @@ def _to_spool(t: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _prepare_source(acc: EventAccumulator, rb: RawBatch, cfg: IngestConfig, now_us: int, now: dt.datetime,
                     cand: pa.Array | None, columns: dict[str, str], seen_ids: pa.Array,
-                    schema: pa.Schema) -> _Unit:
+                    schema: pa.Schema, min_us: int) -> _Unit:
     """Validate one raw batch and prepare it (runs in a worker thread)."""
-    v = validate(rb.table, cfg, now_us, rb.source, cand, columns)
+    v = validate(rb.table, cfg, now_us, rb.source, cand, columns, min_us)
     bad = v.bad
     valid = ~bad
     again = 0
@@ -102,6 +102,18 @@ def _prepare_prior(acc: EventAccumulator, b: pa.RecordBatch, schema: pa.Schema) 
     return _Unit(out, acc.prepare(out), False)
 
 
+def oldest_accepted_us(cfg: IngestConfig, now: dt.datetime) -> int:
+    """The start of the timestamp window (UTC us): `min_ts`, else `max_event_age_days` before
+    as_of (or before the ingest time when as_of is not set). Older events are `stale ts`."""
+    def utc(t: dt.datetime) -> dt.datetime:  # naive config times are UTC, like naive event times
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+    if cfg.min_ts is not None:
+        return int(utc(cfg.min_ts).timestamp() * 1e6)
+    ref = min(utc(cfg.as_of), now) if cfg.as_of else now
+    return int((ref - dt.timedelta(days=cfg.max_event_age_days)).timestamp() * 1e6)
+
+
 def ingest(ctx: StageContext) -> StageResult:
     """Stage function: sources (+ prior `feedback_events`) -> feedback_events, signals, quarantine.
 
@@ -114,6 +126,7 @@ def ingest(ctx: StageContext) -> StageResult:
     store = ctx.store
     now = dt.datetime.now(dt.UTC)
     now_us = int(now.timestamp() * 1e6)
+    min_us = oldest_accepted_us(cfg, now)
     state_all = store.get_state(STATE_KEY, {}) or {}
     cand = known_responses(store, ctx.inputs.get("candidates"), ctx.inputs.get("served"),
                            cfg.candidate_lookback_versions)
@@ -178,7 +191,7 @@ def ingest(ctx: StageContext) -> StageResult:
                 for rb in it:
                     rows_read += rb.table.num_rows
                     pending.append(pool.submit(_prepare_source, acc, rb, cfg, now_us, now, cand, src.columns,
-                                               seen_ids_arr, work_schema))
+                                               seen_ids_arr, work_schema, min_us))
                     drain(1)  # two batches in the workers, one being read: bounded memory
                 drain(0)
                 if src.kind == "sql":
@@ -195,7 +208,7 @@ def ingest(ctx: StageContext) -> StageResult:
             drain(0)
         t1, c1 = time.perf_counter(), time.process_time()
         release_memory()  # pass 1's batches
-        outcome = acc.abuse()
+        outcome = acc.abuse(now_us)
         release_memory()  # the event-id partitions
         status = outcome.status  # per spooled row: OK, INVALID, DUP, DUP_QUARANTINED or abuse
         if len(status) != sum(lens):  # both count every row of every batch, in the same order

@@ -171,12 +171,14 @@ class Validated:
 
 
 def validate(raw: pa.Table, cfg: IngestConfig, now_us: int, source: str,
-             candidate_ids: pa.Array | None, columns: dict[str, str] | None = None) -> Validated:
+             candidate_ids: pa.Array | None, columns: dict[str, str] | None = None,
+             min_us: int | None = None) -> Validated:
     """Type and check one raw batch; every row gets exactly one verdict (valid or one reason).
 
     Order of checks (the first failing one is the reason): missing field, unknown event type,
     unparseable timestamp, malformed field (value / position), missing value for types that
-    need one, future timestamp, orphan (response id matches no candidate)."""
+    need one, future ts (past now + max_clock_skew), stale ts (before `min_us`, when given),
+    orphan (response id matches no candidate)."""
     if columns:
         raw = raw.rename_columns([columns.get(c, c) for c in raw.column_names])
     n = raw.num_rows
@@ -234,7 +236,9 @@ def validate(raw: pa.Table, cfg: IngestConfig, now_us: int, source: str,
         mark(row_need & null_mask(cols["value"]), "missing field: value")
     ts_us = ts.cast(pa.int64()).to_numpy(zero_copy_only=False) if ts.null_count == 0 else \
         pc.fill_null(ts.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
-    mark(ts_us > now_us + int(cfg.future_tolerance_s * 1e6), "future timestamp")
+    mark(ts_us > now_us + int(cfg.max_clock_skew * 1e6), "future ts")
+    if min_us is not None:
+        mark(~null_mask(ts) & (ts_us < min_us), "stale ts")
     if candidate_ids is not None:
         # the candidate index doubles as the response code (see EventAccumulator.preload)
         r = cols["response_id"]
