@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one run, no warm server restart")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
-    from dpoflow.flows.deploy import start_local_server
+    from dpoflow.flows.local_server import start_local_server
     from dpoflow.tasks.processes import terminate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))

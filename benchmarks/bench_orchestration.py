@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     from prefect import flow
 
-    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.local_server import flow_run_settings
     from dpoflow.flows.nightly import nightly_direct, nightly_flow
     from dpoflow.flows.registry import STAGES, stage_flow
 

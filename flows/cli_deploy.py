@@ -21,7 +21,7 @@ def _valid_timezone(tz: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dpoflow.flows.deploy import serve_all
+    from dpoflow.flows.deployments import serve_all
 
     cron = None if args.no_schedule else args.cron
     try:
@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_check(args: argparse.Namespace) -> int:
-    from dpoflow.flows.deploy import REPO_PREFECT_YAML, check_prefect_yaml
+    from dpoflow.flows.prefect_yaml import REPO_PREFECT_YAML, check_prefect_yaml
 
     path = Path(args.file) if args.file else REPO_PREFECT_YAML
     problems = check_prefect_yaml(path)
@@ -49,7 +49,7 @@ def cmd_deploy_check(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from dpoflow.flows.deploy import DEFAULT_CRON, DEFAULT_TIMEZONE, flow_specs
+    from dpoflow.flows.deployments import DEFAULT_CRON, DEFAULT_TIMEZONE, flow_specs
 
     common = getattr(sub, "common", None)
     listing = getattr(sub, "listing", None)

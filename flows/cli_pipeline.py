@@ -46,7 +46,7 @@ def run_stages(stage: str, inputs: list[str], workspace: str | None, overrides: 
                 raise SystemExit(f"dpoflow: error: {name} deployment run ended {fr.state.name}: {fr.state.message}")
             res = fr.state.result()
         else:
-            from dpoflow.flows.deploy import flow_run_settings
+            from dpoflow.flows.local_server import flow_run_settings
 
             with flow_run_settings():
                 res = stage_flow(name)(**kw)
@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.local_server import flow_run_settings
     from dpoflow.flows.nightly import nightly_flow
 
     with flow_run_settings():

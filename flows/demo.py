@@ -46,7 +46,7 @@ def _ensure_model(ws: Workspace) -> str:
 
 
 def run_demo(workspace: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    from dpoflow.flows.deploy import flow_run_settings
+    from dpoflow.flows.local_server import flow_run_settings
     from dpoflow.flows.nightly import nightly_flow
     from dpoflow.tasks.demo_data import demo_night
 

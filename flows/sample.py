@@ -37,7 +37,7 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
     Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task."""
     if shard_runner is None and flow_run_id():
         shard_runner = _prefect_runner
-    from dpoflow.flows.deploy import gpu_slot
+    from dpoflow.flows.gpu_slots import gpu_slot
 
     # The GPU slot is held only while sampling really runs (never alongside training).
     return run_stage(ws, "sample", sampling.make_sample_stage(

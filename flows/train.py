@@ -53,7 +53,7 @@ def ref_logps_for(ws: Workspace, pairs_ref: str, cfg: Any, *, model: ref_logps.M
 
 def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
-    from dpoflow.flows.deploy import gpu_slot
+    from dpoflow.flows.gpu_slots import gpu_slot
 
     return ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
 
@@ -67,7 +67,7 @@ def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> 
 def _while_training(devices: int) -> Iterator[None]:
     """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
     artifacts are posted then (see flows.stage.batched_artifacts)."""
-    from dpoflow.flows.deploy import gpu_slot
+    from dpoflow.flows.gpu_slots import gpu_slot
     from dpoflow.tasks.generation import pick_device
 
     with gpu_slot(occupy=devices, device=pick_device()), artifacts_posted_meanwhile():
@@ -83,11 +83,12 @@ class TrainOutcome:
     skipped: dict[str, bool] = field(default_factory=dict)
     report_path: str | None = None
     curves_path: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": self.outputs, "model_version": self.model_version, "decision": self.decision,
                 "eval": self.eval_metrics, "skipped": self.skipped, "report": self.report_path,
-                "curves": self.curves_path}
+                "curves": self.curves_path, "warnings": self.warnings}
 
 
 def _direct(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -108,15 +109,18 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     policy = ref_logps.resolve_model(ws.registry, cfg.model)
     reference = ref_logps.resolve_model(ws.registry, cfg.ref_model) if cfg.ref_model else policy
     inputs: dict[str, str | None] = {"train": train_ref, "train_ref": None}
+    cfg.check_pairs(ws.store.info(train_ref).rows, train_ref)  # before any reference log-probs
     eval_ref_logps = None
     if cfg.needs_reference:
-        sets = [train_ref] + ([eval_ref] if eval_ref and cfg.eval.enabled else [])
-        runs = runner("ref_logps", ref_logps_steps, ws, sets, force=force)
-        inputs["train_ref"] = out.outputs["ref_logps"] = runs[0].outputs["ref_logps"]
-        out.skipped["ref_logps"] = runs[0].skipped
-        if len(runs) > 1:
-            eval_ref_logps = out.outputs["eval_ref_logps"] = runs[1].outputs["ref_logps"]
-            out.skipped["eval_ref_logps"] = runs[1].skipped
+        in_trainer = stage.ref_in_trainer(cfg, policy, reference)  # the training process computes them
+        sets = ([] if in_trainer else [train_ref]) + ([eval_ref] if eval_ref and cfg.eval.enabled else [])
+        runs = runner("ref_logps", ref_logps_steps, ws, sets, force=force) if sets else []
+        if not in_trainer:
+            inputs["train_ref"] = out.outputs["ref_logps"] = runs[0].outputs["ref_logps"]
+            out.skipped["ref_logps"] = runs[0].skipped
+        if eval_ref and cfg.eval.enabled:
+            eval_ref_logps = out.outputs["eval_ref_logps"] = runs[-1].outputs["ref_logps"]
+            out.skipped["eval_ref_logps"] = runs[-1].skipped
 
     def train_step() -> StageRun:
         progress = lambda: progress_reporter("train-progress", "train: optimizer steps done",  # noqa: E731
@@ -132,6 +136,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     run = stage._row(ws.store.read(t.outputs["train_runs"]))
     out.model_version = run["model_version"]
     out.curves_path = run.get("curves")
+    out.warnings = json.loads(run.get("summary") or "{}").get("warnings", [])
 
     eval_run = None
     if eval_ref and cfg.eval.enabled:
@@ -141,7 +146,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             baseline = None
 
         def eval_step() -> StageRun:
-            from dpoflow.flows.deploy import gpu_slot
+            from dpoflow.flows.gpu_slots import gpu_slot
 
             return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
                              {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},

@@ -103,9 +103,13 @@ def test_code_version_is_stable_when_nothing_changes(tmp_path):
 def test_wheel_installs_only_dpoflow_and_runs_beside_a_users_own_flows_and_tasks(tmp_path):
     """Build the wheel, install it (not editable) into a fresh venv that sees this venv's
     dependencies, and run the CLI and a stage from a folder with its own flows/ and tasks/."""
-    dist = tmp_path / "dist"
+    dist, src = tmp_path / "dist", tmp_path / "src"  # a clean copy: no build/ left from earlier builds
+    for d in ("dpoflow", "flows", "tasks", "storage"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(dist), str(ROOT)], capture_output=True, text=True, timeout=600)
+                        "-w", str(dist), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     (wheel,) = dist.glob("dpoflow-*.whl")
     import zipfile

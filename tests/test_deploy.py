@@ -15,16 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpoflow.flows import deploy
-from dpoflow.flows.deploy import (
-    CPU_POOL,
-    GPU_POOL,
-    REPO_PREFECT_YAML,
-    build_deployments,
-    check_prefect_yaml,
-    flow_specs,
-    gpu_slot,
-)
+from dpoflow.flows import gpu_slots, local_server
+from dpoflow.flows.deployments import CPU_POOL, GPU_POOL, build_deployments, flow_specs
+from dpoflow.flows.gpu_slots import gpu_slot
+from dpoflow.flows.prefect_yaml import REPO_PREFECT_YAML, check_prefect_yaml
 from dpoflow.flows.registry import STAGES
 
 RAW = yaml.safe_load(REPO_PREFECT_YAML.read_text())
@@ -77,7 +71,7 @@ def _mutated(tmp_path: Path, edit) -> list[str]:
 @pytest.mark.parametrize(("edit", "expect"), [
     (lambda d: d["import"]["parameters"].update(batch_size=4), "['batch_size'] not in import's signature"),
     (lambda d: d["import"]["parameters"].update(force="sometimes"), "parameter force"),
-    (lambda d: d["import"].update(entrypoint="dpoflow.flows.deploy:serve_all"), "does not load"),
+    (lambda d: d["import"].update(entrypoint="dpoflow.flows.deployments:serve_all"), "does not load"),
     (lambda d: d["import"].update(entrypoint="dpoflow.flows.importing:no_such_flow"), "does not load"),
     (lambda d: d["import"]["work_pool"].update(name=GPU_POOL), "expected 'dpoflow-cpu'"),
     (lambda d: d["import"].pop("work_pool"), "work_pool.name is missing"),
@@ -127,7 +121,7 @@ def test_build_deployments_pins_workspace_and_schedules_only_nightly(tmp_path):
 
 def test_ensure_server_uses_a_configured_server(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    with deploy.ensure_server() as url:  # must not start anything: nothing listens on port 9
+    with local_server.ensure_server() as url:  # must not start anything: nothing listens on port 9
         assert url == "http://127.0.0.1:9/api"
 
 
@@ -141,11 +135,11 @@ def test_flow_run_settings_trim_the_client_only_on_the_temporary_server(monkeypa
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     server = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}
-    with temporary_settings(updates=server), deploy.flow_run_settings():
+    with temporary_settings(updates=server), local_server.flow_run_settings():
         s = get_current_settings()  # a real server uses heartbeats and may enforce CSRF
         assert s.flows.heartbeat_frequency == 30 and s.client.csrf_support_enabled
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}, restore_defaults={PREFECT_API_URL}):
-        with deploy.flow_run_settings():
+        with local_server.flow_run_settings():
             s = get_current_settings()
             assert s.flows.heartbeat_frequency is None and not s.client.csrf_support_enabled
         assert get_current_settings().flows.heartbeat_frequency == 30
@@ -163,7 +157,7 @@ def test_gpu_slot_serialises_concurrent_gpu_flows(prefect_harness, monkeypatch):
     from prefect.client.orchestration import get_client
 
     limit = f"gpu-test-{time.monotonic_ns()}"
-    monkeypatch.setenv(deploy.GPU_LIMIT_ENV, limit)
+    monkeypatch.setenv(gpu_slots.GPU_LIMIT_ENV, limit)
     spans: list[tuple[float, float]] = []
 
     @flow
@@ -189,7 +183,7 @@ def test_gpu_slot_serialises_concurrent_gpu_flows(prefect_harness, monkeypatch):
 def test_gpu_slot_times_out_while_the_gpu_is_busy(prefect_harness, monkeypatch):
     from prefect import flow
 
-    monkeypatch.setenv(deploy.GPU_LIMIT_ENV, f"gpu-busy-{time.monotonic_ns()}")
+    monkeypatch.setenv(gpu_slots.GPU_LIMIT_ENV, f"gpu-busy-{time.monotonic_ns()}")
     holding, release = threading.Event(), threading.Event()
 
     @flow

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow.flows.deploy import flow_specs
+from dpoflow.flows.deployments import flow_specs
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks.processes import terminate
 

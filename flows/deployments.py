@@ -1,0 +1,128 @@
+"""Deployments: one per stage flow (custom runs from the UI or `dpoflow run --deployment`),
+one for `import` and the `nightly` deployment with its cron schedule, served from this process
+(`dpoflow serve`) or declared in deploy/prefect.yaml for workers.
+
+Prefect is imported inside functions: importing this module stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dpoflow.flows.gpu_slots import ensure_gpu_limit
+from dpoflow.flows.local_server import configured_api_url, ensure_server
+from dpoflow.flows.registry import STAGES
+
+DEFAULT_CRON = "0 2 * * *"
+DEFAULT_TIMEZONE = "UTC"
+CPU_POOL = "dpoflow-cpu"
+GPU_POOL = "dpoflow-gpu"
+# Deployments on the GPU pool: the registry's GPU stages, and the nightly flow, which runs
+# them in-process as subflows.
+GPU_STAGES = frozenset({s.name for s in STAGES.values() if s.pool == "gpu"} | {"nightly"})
+# Flows deployed besides the STAGES: the nightly DAG and the manual import of a file.
+NIGHTLY_FLOW = "dpoflow.flows.nightly:nightly_flow"
+EXTRA_FLOWS = {"import": "dpoflow.flows.importing:import_flow", "nightly": NIGHTLY_FLOW}
+
+
+def deployment_name(flow: str) -> str:
+    """Full name of a dpoflow deployment (``flow/deployment``): each flow's deployment bears its name."""
+    return f"{flow}/{flow}"
+
+
+def flow_specs() -> dict[str, str]:
+    """Every deployable flow: deployment name -> ``module:function``, in nightly order."""
+    return {**{name: s.flow for name, s in STAGES.items()}, **EXTRA_FLOWS}
+
+
+def pool_for(name: str) -> str:
+    return GPU_POOL if name in GPU_STAGES else CPU_POOL
+
+
+def _load_flow(spec: str):
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = DEFAULT_CRON,
+                      timezone: str = DEFAULT_TIMEZONE, names: list[str] | None = None,
+                      overrides: list[str] | None = None, strict: bool = False) -> tuple[list[Any], list[str]]:
+    """Runner deployments of every flow that exists in this checkout (+ the missing ones' names).
+
+    Every deployment gets ``workspace`` (made absolute: flow runs start in other processes)
+    as a default parameter, so a "custom run" in the UI only needs the dataset versions and
+    settings that change. ``cron=None`` serves the nightly deployment without a schedule.
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.deployments.runner import EntrypointType
+
+    ws = str(Path(workspace or os.environ.get("DPOFLOW_WORKSPACE") or "./dpoflow-workspace").resolve())
+    schedules = []
+    if cron:
+        schedules = [CronSchedule(cron=cron, timezone=timezone)]  # validates both, clear errors
+    wanted = names or list(flow_specs())
+    unknown = sorted(set(wanted) - set(flow_specs()))
+    if unknown:
+        raise ValueError(f"unknown deployment(s) {unknown}; known: {', '.join(flow_specs())}")
+    deployments, missing = [], []
+    for name in wanted:
+        spec = flow_specs()[name]
+        try:
+            fl = _load_flow(spec)
+        except (ImportError, AttributeError) as exc:
+            if strict:
+                raise
+            missing.append(f"{name} ({spec}: {exc})")
+            continue
+        params: dict[str, Any] = {"workspace": ws}
+        if overrides and "overrides" in fl.parameters.properties:
+            params["overrides"] = list(overrides)
+        kind = "gpu" if name in GPU_STAGES else "cpu"
+        deployments.append(fl.to_deployment(
+            name=name,
+            parameters=params,
+            schedules=schedules if name == "nightly" else None,
+            tags=["dpoflow", kind] + (["nightly"] if name == "nightly" else ["stage"]),
+            description=(fl.description or "").strip() or None,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return deployments, missing
+
+
+def serve_all(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = DEFAULT_CRON,
+              timezone: str = DEFAULT_TIMEZONE, names: list[str] | None = None,
+              overrides: list[str] | None = None, limit: int | None = None,
+              start_server: bool = True, server_home: str | os.PathLike[str] | None = None,
+              port: int | None = None) -> None:
+    """Serve all deployments from this machine until interrupted (Ctrl-C).
+
+    With no Prefect server configured, a local one is started first (see
+    :func:`ensure_server`) and stopped again on exit. ``limit`` caps concurrent flow runs.
+    """
+    from prefect import serve
+
+    if not start_server and not configured_api_url():
+        raise RuntimeError("no Prefect server configured: set PREFECT_API_URL (or drop --no-server)")
+    deployments, missing = build_deployments(workspace, cron=cron, timezone=timezone, names=names,
+                                             overrides=overrides)
+    for m in missing:
+        print(f"dpoflow serve: not serving {m}", file=sys.stderr, flush=True)
+    if not deployments:
+        raise RuntimeError("no flow could be loaded: nothing to serve")
+    home = server_home or Path(deployments[0].parameters["workspace"]) / ".prefect-server"
+    server = ensure_server(home=home, port=port) if start_server else contextlib.nullcontext(configured_api_url())
+    with server as url:
+        ensure_gpu_limit()
+        sched = f"'{cron}' ({timezone})" if cron else "none"
+        print(f"dpoflow serve: {len(deployments)} deployment(s): "
+              f"{', '.join(f'{d.flow_name}/{d.name}' for d in deployments)}; nightly schedule: {sched}"
+              + (f"; API {url}" if url else ""), flush=True)
+        serve(*deployments, limit=limit, print_starting_message=False)
+
+
