@@ -196,7 +196,8 @@ def test_cli_train_end_to_end(trained_ws, capsys):
             "--set", f"train.model=models@{base}",
             "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "train.lr=1e-3",
             "--set", "train.warmup_steps=0", "--set", "train.eval.n_prompts=2",
-            "--set", "train.eval.max_new_tokens=4"]
+            "--set", "train.eval.max_new_tokens=4",
+            "--set", "train.ref_logps_in_trainer=false"]  # the stored ref_logps path (β sweeps reuse it)
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     version = out["model_version"]
@@ -228,6 +229,64 @@ def test_cli_train_end_to_end(trained_ws, capsys):
     # the eval baseline is the production model: re-evaluated only if production moved
     assert again["skipped"]["evaluate"] == (not d["promoted"])
     assert ws.registry.version_of("models@production") == prod_now
+
+
+def test_train_computes_its_reference_in_process_and_reports(trained_ws, capsys):
+    """Reference = starting policy, one process: no ref_logps stage for dpo_train, one model load
+    in the training process; the train report has phase timings, the truncated share and a
+    warning that the CLI prints, because max_length 24 cuts most pairs."""
+    from dpoflow.flows.cli import main
+
+    ws = trained_ws
+    assert main(["train", "--workspace", str(ws.root), "--data", "dpo_train@0", "--eval", "none", "--no-promote",
+                 "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.max_length=24"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "were truncated or dropped" in out and "max_truncated_share" in out
+    assert "ref_logps" not in [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert not ws.store.exists("ref_logps")
+    run = ws.store.read("train_runs@latest").to_pylist()[0]
+    summary = json.loads(run["summary"])
+    assert run["ref_logps"] is None and summary["ref_logps"] == "computed in the trainer"
+    assert {"worker_imports", "load_model", "tokenize", "ref_logps", "setup", "loop", "save",
+            "launch_total"} <= set(summary["phases"])
+    assert summary["tokenize"]["affected_share"] > 0.2 and summary["warnings"]
+    assert summary["phases"]["launch_total"] >= summary["phases"]["loop"] > 0
+
+
+def test_batch_larger_than_the_data_fails_before_reference_log_probs(trained_ws, capsys):
+    from dpoflow.flows.cli import main
+
+    ws = trained_ws
+    code = main(["train", "--workspace", str(ws.root), "--data", "dpo_train@0", "--eval", "none",
+                 "--set", "train.batch_size=32", "--set", "train.ref_logps_in_trainer=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "dpo_train@0 has 16 pairs, fewer than one global batch of 32" in err
+    assert not ws.store.exists("ref_logps") and not ws.store.exists("train_runs")
+
+
+def test_a_failure_in_the_training_process_is_reported_by_its_cause(trained_ws):
+    """12 of 16 pairs have identical completions (dropped at tokenization): the training process
+    fails, and the error names that cause, not just an exit code."""
+    from dpoflow.flows.train import train_pipeline
+    from dpoflow.tasks.training.trainer import TrainingError
+
+    pairs = make_pairs(16, offset=200)
+    same = pa.array(pairs.column("chosen").to_pylist()[:12] + pairs.column("rejected").to_pylist()[12:])
+    trained_ws.store.write("dpo_train", pairs.set_column(pairs.schema.get_field_index("rejected"), "rejected", same))
+    ws = Workspace.open(trained_ws.root, ["train.batch_size=8"])
+    with pytest.raises(TrainingError, match=r"^dpo_train after tokenization has 4 pairs, fewer than one global "
+                                            r"batch of 8 .*\(exit code 1; log .*worker.log\)$"):
+        train_pipeline(ws, "dpo_train@1", None, promote=False)
+
+
+@pytest.mark.parametrize("setting", ["train.lr=.inf", "train.adam_betas=[1.5, 0.999]", "train.loss_weights=[-1]"])
+def test_bad_train_settings_fail_at_load(trained_ws, setting, capsys):
+    from dpoflow.flows.cli import main
+
+    code = main(["train", "--workspace", str(trained_ws.root), "--eval", "none", "--set", setting])
+    assert code == 2 and "invalid config" in capsys.readouterr().err
+    assert not trained_ws.store.exists("train_runs") and len(trained_ws.registry.list()) == 1
 
 
 def _procs_mentioning(text: str) -> list[int]:

@@ -151,10 +151,10 @@ class TrainConfig(Section):
                              simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha)
         if self.loss_weights is not None and not any(w > 0 for w in self.loss_weights):
             raise ValueError(f"loss_weights {self.loss_weights} are all 0: nothing would be trained")
-        if self.prompt_limit >= self.max_length:
-            given = "" if self.max_prompt_length is not None else " (derived: max_length // 2)"
-            raise ValueError(f"max_prompt_length {self.prompt_limit}{given} must be smaller than max_length "
-                             f"{self.max_length}, to leave room for the completion")
+        if self.prompt_limit >= self.max_length:  # only when given: the default max_length // 2 fits
+            raise ValueError(f"max_prompt_length {self.prompt_limit} must be smaller than max_length "
+                             f"{self.max_length}, to leave room for the completion (leave it unset for "
+                             "max_length // 2)")
         return self
 
     @property
@@ -163,9 +163,11 @@ class TrainConfig(Section):
         return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
 
     def check_pairs(self, n_pairs: int, what: str = "dpo_train") -> None:
-        """Fail before any work when the data cannot fill one optimizer step."""
+        """Fail before any work when the data cannot fill one optimizer step (TrainingError)."""
+        from dpoflow.tasks.training.results import TrainingError
+
         if n_pairs < self.global_batch:
-            raise ValueError(f"{what} has {n_pairs} pairs, fewer than one global batch of {self.global_batch} "
+            raise TrainingError(f"{what} has {n_pairs} pairs, fewer than one global batch of {self.global_batch} "
                              f"(batch_size {self.batch_size} x grad_accum {self.grad_accum} x {self.world_size} "
                              "processes); lower train.batch_size or train.grad_accum")
 

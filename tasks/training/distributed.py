@@ -1,19 +1,27 @@
-"""Multi-process training: `torchrun` as a child process group that we own and can always stop.
+"""Training in a child process group that we own and can always stop: one worker process for one
+device, `torchrun` for several.
 
 Public API (stable):
 
     launch(cfg, train_table, model_path, run_dir, *, ref_logps=None, ref_model_path=None,
-           resume=True, stop=None, logger=None) -> TrainResult
-        Called by trainer.train when cfg.devices x cfg.nnodes > 1. Reference log-probs are
-        computed here first when needed and not given (so workers hold only the policy), the
-        inputs are written to ``run_dir/launch/``, and ``python -m torch.distributed.run ... -m
-        tasks.training.worker spec.json`` runs in its own session. cfg.strategy picks DDP (a model
+           resume=True, stop=None, logger=None, on_progress=None) -> TrainResult
+        Called by the train stage, and by trainer.train when cfg.devices x cfg.nnodes > 1. The
+        inputs are written to ``run_dir/launch/``. One process (world size 1): ``python -m
+        dpoflow.tasks.training.worker spec.json`` in its own session, no torchrun agent; missing
+        reference log-probs are computed by that process with the policy it has loaded anyway.
+        Several: ``python -m torch.distributed.run ... -m dpoflow.tasks.training.worker
+        spec.json``; reference log-probs are computed here first when needed and not given (so
+        each worker holds only the policy). cfg.strategy picks DDP (a model
         copy per process) or FSDP (FSDP2 ``fully_shard`` of each transformer block, then the root:
         each process holds 1/N of the weights, gradients and optimizer state; bf16 compute with
         fp32 reduction on CUDA, fp32 on CPU). NCCL on CUDA, gloo on CPU; both strategies run on
         CPU for tests. With FSDP, checkpoints and the final model are gathered to full tensors on
         rank 0 (same files as a single-process run), so resume works across both.
     torchrun_command(cfg, spec_path, port) -> list[str]
+    worker_command(spec_path) -> list[str]
+
+A failed worker leaves ``error-<rank>.json`` with its exception's first line; the TrainingError
+raised here starts with that line (not with torchrun's ChildFailedError), the log path after it.
 
 The child gets a hard wall-clock limit (cfg.launch_timeout_s); on timeout, on `stop` being
 set, or on any exception here (KeyboardInterrupt, Prefect cancellation) the whole process
@@ -38,6 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpoflow.tasks.processes import terminate
+from dpoflow.tasks.training.results import TrainingCancelled, TrainingError, TrainResult
+from dpoflow.tasks.training.worker import RESULT
 
 log = logging.getLogger("dpoflow.train")
 
@@ -46,6 +56,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def worker_command(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "dpoflow.tasks.training.worker", str(spec_path)]
 
 
 def torchrun_command(cfg, spec_path: Path, port: int) -> list[str]:
@@ -75,29 +89,30 @@ def training_progress(metrics_path: Path) -> float | None:
 def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Table | None = None,
            ref_model_path=None, resume: bool = True, stop: threading.Event | None = None,
            logger: logging.Logger | None = None, on_progress: Callable[[float], None] | None = None):
-    from dpoflow.tasks.training.trainer import TrainingCancelled, TrainingError, TrainResult
-
+    t_start = time.perf_counter()
     logger = logger or log
     run_dir = Path(run_dir)
     work = run_dir / "launch"
     work.mkdir(parents=True, exist_ok=True)
-    if ref_logps is None and cfg.needs_reference:
+    grouped = cfg.world_size > 1
+    if ref_logps is None and cfg.needs_reference and (grouped or ref_model_path is not None):
         ref_logps = _reference(cfg, train_table, ref_model_path or model_path)
     pq.write_table(train_table, work / "train.parquet")
     if ref_logps is not None:
         pq.write_table(ref_logps, work / "ref_logps.parquet")
-    (work / "result.json").unlink(missing_ok=True)
+    for old in [work / RESULT, *work.glob("error-*.json")]:
+        old.unlink(missing_ok=True)
     spec = {"config": cfg.model_dump(mode="json"), "model_path": str(model_path), "run_dir": str(run_dir),
             "train": str(work / "train.parquet"), "resume": resume,
             "ref_logps": str(work / "ref_logps.parquet") if ref_logps is not None else None}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = torchrun_command(cfg, spec_path, cfg.master_port or _free_port())
+    cmd = torchrun_command(cfg, spec_path, cfg.master_port or _free_port()) if grouped else worker_command(spec_path)
     logger.info("launching %s", " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, cfg.devices))))
     env["DPOFLOW_LAUNCHER_PID"] = str(os.getpid())  # workers stop if this process dies
-    log_path = work / "torchrun.log"
+    log_path = work / ("torchrun.log" if grouped else "worker.log")
     deadline = time.monotonic() + cfg.launch_timeout_s
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -114,19 +129,35 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
                     raise TrainingCancelled("training cancelled; rerun to resume from the last checkpoint")
                 if time.monotonic() > deadline:
                     terminate(proc)
-                    raise TrainingError(f"torchrun exceeded launch_timeout_s={cfg.launch_timeout_s}; killed")
+                    raise TrainingError(f"training exceeded launch_timeout_s={cfg.launch_timeout_s}; killed")
                 time.sleep(0.2)
         except BaseException:
             terminate(proc)
             raise
     if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise TrainingError(f"torchrun failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+        tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+        logger.error("training process failed (exit code %d); last lines of %s:\n%s", proc.returncode, log_path, tail)
+        raise TrainingError(_failure(work, log_path, proc.returncode))
     if on_progress is not None:
         on_progress(1.0)
-    res = json.loads((work / "result.json").read_text())
+    res = json.loads((work / RESULT).read_text())
+    summary = res["summary"]
+    summary.setdefault("phases", {})["launch_total"] = round(time.perf_counter() - t_start, 3)
     return TrainResult(output_dir=Path(res["output_dir"]), run_dir=run_dir, metrics=res["metrics"],
-                       summary=res["summary"], tokenize_stats=res["tokenize_stats"])
+                       summary=summary, tokenize_stats=res["tokenize_stats"])
+
+
+def _failure(work: Path, log_path: Path, code: int) -> str:
+    """One line: the worker's own cause (from error-<rank>.json), the exit code and the log."""
+    causes = []
+    for f in sorted(work.glob("error-*.json")):
+        try:
+            e = json.loads(f.read_text())
+            causes.append(e["message"] if e["type"] == "TrainingError" else f"{e['type']}: {e['message']}")
+        except (OSError, ValueError, KeyError):
+            continue
+    head = causes[0] if causes else "the training process failed"
+    return f"{head} (exit code {code}; log {log_path})"
 
 
 def _reference(cfg, train_table: pa.Table, ref_path) -> pa.Table:

@@ -3,12 +3,13 @@
 Public API (stable):
 
     load_causal_lm(path, device="cpu", dtype=None) -> (model, tokenizer)   local folder only.
-    SequenceLogps(model, chunk=1024)   nn.Module: forward(batch: data.Batch) -> [2B] summed
-        completion log-probs (rows 0..B-1 chosen, B..2B-1 rejected). Wrap this module (not the
-        bare model) in DDP / FSDP so gradient sync hooks run.
+    SequenceLogps(model, chunk=1024, varlen=None)   nn.Module: forward(batch: data.Batch) -> [2B]
+        summed completion log-probs (0..B-1 chosen, B..2B-1 rejected), padded or packed batches.
+        Wrap this module (not the bare model) in DDP / FSDP so gradient sync hooks run.
+    block_causal_mask(segment, impl="sdpa", dtype) -> [R, 1, L, L]   attention inside each packed sequence.
     linear_logp(hidden, weight, bias, targets, chunk) -> [T]   log softmax(hidden @ Wᵀ + b)[target],
         computed chunk by chunk in forward and recomputed chunk by chunk in backward.
-    compute_ref_logps(model, tokenized, batch_size, device="cpu", chunk=1024, precision="auto")
+    compute_ref_logps(model, tokenized, batch_size, device="cpu", chunk=1024, precision="auto", packing=False)
         -> RefLogps(chosen_logp, rejected_logp, chosen_tokens, rejected_tokens)  numpy, aligned
         with `tokenized`; runs under torch.inference_mode, longest batches first.
     ref_logps_table(tokenized, ref, model_version) -> pa.Table   in the REF_LOGPS contract.
@@ -33,16 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpoflow.tasks.training.data import Batch, collate
+from dpoflow.tasks.training.data import Batch, make_batch
 
 
-def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A local causal LM + tokenizer (never a hub download: `local_files_only`)."""
+def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   allow_pickle_weights: bool = False):
+    """A local causal LM + tokenizer (never a hub download: `local_files_only`; safetensors only
+    unless `allow_pickle_weights`, see storage.registry.check_weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dpoflow.storage.registry import check_weights
+
+    check_weights(path, allow_pickle=allow_pickle_weights)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                 dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32,
+                                                 use_safetensors=None if allow_pickle_weights else True)
     return model.to(device), tok
 
 
@@ -105,10 +111,14 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 class SequenceLogps(nn.Module):
     """Summed completion log-probs of every row of a :class:`Batch` in one forward pass."""
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 1024, varlen: bool | None = None):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        # packed rows: True = position_ids only (flash-attention's varlen path; other attention
+        # implementations infer the same block mask from them), False = an explicit block mask,
+        # None = varlen exactly when the model runs flash-attention.
+        self.varlen = varlen
         cfg = getattr(_causal_lm(model), "config", None)
         for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
             if getattr(cfg, attr, None) not in (None, 1.0):
@@ -117,14 +127,39 @@ class SequenceLogps(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = _causal_lm(self.model)
         decoder = lm.get_decoder()
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        if batch.packed:
+            impl = getattr(lm.config, "_attn_implementation", None) or "sdpa"
+            varlen = impl.startswith("flash") if self.varlen is None else self.varlen
+            mask = None if varlen else block_causal_mask(batch.segment, impl, decoder.dtype)
+            out = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                          use_cache=False)
+        else:
+            out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         hs = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         h = hs.reshape(-1, hs.shape[-1]).index_select(0, batch.target_pos)
         head = lm.get_output_embeddings()
         tok_logp = linear_logp(h, head.weight, getattr(head, "bias", None), batch.target_ids, self.chunk)
-        rows = batch.input_ids.shape[0]
-        return torch.zeros(rows, dtype=torch.float32, device=tok_logp.device).index_add(
+        return torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=tok_logp.device).index_add(
             0, batch.target_row, tok_logp)
+
+
+def block_causal_mask(segment: torch.Tensor, impl: str = "sdpa", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[R, 1, L, L] attention mask of packed rows: a token sees the earlier tokens of its own
+    sequence only. Boolean (True = attend) for sdpa; additive (0 / dtype min) for eager. Padding
+    tokens (segment -1) see themselves, so no softmax row is empty.
+
+    With flash-attention, transformers builds the varlen boundaries from the restarting
+    position_ids instead, and no L x L mask exists (see SequenceLogps.forward).
+    """
+    n = segment.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment.device).tril_()
+    same = segment[:, :, None] == segment[:, None, :]
+    allowed = (same & causal) | torch.eye(n, dtype=torch.bool, device=segment.device)
+    allowed = allowed[:, None]
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -145,7 +180,8 @@ class RefLogps:
 
 
 def compute_ref_logps(model: nn.Module, tokenized, batch_size: int, device: str | torch.device = "cpu",
-                      chunk: int = 1024, precision: str = "auto") -> RefLogps:
+                      chunk: int = 1024, precision: str = "auto", packing: bool = False,
+                      row_factor: float = 2.0) -> RefLogps:
     """Reference log-probs for every tokenized pair, in length-sorted batches, no autograd."""
     device = torch.device(device)
     n = len(tokenized)
@@ -156,7 +192,7 @@ def compute_ref_logps(model: nn.Module, tokenized, batch_size: int, device: str 
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size]
-            lp = seq(collate(tokenized, idx).to(device)).double().cpu().numpy()
+            lp = seq(make_batch(tokenized, idx, packing, row_factor).to(device)).double().cpu().numpy()
             chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx):]
     return RefLogps(chosen, rejected, tokenized.chosen_lengths.astype(np.int32),
                     tokenized.rejected_lengths.astype(np.int32))

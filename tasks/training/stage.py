@@ -3,11 +3,14 @@
 Public API:
 
     train_key_config(cfg) / eval_key_config(cfg)   what each step's content key covers.
+    ref_in_trainer(cfg, policy, reference) -> bool   whether training computes dpo_train's
+        reference log-probs itself (then the flow runs no ref_logps stage for dpo_train).
     make_train_stage(cfg, policy, reference) -> fn  roles: train (dpo_train), train_ref (ref_logps,
-        optional for reference-free losses). Runs the trainer as a separate process group with a
+        optional for reference-free losses and when ref_in_trainer). Runs the trainer as a separate process group with a
         hard timeout (tasks.training.distributed.launch: killed with its children on timeout,
         error or cancellation), registers the checkpoint as `candidate` with its lineage, draws
-        the training curves; output `train_runs` (one row).
+        the training curves; output `train_runs` (one row; its summary holds the phase timings,
+        the truncated / dropped share and warnings).
     make_eval_stage(cfg, baseline) -> fn   roles: train_run, eval (dpo_eval), eval_ref; output
         `model_evals` (one row) + the markdown report.
     make_promote_stage(cfg) -> fn          roles: train_run, model_eval (optional); output
@@ -34,7 +37,7 @@ from dpoflow.tasks.training.ref_logps import ModelRef, model_path
 # Settings that do not change the trained weights (left out of the train step's content key).
 RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
                   "dist_timeout_s", "master_addr", "master_port", "node_rank", "eval_batch_size", "eval",
-                  "promote"}
+                  "promote", "max_truncated_share"}
 
 
 def _now() -> dt.datetime:
@@ -58,6 +61,14 @@ def _row(table: pa.Table) -> dict[str, Any]:
     return table.to_pylist()[0]
 
 
+def ref_in_trainer(cfg: Any, policy: ModelRef, reference: ModelRef) -> bool:
+    """Whether the training process computes dpo_train's reference log-probs itself (then no
+    ref_logps stage runs for it): the reference is the starting policy, one process trains, and
+    train.ref_logps_in_trainer is on. Saves a second model load and the stage's start-up."""
+    return bool(cfg.needs_reference and cfg.ref_logps_in_trainer and cfg.world_size == 1
+                and reference.version == policy.version)
+
+
 def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
                      progress: Callable[[], Callable[[float], None] | None] | None = None) -> Callable:
     """The train stage function; `progress()` (called when training really starts) may give a
@@ -70,15 +81,15 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
 
         table = ctx.read("train")
         ref = ctx.read("train_ref") if ctx.has("train_ref") else None
-        if cfg.needs_reference and ref is None:
+        if cfg.needs_reference and ref is None and not ref_in_trainer(cfg, policy, reference):
             raise ValueError(f"loss {cfg.loss_names} needs stored reference log-probs (role train_ref)")
         run_id = hashlib.sha256(json.dumps([ctx.inputs, train_key_config(cfg), policy.version],
                                            sort_keys=True).encode()).hexdigest()[:16]
         run_dir = ctx.scratch / run_id
         path = model_path(ctx.registry, policy)
         ctx.logger.info("train: %s from %s (run folder %s)", ctx.inputs["train"], policy.version, run_dir)
-        # Always a child process group (torchrun), also for one process: a hard timeout and a
-        # cancelled flow run then kill every trainer process, and a rerun resumes from checkpoints.
+        # Always a child process group (one worker, or torchrun for several devices): a hard timeout
+        # and a cancelled flow run then kill every trainer process, and a rerun resumes from checkpoints.
         res = launch(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger,
                      on_progress=progress() if progress else None)
         curves = plot_training_curves(res.metrics, ctx.artifacts / f"{run_id}-curves.png")
@@ -102,7 +113,12 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
                "summary": [json.dumps(summary, default=float)], "curves": [str(curves) if curves else None],
                "created_at": [_now()]}
         report = {"model_version": version, "steps": res.summary.get("steps"),
-                  "nan_steps": res.summary.get("nan_steps"), "dropped": res.tokenize_stats.get("dropped", {})}
+                  "nan_steps": res.summary.get("nan_steps"), "dropped": res.tokenize_stats.get("dropped", {}),
+                  "truncated_or_dropped_share": res.tokenize_stats.get("affected_share"),
+                  "warnings": res.summary.get("warnings", []), "ref_logps": res.summary.get("ref_logps"),
+                  "phases_s": res.summary.get("phases", {})}
+        for w in res.summary.get("warnings", []):
+            ctx.logger.warning("train: %s", w)
         return StageResult(outputs={"train_runs": pa.table(row)}, report=report)
 
     return train_stage
@@ -164,20 +180,25 @@ def gate_metrics(run: dict[str, Any], model_eval: dict[str, Any] | None) -> dict
     s = json.loads(run["summary"] or "{}")
     m: dict[str, Any] = {"nan_steps": s.get("nan_steps")}
     if model_eval is not None:
-        stored = json.loads(model_eval["metrics"] or "{}").get("metrics") or {}
+        both = json.loads(model_eval["metrics"] or "{}")
+        stored, gen = both.get("metrics") or {}, both.get("generation") or {}
         m.update({k: stored.get(k) for k in ("reward_accuracy", "reward_margin", "eval_loss", "win_rate",
-                                            "win_rate_skipped")})
+                                            "win_rate_skipped", "baseline_reward_accuracy")})
+        m.update({k: gen.get(k) for k in ("wins", "ties", "losses", "n_compared", "flagged_share",
+                                         "baseline_flagged_share")})
     return m
 
 
-def make_promote_stage(cfg: Any) -> Callable:
+def make_promote_stage(cfg: Any, allow_promote: bool = True) -> Callable:
+    """`allow_promote` False: a manual run not asked to promote records the decision only."""
+
     def promote_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.training.promotion import decide_and_apply
 
         run = _row(ctx.read("train_run"))
         model_eval = _row(ctx.read("model_eval")) if ctx.has("model_eval") else None
         decision = decide_and_apply(ctx.registry, run["model_version"], gate_metrics(run, model_eval),
-                                    cfg.promote)
+                                    cfg.promote, allow_promote=allow_promote)
         ctx.logger.info("promote %s: %s", run["model_version"], "; ".join(decision.reasons))
         row = {"model_version": [decision.model_version], "passed": [decision.passed],
                "promoted": [decision.promoted], "previous_production": [decision.previous_production],

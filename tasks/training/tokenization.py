@@ -8,7 +8,8 @@ Public API (stable):
     TokenizedPairs: pair_ids, row_index (kept rows of `table`), prompt / chosen / rejected
         (lists of int64 numpy arrays; completions end with EOS unless truncated), pad_id,
         stats (TokenizeStats), chosen_lengths / rejected_lengths / seq_lengths, select(idx).
-    TokenizeStats: n_in, n_kept, n_prompt_truncated, n_completion_truncated, dropped {reason: n}.
+    TokenizeStats: n_in, n_kept, n_prompt_truncated, n_completion_truncated, n_truncated,
+        dropped {reason: n}, affected_share, warning(max_share) -> str | None.
 
 Why separately: the prompt and each completion are tokenized on their own and their ids
 concatenated, so no BPE merge crosses the boundary and the labelled tokens are exactly the
@@ -17,8 +18,8 @@ completion's (TRL does the same). The prompt is formatted with the tokenizer's c
 generation prompt; the completion gets EOS appended so the model learns to stop.
 
 Truncation (per pair, both sides share one prompt): when prompt + longer completion exceeds
-`max_length`, the prompt is cut to `max_prompt_length` (from the left by default, keeping the
-last turn), then completions are cut from the end to fit. Pairs whose two completions are
+`max_length`, the prompt is cut to `max_prompt_length` (default max_length // 2; from the left
+by default, keeping the last turn), then completions are cut from the end to fit. Pairs whose two completions are
 identical after truncation carry no preference signal and are dropped with a count.
 """
 
@@ -36,11 +37,29 @@ class TokenizeStats:
     n_kept: int = 0
     n_prompt_truncated: int = 0
     n_completion_truncated: int = 0
+    n_truncated: int = 0  # pairs with any cut (prompt or a completion), kept or not
     dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def affected_share(self) -> float:
+        """Share of the input pairs that were truncated or dropped."""
+        hit = self.n_truncated + sum(self.dropped.values())  # a dropped pair counts once (not also as cut)
+        return min(1.0, hit / self.n_in) if self.n_in else 0.0
 
     def as_dict(self) -> dict:
         return {"n_in": self.n_in, "n_kept": self.n_kept, "n_prompt_truncated": self.n_prompt_truncated,
-                "n_completion_truncated": self.n_completion_truncated, "dropped": dict(self.dropped)}
+                "n_completion_truncated": self.n_completion_truncated, "n_truncated": self.n_truncated,
+                "dropped": dict(self.dropped), "affected_share": self.affected_share}
+
+    def warning(self, max_share: float) -> str | None:
+        """A one-line warning when more than `max_share` of the pairs were cut or dropped."""
+        share = self.affected_share
+        if share <= max_share:
+            return None
+        drop = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        return (f"{share:.0%} of {self.n_in} pairs were truncated or dropped (more than max_truncated_share "
+                f"{max_share:.0%}): {self.n_prompt_truncated} prompts and {self.n_completion_truncated} pairs' "
+                f"completions cut, dropped: {drop}; raise train.max_length / max_prompt_length")
 
 
 @dataclass
@@ -121,12 +140,13 @@ def tokenize_pairs(table: pa.Table, tokenizer, cfg) -> TokenizedPairs:
     r_len = np.fromiter(map(len, r_ids), np.int64, n) + 1
     longest = np.maximum(c_len, r_len)
     too_long = p_len + longest > cfg.max_length
-    cut_prompt = too_long & (p_len > cfg.max_prompt_length)
-    p_keep = np.where(cut_prompt, cfg.max_prompt_length, p_len)
+    cut_prompt = too_long & (p_len > cfg.prompt_limit)
+    p_keep = np.where(cut_prompt, cfg.prompt_limit, p_len)
     room = cfg.max_length - p_keep  # >= 1 because max_prompt_length < max_length
     c_keep, r_keep = np.minimum(c_len, room), np.minimum(r_len, room)
     stats.n_prompt_truncated = int(cut_prompt.sum())
-    stats.n_completion_truncated = int(((c_keep < c_len) | (r_keep < r_len)).sum())
+    cut_completion = (c_keep < c_len) | (r_keep < r_len)
+    stats.n_completion_truncated = int(cut_completion.sum())
 
     left = cfg.truncation_side == "left"
     prompt = [np.asarray(ids[len(ids) - k:] if left else ids[:k], np.int64) for ids, k in zip(p_ids, p_keep, strict=True)]
@@ -136,6 +156,7 @@ def tokenize_pairs(table: pa.Table, tokenizer, cfg) -> TokenizedPairs:
     same = np.fromiter((a.shape == b.shape and bool((a == b).all()) for a, b in zip(chosen, rejected, strict=True)),
                        bool, n)
     keep = np.flatnonzero(~same)
+    stats.n_truncated = int(((cut_prompt | cut_completion) & ~same).sum())
     if same.any():
         stats.dropped["identical_completions"] = int(same.sum())
     stats.n_kept = len(keep)
