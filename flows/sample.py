@@ -38,13 +38,14 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
     if shard_runner is None and flow_run_id():
         shard_runner = _prefect_runner
     from dpoflow.flows.gpu_slots import gpu_slot
+    from dpoflow.tasks.generation import pick_device
 
     # The GPU slot is held only while sampling really runs (never alongside training).
     return run_stage(ws, "sample", sampling.make_sample_stage(
         shard_runner, reuse_shards=not force,
         progress=lambda: progress_reporter("sample-progress", "sample: prompts done")), {"prompts": prompts, "served": served},
                      ws.config.sample, force=force,
-                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)}, hold=gpu_slot)
+                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)}, hold=lambda: gpu_slot(device=pick_device(ws.config.sample.device)))
 
 
 @flow(name="sample")

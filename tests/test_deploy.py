@@ -147,7 +147,7 @@ def test_flow_run_settings_trim_the_client_only_on_the_temporary_server(monkeypa
 
 def test_gpu_slot_outside_a_flow_run_needs_no_server():
     ran = []
-    with gpu_slot():
+    with gpu_slot(device="cuda"):
         ran.append(1)
     assert ran == [1]
 
@@ -306,3 +306,56 @@ def test_nightly_schedule_and_concurrency_validate_against_a_nightly_shaped_flow
     assert bad and "schedule" in bad[0]
     bad = nightly_problems(lambda d: point(d, work_pool={"name": CPU_POOL}))
     assert bad and "expected 'dpoflow-gpu'" in bad[0]
+
+
+_HOLDER = """
+import sys, time
+from prefect import flow
+from dpoflow.flows.gpu_slots import gpu_slot
+
+@flow
+def hold_gpu() -> None:
+    with gpu_slot(device="cuda"):
+        print("holding", flush=True)
+        time.sleep(600)
+
+hold_gpu()
+"""
+
+
+def test_a_killed_holder_does_not_keep_the_gpu_slot(prefect_harness, monkeypatch, tmp_path):
+    """SIGKILL a flow run that holds the GPU slot (the lease cannot be released by it), then
+    a new run gets the slot at once, on the temporary server that revokes nothing by itself."""
+    import signal
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    limit = f"gpu-killed-{time.monotonic_ns()}"
+    monkeypatch.setenv(gpu_slots.GPU_LIMIT_ENV, limit)
+    settings = get_current_settings()
+    env = {**os.environ, gpu_slots.GPU_LIMIT_ENV: limit, "PREFECT_API_URL": str(settings.api.url),
+           "PREFECT_HOME": str(settings.home), gpu_slots.GPU_LEASE_ENV: "600"}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+        @flow
+        def rerun() -> str:
+            with gpu_slot(timeout_s=30, device="cuda"):
+                return "got it"
+
+        t0 = time.monotonic()
+        assert rerun() == "got it"
+        assert time.monotonic() - t0 < 30
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+        assert not [r for r in gpu_slots._leases_dir().glob("*.json") if f'"pid": {proc.pid},' in r.read_text()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
