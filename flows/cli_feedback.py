@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
-
-from dpoflow.flows.workspace import Workspace
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from dpoflow.flows.ingest import run_ingest
+    from dpoflow.flows.workspace import Workspace
+    from dpoflow.tasks.feedback import SourceError
 
-    ws = Workspace.open(args.workspace, args.set or None)
-    run = run_ingest(ws, force=args.force)
+    ws = Workspace.open(args.workspace, args.set or None, create=False)
+    try:
+        run = run_ingest(ws, force=args.force)
+    except SourceError as exc:  # a misconfigured or unreachable source: one line, no secret
+        print(f"dpoflow: error: {exc}", file=sys.stderr)
+        return 2
     rep = run.report
     lines = [f"{'reused' if run.skipped else 'wrote'}: {', '.join(run.outputs.values())}"]
     if not run.skipped:
@@ -36,7 +41,9 @@ def cmd_formulas(args: argparse.Namespace) -> int:
 
 
 def cmd_annotators(args: argparse.Namespace) -> int:
-    ws = Workspace.open(args.workspace, args.set or None)
+    from dpoflow.flows.workspace import Workspace
+
+    ws = Workspace.open(args.workspace, args.set or None, create=False)
     info = ws.store.info(args.ref)
     stats = info.extra.get("annotators") or {}
     if args.json:

@@ -83,11 +83,12 @@ def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) 
         raise annot.AnnotationFormatError(f"{p} does not exist or is not a file")
     config = {"file": str(p.resolve()), "annotations": ws.config.annotations.model_dump(mode="json")}
     key_extra = {"file": importing.fingerprint([p])}
-    run = run_stage(ws, "import:annotations", annot.import_stage, {"annotations": _latest(ws, "annotations")},
-                    config, force=force, key_extra=key_extra)
+    # candidates: Label Studio pairwise tasks that show texts are matched to them
+    inputs = {"annotations": _latest(ws, "annotations"), "candidates": _latest(ws, "candidates")}
+    run = run_stage(ws, "import:annotations", annot.import_stage, inputs, config, force=force, key_extra=key_extra)
     if not run.skipped:
-        record_rerun_key(ws, "import:annotations", annot.import_stage, {"annotations": run.outputs["annotations"]},
-                         config, key_extra, run.outputs)
+        record_rerun_key(ws, "import:annotations", annot.import_stage,
+                         {**inputs, "annotations": run.outputs["annotations"]}, config, key_extra, run.outputs)
     jrun = run_annotations(ws, run.outputs["annotations"], force=force)
     out = {"annotations": run.outputs["annotations"], "judgements": jrun.outputs.get("judgements"),
            "skipped": run.skipped}

@@ -36,6 +36,7 @@ from dpoflow.storage.schemas import ANNOTATIONS, JUDGEMENTS, QUARANTINE, TS
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id_one
 from dpoflow.tasks.importing import ImportError_, unseen_quarantine
+from dpoflow.tasks.kernels import hash64
 
 KINDS = ("pairwise", "ranking", "rating")
 ITEM_KEYS = ("item_id", "response_id", "candidate_id", "id")
@@ -170,8 +171,88 @@ def normalise_row(row: dict[str, Any], cfg: AnnotationsConfig | None = None) -> 
     }, None
 
 
-def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, str]]:
-    """Flatten a Label Studio export: one record per (task, annotation, result) label."""
+A_ID_KEYS, B_ID_KEYS = ("a_id", "left_id", "item_a"), ("b_id", "right_id", "item_b")
+# The stock pairwise template holds the two texts (and the prompt), not ids.
+A_TEXT_KEYS, B_TEXT_KEYS = ("a", "left", "answer1", "text1", "response_a"), ("b", "right", "answer2", "text2", "response_b")
+PROMPT_KEYS = ("prompt", "question")
+
+
+class CandidateTexts:
+    """Candidates by (prompt, response text) hash: Label Studio pairwise tasks that show the two
+    texts, not their ids, are matched to the candidates they show."""
+
+    def __init__(self, candidates: pa.Table) -> None:
+        self.ids = candidates.column("candidate_id").combine_chunks()
+        self.prompt_ids = candidates.column("prompt_id").combine_chunks()
+        self.known = set(self.ids.to_pylist())
+        h = self._hash(candidates.column("prompt").to_pylist(), candidates.column("response").to_pylist())
+        self.order = np.argsort(h)
+        self.sorted = h[self.order]
+
+    @staticmethod
+    def _hash(prompts: list[Any], texts: list[Any]) -> np.ndarray:
+        keys = [f"{'' if p is None else str(p).strip()}\x1f{'' if t is None else str(t).strip()}"
+                for p, t in zip(prompts, texts, strict=True)]
+        return hash64(pa.array(keys, pa.string()))
+
+    def find(self, prompt: Any, text: Any) -> tuple[str, str] | None:
+        """(candidate_id, prompt_id) of the candidate with this prompt and text, if any."""
+        if not len(self.sorted):
+            return None
+        h = self._hash([prompt], [text])[0]
+        at = int(np.searchsorted(self.sorted, h))
+        if at < len(self.sorted) and self.sorted[at] == h:
+            i = int(self.order[at])
+            return self.ids[i].as_py(), self.prompt_ids[i].as_py()
+        return None
+
+
+def _first(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((data.get(k) for k in keys if data.get(k) is not None), None)
+
+
+def _pair_items(data: dict[str, Any], texts: CandidateTexts | None) -> tuple[str | None, str | None, Any, str | None]:
+    """(a, b, prompt_id, reason) of a pairwise task: ids when the task holds them, else the
+    candidates whose (prompt, text) the task shows; a reason when texts match no candidate."""
+    a, b = _text(_first(data, A_ID_KEYS)), _text(_first(data, B_ID_KEYS))
+    if a or b:
+        return a, b, data.get("prompt_id"), None
+    ta, tb = _first(data, A_TEXT_KEYS), _first(data, B_TEXT_KEYS)
+    if ta is None or tb is None:
+        return None, None, data.get("prompt_id"), None
+    if texts is None or (_text(ta) in texts.known and _text(tb) in texts.known):
+        return _text(ta), _text(tb), data.get("prompt_id"), None  # older exports: ids under a / b
+    prompt = _first(data, PROMPT_KEYS)
+    ma, mb = texts.find(prompt, ta), texts.find(prompt, tb)
+    if ma is None or mb is None:
+        return None, None, data.get("prompt_id"), "no candidate matches the texts"
+    return ma[0], mb[0], data.get("prompt_id") or ma[1], None
+
+
+def _ranker_records(value: dict[str, Any], to_name: Any, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Ranker result: one list is a ranking (best first); buckets are a ranking with ties,
+    imported as pairwise labels (every item of an earlier bucket beats every item of a later
+    one; items sharing a bucket tie). Items left in the source list (the key named like the
+    result's `to_name`) were not ranked and are left out."""
+    rk = value.get("ranker")
+    if not isinstance(rk, dict):
+        return [{**common, "kind": "ranking", "ranking": rk}]
+    buckets = [(k, v) for k, v in rk.items() if not (k == to_name and len(rk) > 1)]
+    if len(buckets) == 1:
+        return [{**common, "kind": "ranking", "ranking": buckets[0][1]}]
+    lists = [[_text(x) for x in (v if isinstance(v, list) else [])] for _, v in buckets]
+    out = []
+    for i, upper in enumerate(lists):
+        for j in range(i, len(lists)):
+            for x, y in (itertools.combinations(upper, 2) if i == j else itertools.product(upper, lists[j])):
+                out.append({**common, "kind": "pairwise", "a": x, "b": y, "winner": "tie" if i == j else x})
+    return out or [{**common, "kind": "ranking", "ranking": None}]
+
+
+def _label_studio_rows(tasks: list[Any], texts: CandidateTexts | None = None) -> list[tuple[dict[str, Any] | None, str]]:
+    """Flatten a Label Studio export: one record per (task, annotation, result) label (a Ranker
+    with buckets gives one per implied pair). A record may carry `_reason`: a quarantine
+    reason found while flattening."""
     out: list[tuple[dict[str, Any] | None, str]] = []
     for task in tasks:
         raw = json.dumps(task, ensure_ascii=False, sort_keys=True, default=str)
@@ -179,10 +260,10 @@ def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, st
             out.append((None, raw))
             continue
         data = task.get("data") or {}
-        a = _text(next((data.get(k) for k in ("a_id", "left_id", "item_a", "a", "left") if data.get(k) is not None), None))
-        b = _text(next((data.get(k) for k in ("b_id", "right_id", "item_b", "b", "right") if data.get(k) is not None), None))
+        data = data if isinstance(data, dict) else {}
+        a, b, prompt_id, unmatched = _pair_items(data, texts)
         item = _text(next((data.get(k) for k in ITEM_KEYS if data.get(k) is not None), None))
-        base = {"prompt_id": data.get("prompt_id")}
+        base = {"prompt_id": prompt_id}
         for ann in task.get("annotations") or []:
             if not isinstance(ann, dict) or ann.get("was_cancelled"):
                 continue
@@ -193,17 +274,20 @@ def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, st
                 value = value if isinstance(value, dict) else {}
                 typ = res.get("type") if isinstance(res, dict) else None
                 rec: dict[str, Any] = dict(common)
-                if typ == "pairwise" or (typ == "choices" and a and b):
+                if typ == "pairwise" or (typ == "choices" and (a and b or unmatched)):
                     sel = value.get("selected")
                     if sel is None and value.get("choices"):
                         sel = value["choices"][0]
                     rec.update(kind="pairwise", a=a, b=b, winner=sel)
+                    if unmatched:
+                        rec["_reason"] = unmatched
                 elif typ == "rating":
                     rec.update(kind="rating", item_id=item, rating=value.get("rating"))
                 elif typ == "ranker":
-                    rk = value.get("ranker")
-                    order = next(iter(rk.values()), None) if isinstance(rk, dict) else rk
-                    rec.update(kind="ranking", ranking=order)
+                    label = json.dumps({"task": task.get("id"), "annotation": ann.get("id"), "result": res},
+                                       ensure_ascii=False, sort_keys=True, default=str)
+                    out += [(r, label) for r in _ranker_records(value, res.get("to_name"), common)]
+                    continue
                 elif typ == "number":
                     rec.update(kind="rating", item_id=item, rating=value.get("number"))
                 else:
@@ -213,8 +297,10 @@ def _label_studio_rows(tasks: list[Any]) -> list[tuple[dict[str, Any] | None, st
     return out
 
 
-def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """(annotations rows, quarantine rows, report) from a JSONL / CSV / Label Studio JSON file."""
+def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None,
+                     texts: CandidateTexts | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """(annotations rows, quarantine rows, report) from a JSONL / CSV / Label Studio JSON file;
+    `texts` matches Label Studio pairwise tasks that hold texts instead of ids."""
     p = Path(path)
     if not p.is_file():
         raise AnnotationFormatError(f"{p} does not exist or is not a file")
@@ -228,9 +314,9 @@ def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None) -> 
     elif fmt == ".json" and text.lstrip().startswith("["):
         try:
             tasks = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise AnnotationFormatError(f"{p}: not valid JSON: {exc}") from exc
-        records = _label_studio_rows(tasks)
+        records = _label_studio_rows(tasks, texts)
         fmt = "label-studio"
     elif fmt in (".jsonl", ".ndjson", ".json"):
         for line in text.splitlines():
@@ -250,7 +336,7 @@ def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None) -> 
         if rec is None:
             bad.append(("invalid JSON" if fmt != "label-studio" else "invalid Label Studio task", raw, i))
             continue
-        row, why = normalise_row(rec, cfg)
+        row, why = (None, rec["_reason"]) if rec.get("_reason") else normalise_row(rec, cfg)
         if row is None:
             bad.append((why or "invalid", raw, i))
         else:
@@ -461,7 +547,9 @@ def import_stage(ctx: StageContext) -> StageResult:
     ``annotations`` (the AnnotationsConfig the file is read with). A bad row seen by an earlier
     import is not quarantined again."""
     path = Path(ctx.config["file"])
-    new, quarantine, report = read_annotations(path, AnnotationsConfig.model_validate(ctx.config["annotations"]))
+    texts = CandidateTexts(ctx.read("candidates", ["candidate_id", "prompt_id", "prompt", "response"])) \
+        if ctx.has("candidates") else None
+    new, quarantine, report = read_annotations(path, AnnotationsConfig.model_validate(ctx.config["annotations"]), texts)
     quarantine = unseen_quarantine(ctx.store, quarantine)
     table = new
     if ctx.has("annotations"):

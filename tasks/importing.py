@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ from dpoflow.tasks.lang import detect_language
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
            ".ndjson": "jsonl", ".csv": "csv"}
+# Free-text fields of the contracts: a value must be text (a number is not a prompt), and the
+# required ones must hold more than whitespace.
+TEXT_FIELDS = {"prompts": ("prompt", "reference"), "served": ("prompt", "response"),
+               "pairs": ("prompt", "chosen", "rejected"), "candidates": ("prompt", "response"),
+               "dpo_train": ("prompt", "chosen", "rejected"), "dpo_eval": ("prompt", "chosen", "rejected")}
+REQUIRED_TEXT = {"prompts": ("prompt",), "served": ("prompt", "response"), "pairs": ("prompt", "chosen", "rejected"),
+                 "candidates": ("prompt", "response"),
+                 "dpo_train": ("prompt", "chosen", "rejected"), "dpo_eval": ("prompt", "chosen", "rejected")}
+# Timestamps Python (and so every reader of the dataset) can represent: years 1..9999, in us.
+_TS_RANGE = (-62_135_596_800_000_000, 253_402_300_799_999_999)
 
 
 class ImportError_(ValueError):
@@ -67,6 +78,15 @@ def _quarantine(source: str, dataset: str, reasons: list[str], raws: list[str], 
     }, schema=QUARANTINE)
 
 
+def _text_ok(table: pa.Table, name: str) -> bool:
+    """A column that is text (or absent / all null), as the contract's free-text fields must be."""
+    if name not in table.column_names:
+        return True
+    t = table.column(name).type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or \
+        (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))
+
+
 def _quarantine_keys(q: pa.Table) -> np.ndarray:
     """A content key per quarantine row: the dataset it was meant for and the raw row."""
     parts = [pc.fill_null(q.column(c).cast(pa.string()), "") for c in ("dataset", "raw")]
@@ -89,50 +109,152 @@ def unseen_quarantine(store: Any, q: pa.Table) -> pa.Table:
 
 
 def read_file(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
-    """Read one file into a table of raw values, plus quarantine rows for unparseable records."""
+    """Read one file into a table of raw values, plus quarantine rows for what cannot be read:
+    unparseable lines or CSV rows, invalid UTF-8, absurd nesting, and whole files that are no
+    valid Parquet. Never raises for the file's content: the rest of the input goes on."""
     fmt = FORMATS[path.suffix.lower()]
     src = str(path)
     if fmt == "parquet":
-        return pq.read_table(path), _quarantine(src, dataset, [], [], [])
+        try:
+            return pq.read_table(path), _quarantine(src, dataset, [], [], [])
+        except (pa.ArrowException, OSError) as exc:
+            return pa.table({}), _quarantine(src, dataset, ["unreadable Parquet file"], [f"{src}: {_one_line(exc)}"], [0])
     if fmt == "csv":
-        bad: list[tuple[int, str]] = []
+        return _read_csv(path, dataset)
+    return _read_json_lines(path, dataset)
 
-        def on_invalid(row: Any) -> str:
-            bad.append((row.number or -1, row.text))
-            return "skip"
 
-        opts = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
-        # Read every column as text: typing happens in `coerce`, row by row, with reasons.
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            header = next(csv.reader(f), [])
-        conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True)
-        table = pacsv.read_csv(path, parse_options=opts, convert_options=conv) if header else pa.table({})
-        q = _quarantine(src, dataset, ["malformed CSV row"] * len(bad), [t for _, t in bad], [i for i, _ in bad])
-        return table, q
-    # JSONL: Arrow's reader when the whole file parses, else line by line to isolate bad lines.
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]
+
+
+def _read_csv(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
+    """CSV with every column as text (typing happens in `coerce`, row by row, with reasons).
+    Arrow's reader first; a file it cannot read as a whole (e.g. invalid UTF-8) is read row
+    by row with the csv module, so only its bad rows are quarantined."""
+    src = str(path)
+    bad: list[tuple[int, str]] = []
+
+    def on_invalid(row: Any) -> str:
+        bad.append((row.number or -1, row.text))
+        return "skip"
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    if not header:
+        return pa.table({}), _quarantine(src, dataset, [], [], [])
+    opts = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
+    conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True)
     try:
-        return pajson.read_json(path), _quarantine(src, dataset, [], [], [])
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
+        return table, _quarantine(src, dataset, ["malformed CSV row"] * len(bad), [t for _, t in bad],
+                                  [i for i, _ in bad])
+    except (pa.ArrowException, OSError):
         pass
+    rows: list[dict[str, Any]] = []
+    reasons, raws, idx = [], [], []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        names = next(reader, [])
+        try:
+            for i, rec in enumerate(reader, start=1):
+                text = ",".join(rec)
+                if any("\udc80" <= ch <= "\udcff" for ch in text):
+                    reasons.append("invalid UTF-8")
+                elif len(rec) != len(names):
+                    reasons.append("malformed CSV row")
+                else:
+                    rows.append({k: (v if v != "" else None) for k, v in zip(names, rec, strict=True)})
+                    continue
+                raws.append(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                idx.append(i)
+        except csv.Error as exc:
+            reasons.append("malformed CSV")
+            raws.append(f"{src}: {_one_line(exc)}")
+            idx.append(-1)
+    cols = {k: pa.array([r.get(k) for r in rows], pa.string()) for k in names}
+    table = pa.table(cols) if cols else pa.table({})
+    return table, _quarantine(src, dataset, reasons, raws, idx)
+
+
+def _read_json_lines(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
+    """JSONL (or a .json array of objects): Arrow's reader when the whole file parses, else
+    object by object, so bad lines (invalid JSON or UTF-8, not an object, absurd nesting,
+    text fields that are not text) are quarantined one by one."""
+    src = str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError as exc:
+        return pa.table({}), _quarantine(src, dataset, ["unreadable file"], [f"{src}: {_one_line(exc)}"], [0])
+    if not head.startswith(b"["):
+        try:
+            table = pajson.read_json(path)
+            if all(_text_ok(table, name) for name in TEXT_FIELDS.get(dataset, ())):
+                return table, _quarantine(src, dataset, [], [], [])
+        except (pa.ArrowException, OSError, RecursionError):
+            pass
     rows, reasons, raws, idx = [], [], [], []
+    for i, line, obj, why in _json_objects(path, head.startswith(b"[")):
+        if why is None:
+            why = next((f"malformed {k}: not text" for k in TEXT_FIELDS.get(dataset, ())
+                        if obj.get(k) is not None and not isinstance(obj[k], str)), None)
+        if why is None:
+            rows.append(obj)
+        else:
+            reasons.append(why[:200])
+            raws.append(line)
+            idx.append(i)
+    return _rows_to_table(rows), _quarantine(src, dataset, reasons, raws, idx)
+
+
+def _json_objects(path: Path, array: bool) -> Iterator[tuple[int, str, dict, str | None]]:
+    """(index, raw text, object, None) per good object, (index, raw text, {}, reason) per bad one."""
+    if array:  # a .json array: its elements are the rows
+        data = path.read_bytes()
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield 0, data.decode("utf-8", "replace")[:10_000], {}, "invalid UTF-8"
+            return
+        except RecursionError:
+            yield 0, data.decode("utf-8", "replace")[:10_000], {}, "invalid JSON: nested too deeply"
+            return
+        except ValueError as exc:
+            yield 0, data.decode("utf-8", "replace")[:10_000], {}, f"invalid JSON: {_one_line(exc)}"
+            return
+        for i, obj in enumerate(items if isinstance(items, list) else [items]):
+            raw = _dumps(obj)
+            yield (i, raw, obj, None) if isinstance(obj, dict) else (i, raw, {}, "invalid JSON: not a JSON object")
+        return
     with open(path, "rb") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
             try:
                 obj = json.loads(line.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                rows.append(obj)
             except UnicodeDecodeError:
-                reasons.append("invalid UTF-8")
-                raws.append(line.decode("utf-8", "replace").rstrip("\n"))
-                idx.append(i)
+                yield i, text, {}, "invalid UTF-8"
+                continue
+            except RecursionError:
+                yield i, text[:10_000], {}, "invalid JSON: nested too deeply"
+                continue
             except ValueError as exc:
-                reasons.append(f"invalid JSON: {exc}"[:200])
-                raws.append(line.decode("utf-8", "replace").rstrip("\n"))
-                idx.append(i)
-    return _rows_to_table(rows), _quarantine(src, dataset, reasons, raws, idx)
+                yield i, text, {}, f"invalid JSON: {_one_line(exc)}"
+                continue
+            if isinstance(obj, dict):
+                yield i, text, obj, None
+            else:
+                yield i, text, {}, "invalid JSON: not a JSON object"
+
+
+def _dumps(obj: Any) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=False, default=str)[:10_000]
+    except (ValueError, RecursionError):
+        return repr(obj)[:10_000]
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -147,67 +269,82 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     for k, vals in cols.items():
         try:
             out[k] = pa.array(vals)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            out[k] = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
-                               for v in vals], pa.string())
+        except (pa.ArrowException, OverflowError, RecursionError, ValueError, TypeError):
+            out[k] = pa.array([None if v is None else (v if isinstance(v, str) else _dumps(v)) for v in vals],
+                              pa.string())
     return pa.table(out) if out else pa.table({})
 
 
 def _convert(col: pa.ChunkedArray, typ: pa.DataType) -> tuple[pa.Array, np.ndarray]:
-    """Convert a raw column to `typ`; return (converted, mask of rows that failed to convert)."""
+    """Convert a raw column to `typ`; return (converted, mask of rows that failed to convert).
+
+    Nothing is guessed: text timestamps must be ISO 8601 (``01.11.2026`` is rejected, not read
+    as 11 January), integers must fit the contract's type, timestamps must lie in years
+    1..9999."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    if arr.type == typ:
-        return arr, np.zeros(n, bool)
-    try:
-        return arr.cast(typ), np.zeros(n, bool)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        pass
     valid_in = ~np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False), bool)
-    text = arr.cast(pa.string()) if not pa.types.is_nested(arr.type) else None
+    out = None
+    if arr.type == typ:
+        out = arr
+    elif not (pa.types.is_timestamp(typ) and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type))):
+        try:  # text timestamps always go through the strict ISO parser below
+            out = arr.cast(typ)
+        except (pa.ArrowException, OverflowError):
+            out = None
+    if out is None:
+        out = _convert_values(arr, typ)
+    if pa.types.is_timestamp(typ):
+        us = pc.fill_null(out.cast(pa.timestamp("us", tz=typ.tz)).cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        outside = (us < _TS_RANGE[0]) | (us > _TS_RANGE[1])
+        if outside.any():
+            out = pc.if_else(pa.array(outside), pa.scalar(None, typ), out)
+    failed = valid_in & np.asarray(pc.is_null(out).to_numpy(zero_copy_only=False), bool)
+    return out, failed
+
+
+def _convert_values(arr: pa.Array, typ: pa.DataType) -> pa.Array:
+    """The slow path of `_convert`, through text; values that do not convert become null."""
+    import pandas as pd
+
+    n = len(arr)
+    try:
+        text = arr.cast(pa.string()) if not pa.types.is_nested(arr.type) else None
+    except (pa.ArrowException, OverflowError):
+        text = None
     if pa.types.is_timestamp(typ) and text is not None:
-        import pandas as pd
-
-        parsed = pd.to_datetime(pd.Series(text.to_pylist(), dtype=object), errors="coerce", utc=True, format="mixed")
-        out = pa.array(parsed, type=typ, from_pandas=True)
-    elif (pa.types.is_integer(typ) or pa.types.is_floating(typ)) and text is not None:
-        import pandas as pd
-
-        num = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce")
+        parsed = pd.to_datetime(pd.Series(text.to_pylist(), dtype=object), errors="coerce", utc=True,
+                                format="ISO8601")
+        return pa.array(parsed, type=typ, from_pandas=True)
+    if (pa.types.is_integer(typ) or pa.types.is_floating(typ)) and text is not None:
+        num = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce").astype(float)
         if pa.types.is_integer(typ):
-            num = num.where(num.isna() | (num == np.floor(num.fillna(0))))
-            out = pa.array(num.astype("Int64"), type=typ, from_pandas=True)
-        else:
-            out = pa.array(num, type=typ, from_pandas=True)
-    elif pa.types.is_boolean(typ) and text is not None:
+            info = np.iinfo(typ.to_pandas_dtype())
+            num = num.where(num.isna() | ((num == np.floor(num.fillna(0))) & (num >= info.min) & (num <= info.max)))
+            return pa.array(num.astype("Int64"), type=typ, from_pandas=True)
+        return pa.array(num.where(np.isfinite(num)), type=typ, from_pandas=True)
+    if pa.types.is_boolean(typ) and text is not None:
         low = pc.utf8_lower(text)
         true = pc.is_in(low, pa.array(["true", "1", "yes"]))
         false = pc.is_in(low, pa.array(["false", "0", "no"]))
-        out = pc.if_else(true, True, pc.if_else(false, False, pa.scalar(None, pa.bool_())))
-    elif pa.types.is_nested(typ):
+        return pc.if_else(true, True, pc.if_else(false, False, pa.scalar(None, pa.bool_())))
+    if pa.types.is_nested(typ):
         vals = []
         for v in arr.to_pylist():
             if isinstance(v, str):
                 try:
                     v = json.loads(v)
-                except ValueError:
+                except (ValueError, RecursionError):
                     v = None
             vals.append(v)
-        try:
-            out = pa.array(vals, type=typ)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            good = []
-            for v in vals:
-                try:
-                    pa.array([v], type=typ)
-                    good.append(v)
-                except (pa.ArrowInvalid, pa.ArrowTypeError):
-                    good.append(None)
-            out = pa.array(good, type=typ)
-    else:
-        out = pa.nulls(n, typ)
-    failed = valid_in & np.asarray(pc.is_null(out).to_numpy(zero_copy_only=False), bool)
-    return out, failed
+        good = []
+        for v in vals:
+            try:
+                pa.array([v], type=typ)
+                good.append(v)
+            except (pa.ArrowException, OverflowError, RecursionError, TypeError, ValueError):
+                good.append(None)
+        return pa.array(good, type=typ)
+    return pa.nulls(n, typ)
 
 
 def coerce(dataset: str, table: pa.Table, source: str) -> tuple[pa.Table, pa.Table, Counter]:
@@ -222,11 +359,20 @@ def coerce(dataset: str, table: pa.Table, source: str) -> tuple[pa.Table, pa.Tab
         if field.name not in table.column_names:
             cols[field.name] = pa.nulls(n, field.type)
             continue
+        if field.name in TEXT_FIELDS.get(dataset, ()) and not _text_ok(table, field.name):
+            raw = table.column(field.name)
+            reason[_present(raw) & (reason == None)] = f"malformed {field.name}: not text"  # noqa: E711
+            cols[field.name] = pa.nulls(n, field.type)
+            continue
         conv, failed = _convert(table.column(field.name), field.type)
         reason[failed & (reason == None)] = f"malformed {field.name}: not a valid {field.type}"  # noqa: E711
         cols[field.name] = conv
     typed = pa.table(cols, schema=pa.schema([f.with_nullable(True) for f in schema]))
     typed = _fill_derived(dataset, typed)
+    for name in REQUIRED_TEXT.get(dataset, ()):
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(typed.column(name))), 0)
+        blank = np.asarray(pc.fill_null(empty, False).to_numpy(zero_copy_only=False), bool)
+        reason[blank & (reason == None)] = f"blank {name}"  # noqa: E711
     for field in schema:
         if not field.nullable:
             missing = np.asarray(pc.is_null(typed.column(field.name)).to_numpy(zero_copy_only=False), bool)
@@ -237,12 +383,27 @@ def coerce(dataset: str, table: pa.Table, source: str) -> tuple[pa.Table, pa.Tab
     good = typed.filter(pa.array(~bad))
     good = pa.Table.from_arrays(good.columns, schema=schema)
     idx = np.nonzero(bad)[0]
-    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in table.take(pa.array(idx)).to_pylist()] \
-        if len(idx) else []
+    raws = _raw_rows(table, idx)
     q = _quarantine(source, dataset, reason[bad].tolist(), raws, idx.tolist())
     if extra:
         counts[f"ignored unknown columns: {', '.join(extra)}"] += 0
     return good, q, counts
+
+
+def _present(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return ~np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), bool)
+
+
+def _raw_rows(table: pa.Table, idx: np.ndarray) -> list[str]:
+    """Rows `idx` as JSON text for quarantine; temporal columns as text first (a year -1 or
+    9999+ timestamp is no Python datetime)."""
+    if not len(idx):
+        return []
+    t = table.take(pa.array(idx, pa.int64()))
+    for i, f in enumerate(t.schema):
+        if pa.types.is_temporal(f.type):
+            t = t.set_column(i, pa.field(f.name, pa.string()), pc.cast(t.column(i), pa.string()))
+    return [_dumps(r) for r in t.to_pylist()]
 
 
 def _fill_derived(dataset: str, t: pa.Table) -> pa.Table:
@@ -267,7 +428,7 @@ def _fill_derived(dataset: str, t: pa.Table) -> pa.Table:
         fill("language", detect_language(t.column("prompt")))
     elif dataset == "served":
         fill("prompt_id", stable_id(t.column("prompt"), prefix="p-"))
-    elif dataset == "pairs":
+    elif dataset in ("pairs", "dpo_train", "dpo_eval"):  # TRL-style prompt/chosen/rejected rows bring no ids
         fill("source", pa.array(["imported"] * t.num_rows, pa.string()))
         fill("strategy", pa.array(["imported"] * t.num_rows, pa.string()))
         fill("prompt_id", stable_id(t.column("prompt"), prefix="p-"))
@@ -310,7 +471,8 @@ def import_files(dataset: str, path: str | os.PathLike[str]) -> tuple[pa.Table, 
 # Rows of these datasets are identified by this column: an import adds its rows, and a row
 # whose id is already there replaces the old one (the file is the newer word on it).
 ID_COLUMNS = {"prompts": "prompt_id", "served": "response_id", "pairs": "pair_id", "candidates": "candidate_id",
-              "models": "model_version", "judgements": "judgement_id", "annotations": "annotation_id"}
+              "models": "model_version", "judgements": "judgement_id", "annotations": "annotation_id",
+              "dpo_train": "pair_id", "dpo_eval": "pair_id"}
 
 
 def add_rows(previous: pa.Table, new: pa.Table, dataset: str) -> pa.Table:

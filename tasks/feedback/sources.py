@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,47 @@ def file_sig(f: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _sql_engine(src: SourceConfig):
-    import sqlalchemy as sa
-
+def _sql_url(src: SourceConfig) -> str:
     if not src.url_env:
         raise SourceError(f"source {src.name!r}: `url_env` or `url_secret` (where the URL is kept) is required")
     url = os.environ.get(src.url_env)
     if not url:
         raise SourceError(f"source {src.name!r}: environment variable {src.url_env} is not set")
-    return sa.create_engine(url)
+    return url
+
+
+def _sql_engine(src: SourceConfig):
+    import sqlalchemy as sa
+
+    url = _sql_url(src)
+    try:
+        return sa.create_engine(url)
+    except Exception as exc:  # noqa: BLE001 - any driver error: re-raised masked, below
+        raise sql_error(src, url, exc) from None
+
+
+def sql_error(src: SourceConfig, url: str, exc: BaseException) -> SourceError:
+    """A one-line error for a failed SQL source that never holds the password: the URL is
+    shown as parsed with the password masked, and every fragment of the raw URL's user-info
+    part is blanked out of the driver's message (a password with an unencoded ``@`` is parsed
+    into the host name, which drivers then quote)."""
+    secrets: list[str] = []
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo = rest[:rest.rindex("@")]
+        secrets = [userinfo] + [p for p in re.split(r"[:@/]", userinfo) if len(p) >= 3]
+    try:
+        from sqlalchemy.engine import make_url
+
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL is shown by its scheme only
+        shown = f"{scheme}://***"
+    for part in sorted(secrets, key=len, reverse=True):
+        shown = shown.replace(part, "***")
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    for part in sorted(secrets, key=len, reverse=True):
+        msg = msg.replace(part, "***")
+    return SourceError(f"source {src.name!r} ({shown}): {type(exc).__name__}: {msg[:300]}")
 
 
 def _sql_base(src: SourceConfig) -> str:
@@ -108,8 +141,11 @@ def source_fingerprint(src: SourceConfig, state: dict[str, Any]) -> Any:
 
     base = _sql_base(src)
     col = src.watermark_column
-    with _sql_engine(src).connect() as conn:
-        row = conn.execute(sa.text(f"SELECT COUNT(*), MAX({col}) FROM ({base}) AS src")).one()
+    try:
+        with _sql_engine(src).connect() as conn:
+            row = conn.execute(sa.text(f"SELECT COUNT(*), MAX({col}) FROM ({base}) AS src")).one()
+    except sa.exc.SQLAlchemyError as exc:
+        raise sql_error(src, _sql_url(src), exc) from None
     return [int(row[0]), str(row[1]), state.get("watermark")]
 
 
@@ -145,14 +181,18 @@ def iter_files(src: SourceConfig, state: dict[str, Any], batch_rows: int,
             # plain columns, except the event type: a few distinct values, so its dictionary
             # read is cheaper than the plain one and spares an encode. (Dictionary reads of
             # many-valued columns re-hash every value and cost 3x the decode.)
-            md = pq.read_metadata(f)
-            et = next((s for s, c in src.columns.items() if c == "event_type"), "event_type")
-            pf = pq.ParquetFile(f, pre_buffer=True, metadata=md,
-                                read_dictionary=[et] if et in md.schema.names else None)
             row0 = 0
-            for b in pf.iter_batches(batch_size=batch_rows):
-                yield RawBatch(pa.Table.from_batches([b]), str(f), row0)
-                row0 += b.num_rows
+            try:
+                md = pq.read_metadata(f)
+                et = next((s for s, c in src.columns.items() if c == "event_type"), "event_type")
+                pf = pq.ParquetFile(f, pre_buffer=True, metadata=md,
+                                    read_dictionary=[et] if et in md.schema.names else None)
+                batches = pf.iter_batches(batch_size=batch_rows)
+                for b in batches:
+                    yield RawBatch(pa.Table.from_batches([b]), str(f), row0)
+                    row0 += b.num_rows
+            except (pa.ArrowException, OSError) as exc:  # an empty, garbage or truncated file: one row
+                parse_quarantine.append(_unreadable(f, exc, row0))
         else:
             raw, q = _read_text_file(f, fmt)
             if raw.num_columns == 0 and raw.num_rows:  # rows like {}: keep them countable
@@ -165,8 +205,28 @@ def iter_files(src: SourceConfig, state: dict[str, Any], batch_rows: int,
     new_state["files"] = seen
 
 
+def _unreadable(f: Path, exc: BaseException, row0: int) -> pa.Table:
+    """One quarantine row for a file (or its rest, from row `row0` on) that cannot be read."""
+    detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+    return pa.table({
+        "source": [str(f)], "stage": [STAGE], "dataset": ["feedback_events"], "reason": ["unreadable Parquet file"],
+        "raw": [f"{f}: {detail}"], "row_index": pa.array([row0], pa.int64()),
+        "quarantined_at": pa.array([dt.datetime.now(dt.UTC)], QUARANTINE.field("quarantined_at").type),
+    }, schema=QUARANTINE)
+
+
 def iter_sql(src: SourceConfig, state: dict[str, Any], new_state: dict[str, Any]) -> Iterator[RawBatch]:
-    """Rows at or after the watermark (minus look-back), fetched in chunks of `chunk_rows`."""
+    """Rows at or after the watermark (minus look-back), fetched in chunks of `chunk_rows`.
+    Driver errors become a one-line SourceError without the password."""
+    import sqlalchemy as sa
+
+    try:
+        yield from _iter_sql(src, state, new_state)
+    except sa.exc.SQLAlchemyError as exc:
+        raise sql_error(src, _sql_url(src), exc) from None
+
+
+def _iter_sql(src: SourceConfig, state: dict[str, Any], new_state: dict[str, Any]) -> Iterator[RawBatch]:
     import sqlalchemy as sa
 
     base, col = _sql_base(src), src.watermark_column
@@ -185,7 +245,7 @@ def iter_sql(src: SourceConfig, state: dict[str, Any], new_state: dict[str, Any]
             for k, vals in zip(keys, cols, strict=True):
                 try:
                     arrays[k] = pa.array(list(vals))
-                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                except (pa.ArrowException, OverflowError, TypeError, ValueError):
                     arrays[k] = pa.array([None if v is None else str(v) for v in vals], pa.string())
             t = pa.table(arrays)
             if col in keys:
