@@ -166,7 +166,8 @@ def run_pipeline(ws: Workspace, call: Callable[[str, dict[str, Any]], Any],
     b = call("balance", {"pairs": p["pairs"], **common})
     out.update(b)
     if cfg.train:
-        out["train"] = call("train", {"dpo_train": b["dpo_train"], "dpo_eval": b.get("dpo_eval"), **common})
+        out["train"] = call("train", {"dpo_train": b["dpo_train"], "dpo_eval": b.get("dpo_eval"),
+                                      "promote": True, **common})  # only the nightly auto-promotes
     return out
 
 

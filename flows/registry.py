@@ -105,5 +105,6 @@ def run_direct(ws: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run a stage without Prefect: the same functions the flows call; returns its outputs."""
     s = stage(name)
     kw = {role: params.get(role) or None for role in s.input_roles() if role in params}
-    res = s.load("run")(ws, **kw, force=params.get("force", False))
+    extra = {"promote": params["promote"]} if "promote" in params else {}  # train: the nightly promotes
+    res = s.load("run")(ws, **kw, force=params.get("force", False), **extra)
     return res.to_dict() if hasattr(res, "to_dict") else res.outputs

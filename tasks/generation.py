@@ -97,18 +97,23 @@ def pick_device(device: str = "auto") -> str:  # the one device rule: sampling, 
 
 
 def load_model(path_or_id: str, *, device: str = "cpu", trust_remote_code: bool = False,
-               local_only: bool = True) -> tuple[Any, Any]:
+               local_only: bool = True, allow_pickle_weights: bool = False) -> tuple[Any, Any]:
     """Load (model, tokenizer) for generation: bf16 on CUDA, fp32 on CPU, eval mode.
 
     `local_only` keeps loading from ever touching a model hub (a local folder or the cache).
+    Only safetensors weights load unless `allow_pickle_weights` (see storage.registry.check_weights).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dpoflow.storage.registry import check_weights
+
+    check_weights(path_or_id, allow_pickle=allow_pickle_weights)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_safetensors=None if allow_pickle_weights
+                                                 else True, **kw)
     model.to(device)
     model.eval()
     return model, tokenizer

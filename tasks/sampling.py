@@ -72,6 +72,8 @@ class SamplerConfig(Section):
     seed: int = Field(0, ge=0, description="base seed; each candidate's seed is derived from it and the prompt id")
     share: float = Field(1.0, gt=0, le=1, description="share of prompts this sampler covers (stable hash subset)")
     trust_remote_code: bool = Field(False, description="allow model repos to run their own Python code")
+    allow_pickle_weights: bool = Field(False, description="load .bin / .pt weights too (they can run code "
+                                       "when loaded); off: safetensors only, as at registration")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="vllm is used only when installed and a GPU is present (else transformers)")
 
@@ -164,20 +166,24 @@ def resolve_model(ref: str, registry: Any = None) -> ModelSpec:
 _MODEL_CACHE: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _loaded(spec: ModelSpec, device: str, trust: bool, backend: str) -> tuple[Any, Any]:
+def _loaded(spec: ModelSpec, device: str, trust: bool, backend: str, allow_pickle: bool = False
+            ) -> tuple[Any, Any]:
     """One model held at a time: shards run sampler by sampler, so each loads once."""
-    key = (spec.load, device, trust, backend)
+    key = (spec.load, device, trust, backend, allow_pickle)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         if backend == "vllm":
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(spec.load, trust_remote_code=trust, local_files_only=spec.local_only)
+            from dpoflow.storage.registry import check_weights
+
+            check_weights(spec.load, allow_pickle=allow_pickle)
             _MODEL_CACHE[key] = (gen.load_vllm(spec.load, trust_remote_code=trust), tok)
         else:
             try:
                 _MODEL_CACHE[key] = gen.load_model(spec.load, device=device, trust_remote_code=trust,
-                                                   local_only=spec.local_only)
+                                                   local_only=spec.local_only, allow_pickle_weights=allow_pickle)
             except OSError as exc:
                 raise ModelNotFound(f"cannot load model {spec.ref!r}: {exc}") from exc
     return _MODEL_CACHE[key]
@@ -374,7 +380,7 @@ def run_shard(shard: Shard, good: pa.Table, cfg: SampleConfig, spec: ModelSpec, 
     backend = "vllm" if sc.backend == "vllm" and gen.vllm_available() else "transformers"
     if sc.backend == "vllm" and backend != "vllm":
         log.warning("sampler %s: vllm is not installed or no GPU is visible; using transformers", name)
-    model, tok = _loaded(spec, device, sc.trust_remote_code, backend)
+    model, tok = _loaded(spec, device, sc.trust_remote_code, backend, sc.allow_pickle_weights)
     prompts, ids, orig_rows = _prompt_inputs(good, shard.rows)
     stats = gen.GenStats()
     cols: dict[str, list] = {f.name: [] for f in SHARD}

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 
 from dpoflow.flows.workspace import Workspace
-from dpoflow.tasks.training.promotion import PromoteConfig, decide_and_apply, gate
 
 _GOOD = ["A clear and correct answer.", "清楚、正确、简洁的回答。", "Python lists are ordered collections.",
          "Binary search halves the range every step.", "北京是中国的首都。", "Drink water and sleep well."]
@@ -146,43 +145,7 @@ def test_training_curves_png(tmp_path):
 
 # --- promotion ----------------------------------------------------------------------------
 
-def test_gate_reasons_and_failures():
-    cfg = PromoteConfig(min_reward_accuracy=0.6, min_reward_margin=0.0, max_eval_loss=0.69, min_win_rate=0.5)
-    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": 0.6, "win_rate": 0.55}, cfg)
-    assert ok and len(reasons) == 4 and all(r.startswith("pass") for r in reasons)
-    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": float("nan"),
-                        "win_rate": 0.55}, cfg)
-    assert not ok and any(r.startswith("FAIL eval loss") for r in reasons)
-    ok, reasons = gate({}, cfg)
-    assert not ok and "no held-out evaluation" in reasons[0]
-    ok, reasons = gate({"reward_accuracy": 0.8, "reward_margin": 0.1, "eval_loss": 0.6}, cfg, has_production=False)
-    assert ok and any(r.startswith("skip win rate") for r in reasons)
-
-
-def test_promotion_gate_both_ways(tmp_path, tiny_model_dir):
-    ws = Workspace.open(tmp_path / "ws")
-    reg = ws.registry
-    base = reg.register(tiny_model_dir, tags=["production"])
-    cfg = PromoteConfig(min_reward_accuracy=0.6, min_win_rate=0.5)
-
-    # fails: production stays where it was
-    weak = reg.register(tiny_model_dir, tags=["candidate"], parents=["models@" + base])
-    d = decide_and_apply(reg, weak, {"reward_accuracy": 0.55, "reward_margin": 0.2, "win_rate": 0.7}, cfg)
-    assert not d.passed and not d.promoted
-    assert reg.version_of("models@production") == base
-    assert any(r.startswith("FAIL reward accuracy 0.55") for r in d.reasons)
-
-    # passes: production moves to the candidate
-    good = reg.register(tiny_model_dir, tags=["candidate"], parents=["models@" + base])
-    d = decide_and_apply(reg, good, {"reward_accuracy": 0.9, "reward_margin": 0.2, "win_rate": 0.7}, cfg)
-    assert d.passed and d.promoted and d.previous_production == base
-    assert reg.version_of("models@production") == good
-
-    # passes but auto_promote is off: a human decides
-    other = reg.register(tiny_model_dir)
-    d = decide_and_apply(reg, other, {"reward_accuracy": 0.9, "reward_margin": 0.2, "win_rate": 0.7},
-                         PromoteConfig(auto_promote=False))
-    assert d.passed and not d.promoted and reg.version_of("models@production") == good
+# the gate and decide_and_apply are tested in tests/test_promotion_gate.py and tests/test_model_steps.py
 
 
 # --- dpoflow train end to end --------------------------------------------------------------

@@ -214,10 +214,25 @@ def generation_comparison(new: tuple[Any, Any], base: tuple[Any, Any], pairs: pa
     s_new = score_responses(new_txt, refs, prompts, ecfg, reward_model_path)
     s_base = score_responses(base_txt, refs, prompts, ecfg, reward_model_path)
     out = win_rate(s_new, s_base, ecfg.tie_tolerance)
+    out["flagged_share"], out["baseline_flagged_share"] = flagged_share(prompts, new_txt), flagged_share(prompts, base_txt)
     out["scorer"] = ecfg.scorer if ecfg.scorer == "reward_model" else f"{ecfg.metric} vs chosen"
     out["examples"] = [{"prompt_id": p, "new": a, "production": b, "new_score": _f(x), "production_score": _f(y)}
                        for p, a, b, x, y in list(zip(pids, new_txt, base_txt, s_new, s_base, strict=True))[:3]]
     return out
+
+
+def flagged_share(prompts: Sequence[str], texts: Sequence[str | None]) -> float | None:
+    """Share of outputs that a rule check flags (empty, broken bytes, loops, ...): the promotion
+    gate's non-regression check on output health."""
+    from dpoflow.tasks.rules import FLAGS, check
+
+    if not texts:
+        return None
+    flags = check(pa.array(list(prompts), pa.string()), pa.array(list(texts), pa.string()))
+    any_flag = np.zeros(len(texts), dtype=bool)
+    for f in FLAGS:
+        any_flag |= np.asarray(flags.column(f).to_numpy(zero_copy_only=False), dtype=bool)
+    return float(any_flag.mean())
 
 
 def _f(x: float) -> float | None:
@@ -248,6 +263,8 @@ def evaluate_model(model_dir: str | Path, pairs: pa.Table, ref_table: pa.Table |
     if ecfg.generate and baseline_dir is not None:
         base = load_causal_lm(baseline_dir, device=device)
         base[0].eval()
+        base_metrics, _ = evaluate_preferences(base[0], base[1], pairs, ref_table, cfg, ecfg, device)
+        metrics["baseline_reward_accuracy"] = base_metrics.get("reward_accuracy")  # non-regression check
         gen = generation_comparison((model, tok), base, pairs, ecfg, device, reward_model_path)
         metrics["win_rate"] = gen["win_rate"]
     elif ecfg.generate:
