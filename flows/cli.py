@@ -6,11 +6,15 @@ Stage areas add their own commands through the modules in PLUGINS (each has `reg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -27,10 +31,11 @@ PLUGINS = [
 ]
 
 
-def _ws(args: argparse.Namespace):
+def _ws(args: argparse.Namespace, *, create: bool = False):
+    """The command's workspace; only commands that write (import, run, ...) may create it."""
     from dpoflow.flows.workspace import Workspace
 
-    return Workspace.open(args.workspace, getattr(args, "set", None) or None)
+    return Workspace.open(args.workspace, getattr(args, "set", None) or None, create=create)
 
 
 def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
@@ -43,7 +48,7 @@ def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
 # --- import --------------------------------------------------------------------------------
 
 def cmd_import(args: argparse.Namespace) -> int:
-    ws = _ws(args)
+    ws = _ws(args, create=True)
     if args.name == "annotations":  # several formats + aggregation into judgements
         from dpoflow.flows.importing import import_annotations
 
@@ -52,12 +57,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 0
     from dpoflow.flows.importing import import_dataset
 
-    run = import_dataset(ws, args.name, args.file, force=args.force)
+    run = import_dataset(ws, args.name, args.file, force=args.force, replace=args.replace)
     rep = run.report
     if run.skipped:
         lines = [f"unchanged since last import: {run.outputs.get(args.name)} (use --force to import again)"]
     else:
-        lines = [f"imported {rep['rows_out']} of {rep['rows_in']} rows into {run.outputs[args.name]}"]
+        target = run.outputs.get(args.name) or "no new version (no valid row)"
+        lines = [f"imported {rep['rows_out']} of {rep['rows_in']} rows into {target}"]
+        if rep.get("replaced"):
+            lines.append(f"  replaced {rep['replaced']} (--replace: its rows are not in the new version)")
+        elif rep.get("added_to"):
+            lines.append(f"  added to the rows of {rep['added_to']}")
         for reason, n in (rep.get("quarantined") or {}).items():
             lines.append(f"  quarantined {n}: {reason}")
         if "quarantine" in run.outputs:
@@ -129,7 +139,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     ref = _ws(args).store.tag(args.ref, args.tag)
-    print(f"{args.tag} -> {ref}")
+    _print(args, {"tag": args.tag, "ref": str(ref)}, [f"{args.tag} -> {ref}"])
     return 0
 
 
@@ -155,7 +165,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         import datasets
 
         datasets.Dataset(table).save_to_disk(out)
-    print(f"exported {ref} to {out} ({args.format})")
+    _print(args, {"ref": ref, "output": str(out), "format": args.format, "rows": table.num_rows},
+           [f"exported {ref} to {out} ({args.format})"])
     return 0
 
 
@@ -197,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workspace folder (default ./dpoflow-workspace, or $DPOFLOW_WORKSPACE)")
     common.add_argument("--set", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                         help="config override, e.g. --set train.beta=0.2 (repeatable)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -211,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="dataset: prompts, served, feedback_events, annotations, pairs, ...")
     s.add_argument("file")
     s.add_argument("--force", action="store_true", help="import again even if the file is unchanged")
+    s.add_argument("--replace", action="store_true",
+                   help="replace the dataset's rows instead of adding to them (names the version replaced)")
     s.set_defaults(func=cmd_import)
 
     ds = sub.add_parser("datasets", help="list, inspect, tag, export and clean up datasets").add_subparsers(dest="sub", required=True)
@@ -227,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = ds.add_parser("lineage", parents=[common, listing])
     s.add_argument("ref")
     s.set_defaults(func=cmd_lineage)
-    s = ds.add_parser("tag", parents=[common])
+    s = ds.add_parser("tag", parents=[common, listing])
     s.add_argument("ref")
     s.add_argument("tag")
     s.set_defaults(func=cmd_tag)
-    s = ds.add_parser("export", parents=[common])
+    s = ds.add_parser("export", parents=[common, listing])
     s.add_argument("ref")
     s.add_argument("--format", choices=["parquet", "jsonl", "hf"], default="parquet")
     s.add_argument("--output", required=True)
@@ -258,23 +273,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: its message with line breaks folded (config errors list keys)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input or setup (exit 2); anything else is a fault (exit 1)."""
+    from dpoflow.flows.config import ConfigError
+    from dpoflow.flows.workspace import WorkspaceError
+    from dpoflow.storage.schemas import DatasetNameError, SchemaError
+    from dpoflow.storage.store import StoreError
+    from dpoflow.tasks.importing import ImportError_
+    from dpoflow.tasks.training.results import TrainingError
+
+    return (StoreError, SchemaError, DatasetNameError, ConfigError, WorkspaceError, ImportError_,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TrainingError, ValueError,
+            KeyError)
+
+
+@contextlib.contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """SIGTERM / SIGHUP end the command like Ctrl-C does: through the normal exit path, so
+    what it started (Prefect's temporary server, a training process group) is stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Options are SUPPRESSed when absent, so one given before the subcommand survives it.
     args.workspace = getattr(args, "workspace", None)
     args.set = getattr(args, "set", None) or []
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from dpoflow.flows.config import ConfigError
-    from dpoflow.storage.schemas import DatasetNameError, SchemaError
-    from dpoflow.storage.store import StoreError
-    from dpoflow.tasks.importing import ImportError_
-
     try:
-        return int(args.func(args) or 0)
-    except (StoreError, SchemaError, DatasetNameError, ConfigError, ImportError_, FileNotFoundError) as exc:
-        print(f"dpoflow: error: {exc}", file=sys.stderr)
-        return 2
+        with _exit_on_signals():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dpoflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        user_error = isinstance(exc, _user_errors())
+        hint = "" if user_error else f" ({type(exc).__name__}; run with --debug for the traceback)"
+        print(f"dpoflow: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 2 if user_error else 1
 
 
 if __name__ == "__main__":

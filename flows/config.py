@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,7 +50,8 @@ class StorageConfig(Section):
 
 
 class ImportConfig(Section):
-    on_bad_rows: str = Field("quarantine", description="quarantine | fail: what to do with rows that break the contract")
+    on_bad_rows: Literal["quarantine", "fail"] = Field(
+        "quarantine", description="quarantine | fail: what to do with rows that break the contract")
 
 
 class InboxConfig(Section):
@@ -74,6 +75,9 @@ class NightlyConfig(Section):
     retry_delay_s: float = Field(30, ge=0, description="first retry delay; doubles on each retry")
     report_delay_s: float = Field(10, ge=0, description="longest a stage's report artifacts wait before they are "
                                   "posted to Prefect (short stages are posted in batches, e.g. while training runs)")
+    cron: str = Field("0 2 * * *", description="schedule of the nightly deployment (cron; `dpoflow serve` and "
+                      "`dpoflow deploy apply` read it)")
+    timezone: str = Field("UTC", description="IANA timezone of `cron`, e.g. Europe/Berlin")
 
 
 def _stage_models() -> dict[str, type[BaseModel]]:
@@ -156,8 +160,19 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        out[k.strip()] = _yaml_value(v, f"override --set {item}")
     return out
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """A value as YAML types it (0.2 -> float, [1, 2] -> list); broken YAML is a config error."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(f"{where}: not a valid value ({problem})") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | dict | None = None,
@@ -166,6 +181,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     text = ""
+    origin: dict[tuple[str, ...], str] = {}  # key path -> the override or variable that set it
     if path is not None:
         text = Path(path).read_text()
         try:
@@ -176,9 +192,13 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for k, v in env.items():
         if k.startswith("DPOFLOW__"):
-            _set_path(data, ".".join(p.lower() for p in k[len("DPOFLOW__"):].split("__")), yaml.safe_load(v))
+            key = ".".join(p.lower() for p in k[len("DPOFLOW__"):].split("__"))
+            _set_path(data, key, _yaml_value(v, f"environment variable {k}"))
+            origin[tuple(key.split("."))] = f"environment variable {k}"
     for k, v in parse_overrides(overrides).items():
         _set_path(data, k, v)
+        origin[tuple(k.replace("import.", "import_.", 1).split("."))] = f"override --set {k}"
+        origin[tuple(k.split("."))] = f"override --set {k}"
     try:
         return pipeline_model().model_validate(data)
     except ValidationError as exc:
@@ -186,10 +206,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         msgs = []
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
-            where = f"{path}:{lines[loc]}: " if loc in lines and path else ""
+            src = next((origin[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origin), None)
+            where = f"{src}: " if src else f"{path}:{lines[loc]}: " if loc in lines and path else ""
             key = ".".join(loc)
             problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msgs.append(f"{where}{key}: {problem}")
+            msgs.append(f"{src}: {problem}" if src else f"{where}{key}: {problem}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
 
 
