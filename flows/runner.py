@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dpoflow.flows.reporting import flow_run_id, publish_table, report_rows, stage_logger
+from dpoflow.flows.reporting import flow_run_id, publish_table, stage_finished, stage_logger
 from dpoflow.flows.workspace import Workspace
 from dpoflow.storage.schemas import QUARANTINE_KEY
 from dpoflow.tasks.code_version import code_version
@@ -41,6 +41,17 @@ def config_dict(config: Any) -> Any:
     if isinstance(config, BaseModel):
         return config.model_dump(mode="json")
     return config
+
+
+def report_rows(stage: str, run: StageRun, rows_in: dict[str, int], rows_out: dict[str, int]) -> list[dict]:
+    rows = [{"stage": stage, "what": f"in: {k}", "rows": v} for k, v in rows_in.items()]
+    rows += [{"stage": stage, "what": f"out: {k}", "rows": v} for k, v in rows_out.items()]
+    for reason, n in (run.report.get("dropped") or {}).items():
+        rows.append({"stage": stage, "what": f"dropped: {reason}", "rows": n})
+    for reason, n in (run.report.get("quarantined") or {}).items():
+        rows.append({"stage": stage, "what": f"quarantined: {reason}", "rows": n})
+    rows.append({"stage": stage, "what": "seconds", "rows": round(run.seconds, 3)})
+    return rows
 
 
 def run_stage(
@@ -80,6 +91,7 @@ def run_stage(
             run = StageRun(stage, found, True, key, {"skipped": True}, time.perf_counter() - t0)
             publish_table(f"{stage}-report", [{"stage": stage, "what": f"reused: {k}", "rows": v}
                                               for k, v in found.items()], f"{stage} skipped (unchanged)")
+            stage_finished(store, run, pinned, {})
             return run
     run_id = flow_run_id()
     ctx = StageContext(stage, pinned, config, logger, store=ws.store, registry=ws.registry,
@@ -113,4 +125,5 @@ def run_stage(
     logger.info("%s: %s -> %s in %.2fs %s", stage, pinned, outputs, run.seconds,
                 {k: v for k, v in result.report.items() if k in ("dropped", "quarantined")})
     publish_table(f"{stage}-report", report_rows(stage, run, rows_in, rows_out), f"{stage}: rows in / out")
+    stage_finished(store, run, pinned, rows_out)
     return run
