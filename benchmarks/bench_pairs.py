@@ -1,17 +1,24 @@
-"""Benchmark: N prompts x 4 scored candidates -> pairs (all_pairs, min margin) -> balanced and split.
+"""Benchmark: pairs + balance against the Polars and DuckDB scripts a user would write.
 
-Compares the vectorised stage code (tasks.pairs.build_pairs + tasks.balance.balance_pairs) with
-a plain pandas ``groupby().apply()`` implementation of the same steps, each in its own
-subprocess (so peak RSS is per implementation), and checks that both give identical pair
-sets and identical train / eval splits.
+Input (issue 16): N prompts x 4 scored candidates, English / Chinese texts of varied length
+(Zipf words and characters, punctuation, paragraph breaks, full-width forms, ~400 bytes per
+answer), written once to Parquet and read by every implementation. Steps:
 
-    python benchmarks/bench_pairs.py              # 250,000 prompts (the reported run)
-    python benchmarks/bench_pairs.py --prompts 5000 --quick-check
+1. all within-prompt pairs with margin >= 1.0 (ties dropped);
+2. drop pairs whose chosen and rejected texts are equal;
+3. drop exact (prompt, chosen, rejected) duplicates;
+4. keep the 3 largest margins per prompt.
 
-Steps compared: pair generation (metrics source, safe beats unsafe, ties and min margin
-dropped, stable pair ids), then empty / identical drops, exact de-duplication, the
-chosen-longer band by hash subsampling, and the prompt-grouped split. Near-duplicate
-clustering has no pandas twin here; its own time is measured separately (``--near-dup``).
+dpoflow runs `build_pairs` (all_pairs, min_margin 1.0, metrics source) + `balance_pairs`
+(near-dup off, length band off, cap 3, no split), once with its own rules (NFKC + whitespace
+identity, hash tie breaks) and once with the peers' rules (`identity: raw`,
+`tie_break: lowest_id`), where its pair set must equal theirs. Every implementation runs in
+its own process, rounds alternate the order; each reports wall, CPU seconds (all threads) and
+peak RSS of the work (reading the input included, interpreter start and imports not).
+
+    python benchmarks/bench_pairs.py                       # 250,000 prompts, 2 rounds
+    python benchmarks/bench_pairs.py --prompts 750000 --rounds 1
+    python benchmarks/bench_pairs.py --quick               # 5,000 prompts, also the pandas apply footnote
 """
 
 from __future__ import annotations
@@ -34,212 +41,292 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 K = 4
-MIN_MARGIN = 0.05
-EVAL_FRACTION = 0.05
-EN = ["the", "a", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "please", "explain", "binary", "search", "python", "list", "tuple", "sort", "data", "model"]
-ZH = list("今天天气很好我们去公园散步吧请用简单的话解释二分查找是如何工作的机器学习模型从数据中规律")
+MIN_MARGIN = 1.0
+CAP = 3
+IMPLS = ("dpoflow", "dpoflow-peer-rules", "polars", "duckdb")
 
 
-def make_data(n_prompts: int, seed: int = 0) -> tuple[pa.Table, pa.Table]:
-    """Candidates and scores (auto_score with ties, ~1% unsafe), English and Chinese."""
+# --- input ---------------------------------------------------------------------------------
+
+def _vocab_en(rng: np.random.Generator, n: int = 3000) -> list[str]:
+    syl = ["ta", "re", "in", "on", "er", "an", "st", "al", "ex", "pro", "com", "de", "ma", "ti", "ve", "lo", "ca",
+           "se", "ar", "po", "li", "ne", "ge", "ra", "mo", "di", "co", "ple", "tion", "ment", "ing", "ed", "ly"]
+    words = ["the", "a", "to", "of", "and", "is", "in", "it", "you", "that", "for", "with", "as", "this", "on",
+             "be", "can", "are", "or", "by", "Python", "data", "model", "list", "function", "value", "example"]
+    while len(words) < n:
+        words.append("".join(rng.choice(syl, rng.integers(1, 4))))
+    return words
+
+
+def _texts(rng: np.random.Generator, lens: np.ndarray, zh: np.ndarray) -> pa.Array:
+    """`len(lens)` texts of lens[i] tokens: English words with punctuation and paragraph breaks, or
+    Chinese characters with full-width punctuation, a few full-width digits and English words.
+    Built as one byte buffer (token table gather), so millions of texts take seconds."""
+    en = _vocab_en(np.random.default_rng(1))
+    zh_chars = [chr(c) for c in np.random.default_rng(2).choice(np.arange(0x4E00, 0x9FA5), 3000, replace=False)]
+    en_tok = [w + s for w in en for s in (" ", ", ", ". ", ".\n\n")]
+    zh_tok = zh_chars + ["，", "。", "？", "\n", " Python ", "２０２４", "、"]
+    table = [t.encode() for t in en_tok + zh_tok]
+    tlen = np.array([len(t) for t in table], np.int64)
+    tcut = np.array([len(t) - len(t.rstrip()) for t in table], np.int64)  # separators cut at a text's end
+    zipf_en = np.repeat(1.0 / np.arange(1, len(en) + 1) ** 1.05, 4) * np.tile([0.86, 0.07, 0.06, 0.01], len(en))
+    zipf_zh = 1.0 / np.arange(1, len(zh_chars) + 1) ** 0.9
+    p_zh = np.concatenate([zipf_zh / zipf_zh.sum() * 0.87, [0.06, 0.035, 0.004, 0.005, 0.003, 0.003, 0.02]])
+    flat = np.frombuffer(b"".join(table), np.uint8)
+    tstart = np.concatenate([[0], np.cumsum(tlen)[:-1]])
+    offsets, chunks, pos = [np.zeros(1, np.int64)], [], 0
+    for lo in range(0, len(lens), 200_000):  # bounded temporaries
+        ln, z = lens[lo:lo + 200_000], zh[lo:lo + 200_000]
+        owner_zh = np.repeat(z, ln)
+        ids = np.where(owner_zh, len(en_tok) + rng.choice(len(zh_tok), len(owner_zh), p=p_zh),
+                       rng.choice(len(en_tok), len(owner_zh), p=zipf_en / zipf_en.sum()))
+        size = tlen[ids]
+        last = np.cumsum(ln) - 1
+        size[last] -= tcut[ids[last]]
+        ends = np.cumsum(size)
+        rel = np.arange(int(ends[-1])) - np.repeat(ends - size, size)
+        chunks.append(flat[np.repeat(tstart[ids], size) + rel])
+        offsets.append(pos + ends[last])
+        pos += int(ends[-1])
+    off = np.concatenate(offsets)
+    return pa.LargeStringArray.from_buffers(len(lens), pa.py_buffer(off), pa.py_buffer(np.concatenate(chunks))
+                                            ).cast(pa.string())
+
+
+def make_inputs(n_prompts: int, folder: Path, seed: int = 0) -> None:
+    """candidates.parquet and scores.parquet, with the near-identities real data has: ~2% of answers
+    copy a sibling (identical pair), ~0.5% copy it with other whitespace or full-width forms
+    (identical only after normalisation), ~0.5% of prompts repeat an earlier prompt with its answers
+    (duplicate pairs across prompt ids). Judge scores have one decimal (ties and equal margins)."""
     rng = np.random.default_rng(seed)
     n = n_prompts * K
-    en_words = np.array(EN, dtype=object)
-    zh_chars = np.array(ZH, dtype=object)
-    pid = np.array([f"p{i:07d}" for i in range(n_prompts)], dtype=object)
-    is_zh = rng.random(n_prompts) < 0.4
-    ptxt = np.where(is_zh, ["".join(rng.choice(zh_chars, 10)) for _ in range(n_prompts)],
-                    [" ".join(rng.choice(en_words, 8)) for _ in range(n_prompts)])
-    ptxt = np.array([f"{t} {i}" for i, t in enumerate(ptxt)], dtype=object)
-    lens = rng.integers(0, 25, n)
-    cz = np.repeat(is_zh, K)
-    resp = np.array([("".join(rng.choice(zh_chars, m)) if z else " ".join(rng.choice(en_words, m)))
-                     for m, z in zip(lens, cz, strict=True)], dtype=object)
-    cid = np.array([f"{p}-c{k}" for p in pid for k in range(K)], dtype=object)
-    cand = pa.table({"candidate_id": cid, "prompt_id": np.repeat(pid, K), "prompt": np.repeat(ptxt, K),
-                     "response": resp, "origin": ["sampled"] * n, "model_version": ["m1"] * n,
-                     "dup_count": pa.array(np.ones(n, np.int32))})
-    score = np.round(rng.random(n), 2)
-    unsafe = rng.random(n) < 0.01
+    zh_p = rng.random(n_prompts) < 0.4
+    prompts = _texts(rng, np.where(zh_p, rng.integers(10, 60, n_prompts), rng.integers(8, 40, n_prompts)), zh_p)
+    zh = np.repeat(zh_p, K)
+    resp = _texts(rng, np.maximum(1, rng.lognormal(np.where(zh, 4.7, 4.1), 0.7, n)).astype(np.int64), zh)
+    resp_l = resp.to_pylist()
+    copy_prompt = np.flatnonzero(rng.random(n_prompts) < 0.005)
+    copy_prompt = copy_prompt[copy_prompt > 0]
+    src_prompt = np.arange(n_prompts)
+    src_prompt[copy_prompt] = copy_prompt - 1
+    for c in np.flatnonzero(rng.random(n) < 0.025):
+        if c % K:
+            sib = resp_l[c - 1]
+            resp_l[c] = sib if rng.random() < 0.8 else (sib.replace(" ", "  ", 1) + "\n" if rng.random() < 0.5
+                                                        else sib.replace("2", "２").replace(",", "，") + " ")
+    for p in copy_prompt:
+        resp_l[p * K:(p + 1) * K] = resp_l[(p - 1) * K:p * K]
+    resp_l = [r if r.strip() else "OK." for r in resp_l]  # no empty answers: the peers keep those
+    pid = np.char.add("p", np.char.zfill(np.arange(n_prompts).astype(str), 8))
+    cid = np.char.add(np.repeat(pid, K), np.tile(["-c0", "-c1", "-c2", "-c3"], n_prompts))
+    cand = pa.table({"candidate_id": pa.array(cid), "prompt_id": pa.array(np.repeat(pid, K)),
+                     "prompt": prompts.take(pa.array(np.repeat(src_prompt, K))),
+                     "response": pa.array(resp_l, pa.string()), "origin": pa.array(["sampled"] * n),
+                     "model_version": pa.array(["m1"] * n), "dup_count": pa.array(np.ones(n, np.int32))})
+    score = np.clip(np.round(rng.normal(5.5, 2.2, n), 1), 0.0, 10.0)
     f = pa.array(np.zeros(n, bool))
-    sc = pa.table({"candidate_id": cid, "prompt_id": np.repeat(pid, K), "auto_score": score,
-                   "reward": pa.nulls(n, pa.float64()), "flag_safety": unsafe, "flag_pii": f,
-                   "flag_repetition": f, "flag_length": f, "flag_refusal": f, "flag_language": f, "flag_empty": f,
+    sc = pa.table({"candidate_id": pa.array(cid), "prompt_id": pa.array(np.repeat(pid, K)), "auto_score": score,
+                   "reward": pa.nulls(n, pa.float64()), "flag_safety": f, "flag_pii": f, "flag_repetition": f,
+                   "flag_length": f, "flag_refusal": f, "flag_language": f, "flag_empty": f,
                    "flag_reasons": pa.array([[]] * n, pa.list_(pa.string()))})
-    return cand, sc
+    folder.mkdir(parents=True, exist_ok=True)
+    order = rng.permutation(n)  # rows as a store would hold them: not grouped by prompt
+    pq.write_table(cand.take(pa.array(order)), folder / "candidates.parquet", row_group_size=128 * 1024)
+    pq.write_table(sc.take(pa.array(rng.permutation(n))), folder / "scores.parquet", row_group_size=128 * 1024)
 
 
-def run_vectorised(cand: pa.Table, sc: pa.Table, near_dup: bool) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
+# --- implementations -----------------------------------------------------------------------
+
+def run_dpoflow(folder: Path, peer_rules: bool) -> tuple[pa.Table, dict]:
     from dpoflow.tasks.balance import BalanceConfig, balance_pairs
     from dpoflow.tasks.pairs import PairsConfig, build_pairs
 
-    t0 = time.perf_counter()
-    pairs, _, rep = build_pairs(cand, PairsConfig(strategy="all_pairs", min_margin=MIN_MARGIN), scores=sc)
-    t1 = time.perf_counter()
-    cfg = BalanceConfig(near_dup=near_dup, eval_fraction=EVAL_FRACTION, plots=False)
-    train, evals, brep, _ = balance_pairs(pairs, cfg)
-    t2 = time.perf_counter()
-    return pairs, train, evals, {"pairs_s": t1 - t0, "balance_s": t2 - t1, "report": brep}
+    cand = pq.read_table(folder / "candidates.parquet", columns=["candidate_id", "prompt_id", "prompt", "response"])
+    sc = pq.read_table(folder / "scores.parquet")
+    rules = {"identity": "raw", "tie_break": "lowest_id"} if peer_rules else {}
+    pairs, _, prep = build_pairs(cand, PairsConfig(strategy="all_pairs", min_margin=MIN_MARGIN), scores=sc)
+    del cand
+    cfg = BalanceConfig(near_dup=False, length_control=False, max_pairs_per_prompt=CAP, eval_fraction=0.0,
+                        plots=False, **rules)
+    train, _, brep, _ = balance_pairs(pairs, cfg)
+    return train, {"all_pairs": prep["kept"], "dropped": brep["dropped"]}
 
 
-def run_pandas(cand: pa.Table, sc: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
-    """The same steps written the plain pandas way: groupby().apply() and per-row helpers."""
-    import hashlib
-    import re
-    import unicodedata
+def run_polars(folder: Path) -> tuple[pa.Table, dict]:
+    """The Polars script (lazy): self-join per prompt, filter, orient, dedup, top 3 per prompt."""
+    import polars as pl
 
+    cand = pl.scan_parquet(folder / "candidates.parquet").select("candidate_id", "prompt_id", "prompt", "response")
+    scores = pl.scan_parquet(folder / "scores.parquet").select("candidate_id", "auto_score")
+    c = cand.join(scores, on="candidate_id")
+    a = c.select("prompt_id", "prompt", a_id="candidate_id", a_text="response", a_score="auto_score")
+    b = c.select("prompt_id", b_id="candidate_id", b_text="response", b_score="auto_score")
+    d = pl.col("a_score") - pl.col("b_score")
+    a_wins = d > 0
+    pairs = (
+        a.join(b, on="prompt_id")
+        .filter(pl.col("a_id") < pl.col("b_id"), d.abs() >= MIN_MARGIN)
+        .select(
+            "prompt_id", "prompt",
+            chosen_id=pl.when(a_wins).then("a_id").otherwise("b_id"),
+            rejected_id=pl.when(a_wins).then("b_id").otherwise("a_id"),
+            chosen=pl.when(a_wins).then("a_text").otherwise("b_text"),
+            rejected=pl.when(a_wins).then("b_text").otherwise("a_text"),
+            margin=d.abs(),
+        )
+    )
+    out = (
+        pairs.filter(pl.col("chosen") != pl.col("rejected"))
+        .sort("prompt_id", "chosen_id", "rejected_id")
+        .unique(subset=["prompt", "chosen", "rejected"], keep="first", maintain_order=True)
+        .sort(["prompt_id", "margin", "chosen_id", "rejected_id"], descending=[False, True, False, False])
+        .group_by("prompt_id", maintain_order=True)
+        .head(CAP)
+        .collect()
+    )
+    return out.to_arrow(), {}
+
+
+DUCKDB_SQL = f"""
+WITH c AS (
+  SELECT c.candidate_id, c.prompt_id, c.prompt, c.response, s.auto_score
+  FROM read_parquet($cand) c JOIN read_parquet($scores) s USING (candidate_id)),
+p AS (
+  SELECT a.prompt_id, a.prompt,
+         CASE WHEN a.auto_score > b.auto_score THEN a.candidate_id ELSE b.candidate_id END AS chosen_id,
+         CASE WHEN a.auto_score > b.auto_score THEN b.candidate_id ELSE a.candidate_id END AS rejected_id,
+         CASE WHEN a.auto_score > b.auto_score THEN a.response ELSE b.response END AS chosen,
+         CASE WHEN a.auto_score > b.auto_score THEN b.response ELSE a.response END AS rejected,
+         abs(a.auto_score - b.auto_score) AS margin
+  FROM c a JOIN c b ON a.prompt_id = b.prompt_id AND a.candidate_id < b.candidate_id
+  WHERE abs(a.auto_score - b.auto_score) >= {MIN_MARGIN}),
+d AS (
+  SELECT * FROM p WHERE chosen <> rejected
+  QUALIFY row_number() OVER (PARTITION BY prompt, chosen, rejected
+                             ORDER BY prompt_id, chosen_id, rejected_id) = 1)
+SELECT * FROM d
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY margin DESC, chosen_id, rejected_id) <= {CAP}
+"""
+
+
+def run_duckdb(folder: Path) -> tuple[pa.Table, dict]:
+    """The DuckDB script: the same steps in SQL, two QUALIFY windows."""
+    import duckdb
+
+    con = duckdb.connect()
+    rel = con.sql(DUCKDB_SQL, params={"cand": str(folder / "candidates.parquet"),
+                                      "scores": str(folder / "scores.parquet")})
+    return rel.to_arrow_table(), {}
+
+
+def run_pandas_apply(folder: Path) -> tuple[pa.Table, dict]:
+    """The slowest way (footnote only): groupby().apply() with per-row Python."""
     import pandas as pd
 
-    from dpoflow.tasks.text import unit_interval
+    df = pq.read_table(folder / "candidates.parquet", columns=["candidate_id", "prompt_id", "prompt", "response"]
+                       ).to_pandas().merge(pq.read_table(folder / "scores.parquet", columns=[
+                           "candidate_id", "auto_score"]).to_pandas(), on="candidate_id")
 
-    t0 = time.perf_counter()
-    df = cand.to_pandas().merge(sc.select(["candidate_id", "auto_score", "flag_safety", "flag_pii"]).to_pandas(),
-                                on="candidate_id", how="left")
-    df["unsafe"] = df["flag_safety"].fillna(False) | df["flag_pii"].fillna(False)
-
-    def pair_id(p: str, c: str, r: str) -> str:
-        return hashlib.blake2b("\x1f".join((p, c, r)).encode(), digest_size=16).hexdigest()[:16]
-
-    def make_pairs(g: pd.DataFrame) -> pd.DataFrame:
-        g = g.sort_values("candidate_id")
-        prompt_id = g["prompt_id"].iloc[0]
+    def make(g: pd.DataFrame) -> pd.DataFrame:
+        recs = g.sort_values("candidate_id").to_dict("records")
         rows = []
-        recs = g.to_dict("records")
         for i in range(len(recs)):
             for j in range(i + 1, len(recs)):
-                a, b = recs[i], recs[j]
-                if a["unsafe"] != b["unsafe"]:
-                    ch, rj = (b, a) if a["unsafe"] else (a, b)
-                    cs, rs, m, src = 1.0, 0.0, 1.0, "metrics"
-                else:
-                    d = a["auto_score"] - b["auto_score"]
-                    if abs(d) <= 1e-9:
-                        continue  # tie
-                    ch, rj = (a, b) if d > 0 else (b, a)
-                    if ch["unsafe"]:
-                        continue
-                    cs, rs, m, src = ch["auto_score"], rj["auto_score"], abs(d), "metrics"
-                if m < MIN_MARGIN:
+                x, y = recs[i], recs[j]
+                if abs(x["auto_score"] - y["auto_score"]) < MIN_MARGIN:
                     continue
-                rows.append({"pair_id": pair_id(prompt_id, ch["candidate_id"], rj["candidate_id"]),
-                             "prompt_id": prompt_id, "prompt": ch["prompt"], "chosen": ch["response"],
-                             "rejected": rj["response"], "chosen_id": ch["candidate_id"],
-                             "rejected_id": rj["candidate_id"], "chosen_score": cs, "rejected_score": rs,
-                             "margin": m, "source": src, "strategy": "all_pairs"})
+                ch, rj = (x, y) if x["auto_score"] > y["auto_score"] else (y, x)
+                if ch["response"] != rj["response"]:
+                    rows.append({"prompt_id": ch["prompt_id"], "prompt": ch["prompt"], "chosen": ch["response"],
+                                 "rejected": rj["response"], "chosen_id": ch["candidate_id"],
+                                 "rejected_id": rj["candidate_id"], "margin": abs(x["auto_score"] - y["auto_score"])})
         return pd.DataFrame(rows)
 
-    df["group"] = df["prompt_id"]  # pandas 3 leaves the grouping column out of each group
-    pairs = df.groupby("group", sort=True).apply(make_pairs).reset_index(drop=True)
-    t1 = time.perf_counter()
-
-    def norm(s: str) -> str:
-        return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", s or "")).strip()
-
-    cjk = re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF]")
-    word = re.compile(r"[^\W_]+")
-
-    def ulen(s: str) -> int:
-        s = unicodedata.normalize("NFKC", s or "")
-        return len(cjk.findall(s)) + len(word.findall(cjk.sub(" ", s)))
-
-    p = pairs
-    p["nc"], p["nr"], p["np"] = p["chosen"].map(norm), p["rejected"].map(norm), p["prompt"].map(norm)
-    p = p[(p["nc"] != "") & (p["nr"] != "")]
-    p = p[p["nc"] != p["nr"]]
-    p = p.sort_values("pair_id").drop_duplicates(["np", "nc", "nr"], keep="first")
-    p = p.sort_values(["prompt_id", "chosen_id", "rejected_id"]).reset_index(drop=True)
-    longer = p["chosen"].map(ulen) > p["rejected"].map(ulen)
-    share = longer.mean()
-    lo, hi = 0.45, 0.55
-    n = len(p)
-    u = pd.Series(unit_interval(pa.array(p["pair_id"].tolist()), salt="length:0:"), index=p.index)
-    drop = pd.Series(False, index=p.index)
-    nl, nn = int(longer.sum()), int((~longer).sum())
-    n_drop, pool = 0, None
-    if share > hi:
-        n_drop, pool = nl - int(np.floor(hi * nn / (1 - hi))), longer
-    elif share < lo:
-        n_drop, pool = nn - int(np.floor(nl * (1 - lo) / lo)), ~longer
-    n_drop = min(max(n_drop, 0), int(np.floor(0.5 * n)))
-    if pool is not None and n_drop:
-        drop[u[pool].sort_values(kind="stable").index[:n_drop]] = True
-    p = p[~drop]
-    side = p.groupby("prompt_id")["prompt_id"].apply(
-        lambda s: unit_interval(pa.array([s.name]), salt="dpoflow-split-v1:")[0] < EVAL_FRACTION)
-    is_eval = p["prompt_id"].map(side)
-    cols = ["pair_id", "prompt_id", "chosen_id", "rejected_id"]
-    train, evals = p[~is_eval][cols], p[is_eval][cols]
-    t2 = time.perf_counter()
-    return (pa.Table.from_pandas(pairs[cols], preserve_index=False), pa.Table.from_pandas(train, preserve_index=False),
-            pa.Table.from_pandas(evals, preserve_index=False), {"pairs_s": t1 - t0, "balance_s": t2 - t1})
+    df["g"] = df["prompt_id"]
+    p = df.groupby("g").apply(make).reset_index(drop=True)
+    p = p.sort_values(["prompt_id", "chosen_id", "rejected_id"]).drop_duplicates(["prompt", "chosen", "rejected"])
+    p = p.sort_values(["prompt_id", "margin", "chosen_id", "rejected_id"], ascending=[True, False, True, True])
+    return pa.Table.from_pandas(p.groupby("prompt_id").head(CAP), preserve_index=False), {}
 
 
-def child(impl: str, n_prompts: int, out: str, near_dup: bool) -> None:
-    cand, sc = make_data(n_prompts)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if impl == "vectorised":
-        pairs, train, evals, info = run_vectorised(cand, sc, near_dup)
-        info.pop("report")
-    else:
-        pairs, train, evals, info = run_pandas(cand, sc)
-    cols = ["pair_id", "prompt_id", "chosen_id", "rejected_id"]
-    for name, t in (("pairs", pairs), ("train", train), ("evals", evals)):
-        pq.write_table(t.select(cols), f"{out}/{impl}-{name}.parquet")
-    info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info["data_rss_mib"] = base_rss / 1024
-    info["pairs"], info["train"], info["eval"] = pairs.num_rows, train.num_rows, evals.num_rows
-    Path(f"{out}/{impl}.json").write_text(json.dumps(info))
+# --- harness -------------------------------------------------------------------------------
+
+def child(impl: str, folder: Path, out: Path) -> None:
+    runner = {"dpoflow": lambda: run_dpoflow(folder, False), "dpoflow-peer-rules": lambda: run_dpoflow(folder, True),
+              "polars": lambda: run_polars(folder), "duckdb": lambda: run_duckdb(folder),
+              "pandas-apply": lambda: run_pandas_apply(folder)}[impl]
+    if impl.startswith("dpoflow"):
+        import dpoflow.tasks.balance  # noqa: F401  imports are not part of the work
+        import dpoflow.tasks.pairs  # noqa: F401
+    elif impl == "polars":
+        import polars  # noqa: F401
+    elif impl == "duckdb":
+        import duckdb  # noqa: F401
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    table, info = runner()
+    r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    info.update({"wall_s": w1 - w0, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+                 "peak_rss_mib": r1.ru_maxrss / 1024, "rows": table.num_rows})
+    pq.write_table(table.select(["prompt_id", "chosen_id", "rejected_id", "margin"]), out / f"{impl}.parquet")
+    (out / f"{impl}.json").write_text(json.dumps(info))
 
 
-def keyset(path: str) -> set[tuple[str, str, str, str]]:
+def keyset(path: Path) -> set[tuple[str, str, str]]:
     t = pq.read_table(path)
-    return set(zip(*(t.column(c).to_pylist() for c in ("pair_id", "prompt_id", "chosen_id", "rejected_id")),
-                   strict=True))
+    return set(zip(*(t.column(c).to_pylist() for c in ("prompt_id", "chosen_id", "rejected_id")), strict=True))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=250_000)
-    ap.add_argument("--quick", action="store_true", help="5,000 prompts")
-    ap.add_argument("--near-dup", action="store_true", help="also time near-duplicate clustering (vectorised only)")
-    ap.add_argument("--child", choices=["vectorised", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="5,000 prompts, and the pandas apply footnote")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each runs every implementation once")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS) + ", pandas-apply")
+    ap.add_argument("--data-dir", default=None, help="where the input Parquet files are cached")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = 5_000 if args.quick else args.prompts
+    folder = Path(args.data_dir or Path(tempfile.gettempdir()) / "dpoflow-bench-pairs") / f"{n}"
     if args.child:
-        child(args.child, n, args.out, args.near_dup)
+        child(args.child, folder, Path(args.out))
         return
-    res = {}
+    if not (folder / "scores.parquet").exists():
+        t0 = time.perf_counter()
+        make_inputs(n, folder)
+        print(f"input written to {folder} in {time.perf_counter() - t0:.0f} s")
+    impls = args.impls.split(",") + (["pandas-apply"] if args.quick and "pandas-apply" not in args.impls else [])
+    runs: dict[str, list[dict]] = {i: [] for i in impls}
     with tempfile.TemporaryDirectory() as tmp:
-        for impl in ("vectorised", "pandas"):
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--child", impl, "--prompts", str(n), "--out", tmp],
-                           check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-            res[impl] = json.loads(Path(f"{tmp}/{impl}.json").read_text())
-            res[impl]["wall_s"] = time.perf_counter() - t0
-        same = {name: keyset(f"{tmp}/vectorised-{name}.parquet") == keyset(f"{tmp}/pandas-{name}.parquet")
-                for name in ("pairs", "train", "evals")}
-        nd = None
-        if args.near_dup:
-            subprocess.run([sys.executable, __file__, "--child", "vectorised", "--prompts", str(n), "--out", tmp,
-                            "--near-dup"], check=True)
-            nd = json.loads(Path(f"{tmp}/vectorised.json").read_text())
-    v, p = res["vectorised"], res["pandas"]
-    print(f"{n:,} prompts x {K} candidates -> {v['pairs']:,} pairs -> {v['train']:,} train / {v['eval']:,} eval")
-    print(f"identical pair sets: pairs={same['pairs']} train={same['train']} eval={same['evals']}")
-    print("| implementation | pairs (s) | balance+split (s) | total (s) | peak RSS (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, r in (("vectorised (pyarrow/numpy)", v), ("pandas groupby().apply()", p)):
-        print(f"| {name} | {r['pairs_s']:.2f} | {r['balance_s']:.2f} | {r['pairs_s'] + r['balance_s']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} |")
-    sp = (p["pairs_s"] + p["balance_s"]) / (v["pairs_s"] + v["balance_s"])
-    print(f"speed-up: {sp:.1f}x (pairs step {p['pairs_s'] / v['pairs_s']:.1f}x, "
-          f"balance step {p['balance_s'] / v['balance_s']:.1f}x)")
-    if nd:
-        print(f"with near-duplicate clustering (MinHash 64 perms, 16 bands): balance+split {nd['balance_s']:.2f}s, "
-              f"peak RSS {nd['peak_rss_mib']:.0f} MiB")
-    if not all(same.values()):
-        sys.exit("pair sets differ")
+        for r in range(args.rounds):
+            for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order
+                subprocess.run([sys.executable, __file__, "--child", impl, "--prompts", str(n), "--out", tmp,
+                                "--data-dir", str(folder.parent)], check=True)
+                runs[impl].append(json.loads(Path(f"{tmp}/{impl}.json").read_text()))
+                print(f"round {r + 1} {impl}: {runs[impl][-1]['cpu_s']:.2f} CPU s, load {os.getloadavg()[0]:.1f}",
+                      flush=True)
+        sets = {i: keyset(Path(f"{tmp}/{i}.parquet")) for i in impls}
+    rows = pq.read_metadata(folder / "candidates.parquet").num_rows
+    print(f"\n{n:,} prompts x {K} candidates ({rows:,} rows); load average {os.getloadavg()}")
+    base = "polars" if "polars" in runs else impls[0]
+    base_cpu = min(x["cpu_s"] for x in runs[base])
+    print("| implementation | wall s | CPU s | peak RSS GB | CPU / Polars | pairs kept |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for impl in impls:
+        rs = runs[impl]
+        w = [x["wall_s"] for x in rs]
+        c = [x["cpu_s"] for x in rs]
+        m = [x["peak_rss_mib"] / 1024 for x in rs]
+        print(f"| {impl} | {min(w):.1f}-{max(w):.1f} | {min(c):.2f}-{max(c):.2f} | {min(m):.2f}-{max(m):.2f} | "
+              f"{min(c) / base_cpu:.2f}x | {rs[-1]['rows']:,} |")
+    for impl in impls:
+        if impl.startswith("dpoflow"):
+            print(f"{impl}: all pairs {runs[impl][-1]['all_pairs']:,}; dropped {runs[impl][-1]['dropped']}")
+    for impl in impls:
+        if impl != base:
+            only_a, only_b = sets[impl] - sets[base], sets[base] - sets[impl]
+            print(f"{impl} vs {base}: same pair set = {not only_a and not only_b} "
+                  f"({len(only_a)} only in {impl}, {len(only_b)} only in {base})")
 
 
 if __name__ == "__main__":

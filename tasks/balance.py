@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.flows.config import Section
 from dpoflow.storage.schemas import DPO_SPLIT, PAIRS, conform
-from dpoflow.tasks.text import normalize, stable_hash64, unit_interval, unit_length, units
+from dpoflow.tasks import text_codes
+from dpoflow.tasks.contract import Section, StageContext, StageResult
+from dpoflow.tasks.text import stable_hash64, unit_interval, units
+from dpoflow.tasks.text_codes import hash_strings
 
 MIX_DIMENSIONS = ("source", "category", "language")
 
@@ -63,6 +66,14 @@ class BalanceConfig(Section):
     split_salt: str = Field("dpoflow-split-v1", description="salt of the split hash (change it to draw a new split)")
     seed: int = Field(0, description="seed of the deterministic subsampling hashes")
     plots: bool = Field(True, description="write PNG plots of the funnel and distributions")
+    identity: Literal["normalized", "raw"] = Field(
+        "normalized", description="when two texts are the same for the identical and duplicate checks: "
+        "normalized = after NFKC + whitespace normalisation; raw = byte for byte (as a plain SQL / Polars "
+        "script compares them)")
+    tie_break: Literal["hash", "lowest_id"] = Field(
+        "hash", description="which pair wins a tie: hash = the smallest pair id among duplicates and a seeded "
+        "hash of the pair id among equal margins in the caps; lowest_id = the smallest (prompt_id, chosen_id, "
+        "rejected_id)")
 
     @field_validator("mix")
     @classmethod
@@ -183,6 +194,9 @@ def cluster_prompts(texts: pa.Array | pa.ChunkedArray, cfg: BalanceConfig) -> np
 
 
 # --- the balance core ------------------------------------------------------------------------
+#
+# The funnel moves row numbers of the input table and per-row numbers (text hashes, lengths,
+# margins); each step returns its count. The texts are gathered once, for the kept rows.
 
 def _rank_within(keys_group: np.ndarray, order_keys: list[np.ndarray]) -> np.ndarray:
     """0-based rank of each row within its group, rows ordered by `order_keys` (last = primary)."""
@@ -203,31 +217,299 @@ def _dense(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _codes(*cols: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Array]:
-    """Codes of the concatenated columns' texts: (raw code per row, normalised code per raw
-    code, raw codes whose text is empty after normalisation). Normalisation runs once per
-    distinct text. Also returns the distinct raw texts."""
-    chunks = [c for col in cols for c in col.chunks]
-    allc = pa.chunked_array(chunks, type=pa.string()) if chunks else pa.chunked_array([], pa.string())
-    enc = pc.dictionary_encode(pc.fill_null(allc, "")).combine_chunks()
-    raw = np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)
-    uniq = enc.dictionary
-    normed = normalize(uniq)
-    norm = np.asarray(pc.dictionary_encode(normed).indices.to_numpy(zero_copy_only=False), np.int64)
-    empty = np.flatnonzero(np.asarray(pc.equal(normed, "").to_numpy(zero_copy_only=False), bool)) \
-        if len(uniq) else np.zeros(0, np.int64)
-    return raw, norm, empty, uniq
+@dataclass
+class _Texts:
+    """Per input row: identity hashes of prompt / chosen / rejected, empty sides, unit lengths."""
+
+    hp: np.ndarray
+    hc: np.ndarray
+    hr: np.ndarray
+    empty: np.ndarray
+    lc: np.ndarray
+    lr: np.ndarray
 
 
-def _stats(t: pa.Table, lc: np.ndarray, lr: np.ndarray) -> dict[str, Any]:
-    """Distribution summary for the report (before / after)."""
+def _distinct(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The distinct texts of a column (one representative row each) and each row's index into them.
+
+    Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
+    texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
+    arr = pc.fill_null(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col, "")
+    _, first, inv = np.unique(hash_strings(arr), return_index=True, return_inverse=True)
+    return arr.take(pa.array(first)), inv.ravel()
+
+
+def _profile_texts(t: pa.Table, cfg: BalanceConfig) -> _Texts:
+    """Profile each distinct text once (responses repeat across pairs): identity hash (normalised
+    or raw), emptiness after normalisation and CJK-aware unit length."""
     n = t.num_rows
-    margin = np.asarray(pc.fill_null(t.column("margin"), np.nan).to_numpy(), dtype=float) if n else np.zeros(0)
+    resp = pa.chunked_array(t.column("chosen").chunks + t.column("rejected").chunks, pa.string())
+    uniq, inv = _distinct(resp)
+    prof = text_codes.profile(uniq)
+    puniq, pinv = _distinct(t.column("prompt"))
+    if cfg.identity == "raw":
+        rh, ph = hash_strings(uniq)[inv], hash_strings(puniq)[pinv]
+    else:
+        rh, ph = prof.norm_hash[inv], text_codes.profile(puniq).norm_hash[pinv]
+    emp = prof.empty[inv]
+    units = prof.units[inv]
+    return _Texts(ph, rh[:n], rh[n:], emp[:n] | emp[n:], units[:n], units[n:])
+
+
+def _same_texts(t: pa.Table, rows_a: np.ndarray, rows_b: np.ndarray, cols: tuple[tuple[str, str], ...],
+                cfg: BalanceConfig) -> np.ndarray:
+    """Whether row a's text equals row b's in every (column of a, column of b), by the identity rule."""
+    same = np.ones(len(rows_a), bool)
+    if not len(rows_a):
+        return same
+    for ca, cb in cols:
+        xa = pc.fill_null(t.column(ca).take(pa.array(rows_a)), "")
+        xb = pc.fill_null(t.column(cb).take(pa.array(rows_b)), "")
+        if cfg.identity != "raw":
+            xa, xb = text_codes.normalized(xa), text_codes.normalized(xb)
+        same &= np.asarray(pc.equal(xa, xb).to_numpy(zero_copy_only=False), bool)
+    return same
+
+
+@dataclass
+class _Rows:
+    """The pairs still in the funnel: input row numbers and per-row arrays aligned with them."""
+
+    idx: np.ndarray
+    lc: np.ndarray
+    lr: np.ndarray
+
+    def keep(self, mask: np.ndarray) -> _Rows:
+        return _Rows(self.idx[mask], self.lc[mask], self.lr[mask])
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """One funnel step's count: rows in, rows dropped (under `reason`)."""
+
+    step: str
+    reason: str
+    n_in: int
+    dropped: int
+
+    def row(self) -> dict[str, Any]:
+        return {"step": self.step, "in": self.n_in, "dropped": self.dropped, "out": self.n_in - self.dropped}
+
+
+def _drop(rows: _Rows, step: str, mask_drop: np.ndarray, reason: str | None = None) -> tuple[_Rows, StepCount]:
+    count = StepCount(step, reason or step, len(rows.idx), int(mask_drop.sum()))
+    return (rows.keep(~mask_drop) if count.dropped else rows), count
+
+
+def _step_empty(rows: _Rows, tx: _Texts) -> tuple[_Rows, StepCount]:
+    """A side that is empty after normalisation."""
+    return _drop(rows, "empty", tx.empty[rows.idx])
+
+
+def _step_identical(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) -> tuple[_Rows, StepCount]:
+    """Both sides the same text (normalised, or raw with identity: raw); equal hashes confirmed."""
+    cand = np.flatnonzero(tx.hc[rows.idx] == tx.hr[rows.idx])
+    mask = np.zeros(len(rows.idx), bool)
+    r = rows.idx[cand]
+    mask[cand[_same_texts(t, r, r, (("chosen", "rejected"),), cfg)]] = True
+    return _drop(rows, "identical", mask)
+
+
+def _id_order(t: pa.Table, rows: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
+    """Tie-break rank of the given rows: smallest pair id first, or (lowest_id) smallest
+    (prompt_id, chosen_id, rejected_id) first."""
+    keys = ["pair_id"] if cfg.tie_break == "hash" else ["prompt_id", "chosen_id", "rejected_id"]
+    sub = t.select(keys).take(pa.array(rows))
+    rank = np.empty(len(rows), np.int64)
+    rank[np.asarray(pc.sort_indices(sub, [(k, "ascending") for k in keys]))] = np.arange(len(rows))
+    return rank
+
+
+def _step_duplicate(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) -> tuple[_Rows, StepCount]:
+    """Exact duplicates of (prompt, chosen, rejected): one kept (smallest pair id, or lowest ids).
+
+    Rows are grouped by their three text hashes; only rows in a group of two or more are looked
+    at again, grouped on the texts themselves, so a hash collision never drops a row."""
+    i = rows.idx
+    order = np.lexsort((tx.hr[i], tx.hc[i], tx.hp[i]))
+    k1, k2, k3 = tx.hp[i][order], tx.hc[i][order], tx.hr[i][order]
+    same_prev = np.zeros(len(i), bool)
+    same_prev[1:] = (k1[1:] == k1[:-1]) & (k2[1:] == k2[:-1]) & (k3[1:] == k3[:-1])
+    in_group = same_prev.copy()
+    in_group[:-1] |= same_prev[1:]
+    cand = np.sort(order[in_group])  # positions (in rows) of rows sharing their hashes
+    mask = np.zeros(len(i), bool)
+    if len(cand):
+        r = i[cand]
+        texts = {c: pc.fill_null(t.column(c).take(pa.array(r)), "") for c in ("prompt", "chosen", "rejected")}
+        if cfg.identity != "raw":
+            texts = {c: text_codes.normalized(v) for c, v in texts.items()}
+        codes = [_dense(texts[c]) for c in ("prompt", "chosen", "rejected")]
+        o = np.lexsort((_id_order(t, r, cfg), codes[2], codes[1], codes[0]))
+        dup = np.zeros(len(r), bool)
+        dup[o[1:]] = (codes[0][o[1:]] == codes[0][o[:-1]]) & (codes[1][o[1:]] == codes[1][o[:-1]]) & \
+            (codes[2][o[1:]] == codes[2][o[:-1]])
+        mask[cand[dup]] = True
+    return _drop(rows, "duplicate", mask)
+
+
+def _step_token_budget(rows: _Rows, t: pa.Table, cfg: BalanceConfig, tokenizer: Any, report: dict
+                       ) -> tuple[_Rows, StepCount] | None:
+    """Prompt + longer side over max_tokens (only with a tokenizer)."""
+    if tokenizer is not None and cfg.max_tokens is not None and len(rows.idx):
+        ntok = _token_counts(tokenizer, t.select(["prompt", "chosen", "rejected"]).take(pa.array(rows.idx)))
+        report["tokens_max_before"] = int(ntok.max())
+        return _drop(rows, "token_budget", ntok > cfg.max_tokens, "over_token_budget")
+    if cfg.max_tokens is not None:
+        report["token_budget"] = "skipped: no tokenizer configured"
+    return None
+
+
+@dataclass
+class _Groups:
+    """Per kept row: prompt code, near-duplicate cluster and split group; group ids by code."""
+
+    pcode: np.ndarray
+    cluster: np.ndarray
+    group_of_code: pa.Array  # split group id (prompt id or its cluster's representative) per prompt code
+
+
+def _prompt_groups(rows: _Rows, t: pa.Table, cfg: BalanceConfig, report: dict) -> _Groups:
+    """Prompt codes and, with near_dup, near-duplicate clusters (CJK-aware MinHash LSH)."""
+    pids = t.column("prompt_id").take(pa.array(rows.idx)).combine_chunks() if len(rows.idx) \
+        else pa.array([], pa.string())
+    pid_codes = _dense(pids)
+    ucodes, uniq_first = np.unique(pid_codes, return_index=True)
+    up_ids = pids.take(pa.array(uniq_first))  # codes are 0..k-1: up_ids[code] is that prompt's id
+    group_of_code = up_ids
+    cluster_of = pid_codes
+    if cfg.near_dup and len(rows.idx):
+        ptexts = text_codes.normalized(t.column("prompt").take(pa.array(rows.idx[uniq_first])))
+        lab = cluster_prompts(ptexts, cfg)  # per unique prompt code
+        comp_of_code = np.empty(pid_codes.max() + 1, np.int64)
+        comp_of_code[ucodes] = lab
+        # representative: the member prompt whose id hash is smallest (stable as unrelated rows come and go)
+        hv = stable_hash64(up_ids, salt="cluster-rep:")
+        best = np.full(len(lab), np.iinfo(np.uint64).max, np.uint64)
+        np.minimum.at(best, lab, hv)
+        rep_idx = np.empty(len(lab), np.int64)
+        is_rep = hv == best[lab]
+        rep_idx[lab[is_rep]] = np.flatnonzero(is_rep)
+        cluster_of = comp_of_code[pid_codes]
+        sizes = np.bincount(lab)
+        report["near_dup_clusters"] = int((sizes > 1).sum())
+        report["near_dup_prompts"] = int(sizes[sizes > 1].sum())
+        report["largest_cluster"] = int(sizes.max()) if len(sizes) else 0
+        if cfg.split_by_cluster:
+            rep_of_code = np.empty(pid_codes.max() + 1, np.int64)
+            rep_of_code[ucodes] = rep_idx[lab]
+            group_of_code = up_ids.take(pa.array(rep_of_code[np.sort(ucodes)]))
+    return _Groups(pid_codes, cluster_of, group_of_code)
+
+
+def _cap_rank(t: pa.Table, rows: _Rows, group: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
+    """Rank of each row in its group: largest margin first; equal margins by a seeded hash of the
+    pair id, or (tie_break: lowest_id) by the smallest (chosen_id, rejected_id). The tie key is
+    computed for the rows that share their group and margin only."""
+    m = np.asarray(pc.fill_null(t.column("margin").take(pa.array(rows.idx)), -np.inf).to_numpy(), float)
+    o = np.lexsort((-m, group))
+    tied = np.zeros(len(o), bool)
+    tied[1:] = (group[o[1:]] == group[o[:-1]]) & (m[o[1:]] == m[o[:-1]])
+    tied[:-1] |= tied[1:]
+    tie = np.zeros(len(o))
+    tr = np.sort(o[tied])
+    if len(tr):
+        if cfg.tie_break == "hash":
+            tie[tr] = unit_interval(t.column("pair_id").take(pa.array(rows.idx[tr])), salt=f"cap:{cfg.seed}:")
+        else:
+            sub = t.select(["chosen_id", "rejected_id"]).take(pa.array(rows.idx[tr]))
+            r = np.empty(len(tr))
+            r[np.asarray(pc.sort_indices(sub, [("chosen_id", "ascending"), ("rejected_id", "ascending")]))] = \
+                np.arange(len(tr))
+            tie[tr] = r
+    return _rank_within(group, [tie, -m])
+
+
+def _step_caps(rows: _Rows, g: _Groups, t: pa.Table, cfg: BalanceConfig
+               ) -> tuple[_Rows, _Groups, list[StepCount]]:
+    """cluster_cap and prompt_cap: the largest margins are kept."""
+    counts = []
+    for name, limit, attr in (("cluster_cap", cfg.max_pairs_per_cluster, "cluster"),
+                              ("prompt_cap", cfg.max_pairs_per_prompt, "pcode")):
+        if limit is None or not len(rows.idx):
+            continue
+        mask = _cap_rank(t, rows, getattr(g, attr), cfg) >= limit
+        rows, c = _drop(rows, name, mask)
+        g = _Groups(g.pcode[~mask], g.cluster[~mask], g.group_of_code)
+        counts.append(c)
+    return rows, g, counts
+
+
+def _step_mix(rows: _Rows, g: _Groups, t: pa.Table, dim: str, shares: dict[str, float], cfg: BalanceConfig
+              ) -> tuple[_Rows, _Groups, StepCount]:
+    """Subsample to the target shares of one dimension (largest feasible total), by a seeded hash."""
+    vals = pc.fill_null(t.column(dim).take(pa.array(rows.idx)), "unknown").combine_chunks()
+    enc = pc.dictionary_encode(vals)
+    names = [v if v in shares and v != "*" else "*" for v in enc.dictionary.to_pylist()]
+    bucket_names = sorted(set(names))  # values not listed share the '*' target as one bucket
+    codes = np.array([bucket_names.index(v) for v in names], np.int64)[
+        np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)]
+    counts = np.bincount(codes, minlength=len(bucket_names))
+    target = np.array([shares.get(v, 0.0) for v in bucket_names], float)
+    present = (counts > 0) & (target > 0)
+    if present.any():
+        tt = target / target[present].sum()
+        total = np.min(counts[present] / tt[present])
+        quota = np.where(present, np.floor(total * tt + 1e-9), 0).astype(np.int64)
+    else:
+        quota = np.zeros(len(bucket_names), np.int64)
+    r = _rank_within(codes, [unit_interval(t.column("pair_id").take(pa.array(rows.idx)), salt=f"mix:{dim}:{cfg.seed}:")])
+    mask = r >= quota[codes]
+    rows, c = _drop(rows, f"mix:{dim}", mask)
+    return rows, _Groups(g.pcode[~mask], g.cluster[~mask], g.group_of_code), c
+
+
+def _step_length(rows: _Rows, g: _Groups, t: pa.Table, cfg: BalanceConfig
+                 ) -> tuple[_Rows, _Groups, StepCount | None, dict[str, Any]]:
+    """Subsample the over-represented side so the chosen-longer share lies in the band."""
+    share_before = float((rows.lc > rows.lr).mean()) if len(rows.idx) else None
+    lo = max(0.0, cfg.length_target - cfg.length_tolerance)
+    hi = min(1.0, cfg.length_target + cfg.length_tolerance)
+    c = None
+    if cfg.length_control and len(rows.idx):
+        n = len(rows.idx)
+        longer = rows.lc > rows.lr
+        nl, nn = int(longer.sum()), int((~longer).sum())
+        drop_from, n_drop = None, 0
+        if nl / n > hi and hi < 1.0:
+            drop_from, n_drop = longer, nl - int(np.floor(hi * nn / (1 - hi)))
+        elif nl / n < lo:
+            drop_from, n_drop = ~longer, nn - int(np.floor(nl * (1 - lo) / lo))
+        n_drop = min(max(n_drop, 0), int(np.floor(cfg.length_max_drop * n)))
+        mask = np.zeros(n, bool)
+        if drop_from is not None and n_drop:
+            cand = np.flatnonzero(drop_from)
+            u = unit_interval(t.column("pair_id").take(pa.array(rows.idx[cand])), salt=f"length:{cfg.seed}:")
+            mask[cand[np.argsort(u, kind="stable")[:n_drop]]] = True
+        rows, c = _drop(rows, "length_bias", mask)
+        g = _Groups(g.pcode[~mask], g.cluster[~mask], g.group_of_code)
+    share_after = float((rows.lc > rows.lr).mean()) if len(rows.idx) else None
+    info = {"chosen_longer_before": share_before, "chosen_longer_after": share_after, "band": [lo, hi],
+            "band_met": share_after is not None and lo - 1e-12 <= share_after <= hi + 1e-12}
+    return rows, g, c, info
+
+
+def _stats(t: pa.Table, rows: np.ndarray, lc: np.ndarray, lr: np.ndarray) -> dict[str, Any]:
+    """Distribution summary for the report (before / after)."""
+    n = len(rows)
+    s = t.select(["margin", "source", "language", "category"])
+    s = s if n == t.num_rows else s.take(pa.array(rows))
+    margin = np.asarray(pc.fill_null(s.column("margin"), np.nan).to_numpy(), dtype=float) if n else np.zeros(0)
     mg = margin[~np.isnan(margin)]
     q = np.quantile(mg, [0.1, 0.5, 0.9]).round(4).tolist() if len(mg) else [None] * 3
 
     def counts(c: str) -> dict[str, int]:
-        vc = pc.value_counts(pc.fill_null(t.column(c), "unknown")) if n else []
+        vc = pc.value_counts(pc.fill_null(s.column(c), "unknown")) if n else []
         return {str(v["values"]): int(v["counts"]) for v in (vc.to_pylist() if n else [])}
 
     return {
@@ -243,172 +525,70 @@ def _stats(t: pa.Table, lc: np.ndarray, lr: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _split(t: pa.Table, rows: _Rows, g: _Groups, cfg: BalanceConfig) -> tuple[pa.Table, pa.Table]:
+    """Gather the kept rows once; a group goes to eval when the hash of its id is below eval_fraction."""
+    n = len(rows.idx)
+    gid = g.group_of_code.take(pa.array(g.pcode)) if n else pa.array([], pa.string())
+    is_eval = np.zeros(n, bool)
+    if n and cfg.eval_fraction > 0:
+        is_eval = unit_interval(gid, salt=cfg.split_salt + ":") < cfg.eval_fraction
+    picks = [np.flatnonzero(~is_eval), np.flatnonzero(is_eval)]
+    cols: list[dict[str, Any]] = [{}, {}]
+    for name in t.column_names:  # one column at a time, as one chunk: a take is then a plain gather
+        col = t.column(name).combine_chunks()
+        for part, pick in zip(cols, picks, strict=True):
+            part[name] = col.take(pa.array(rows.idx[pick]))
+        del col
+    train, evals = (pa.table({**part, "group_id": gid.take(pa.array(pick))}) for part, pick in zip(cols, picks,
+                                                                                                     strict=True))
+    return conform("dpo_train", train, DPO_SPLIT), conform("dpo_eval", evals, DPO_SPLIT)
+
+
 def balance_pairs(pairs: pa.Table, config: BalanceConfig | None = None, tokenizer: Any = None
                   ) -> tuple[pa.Table, pa.Table, dict[str, Any], dict[str, np.ndarray]]:
-    """Pairs -> (dpo_train, dpo_eval, report, arrays for plots). No I/O."""
+    """Pairs -> (dpo_train, dpo_eval, report, arrays for plots). No I/O.
+
+    Steps (each returns its count): empty, identical, duplicate, token budget, caps, mixes,
+    length band; then the split."""
     cfg = config or BalanceConfig()
     t = conform("pairs", pairs)
-    n_in = t.num_rows
-    dropped: dict[str, int] = {}
-    funnel: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"input_pairs": n_in}
-
-    def step(name: str, mask_drop: np.ndarray, reason: str | None = None) -> None:
-        nonlocal t, lc, lr, extra
-        nd = int(mask_drop.sum())
-        funnel.append({"step": name, "in": t.num_rows, "dropped": nd, "out": t.num_rows - nd})
-        dropped[reason or name] = dropped.get(reason or name, 0) + nd
-        if nd:
-            keep = ~mask_drop
-            t = t.filter(pa.array(keep))
-            lc, lr = lc[keep], lr[keep]
-            extra = {k: v[keep] for k, v in extra.items()}
-
-    # Responses repeat across pairs (a candidate is in up to K-1 pairs): normalise and measure
-    # each distinct text once, then work on integer codes.
-    resp_raw, resp_norm, resp_empty, resp_uniq = _codes(t.column("chosen"), t.column("rejected"))
-    ulen = unit_length(resp_uniq)
-    n = t.num_rows
-    lc, lr = ulen[resp_raw[:n]], ulen[resp_raw[n:]]
-    extra: dict[str, np.ndarray] = {"nc": resp_norm[resp_raw[:n]], "nr": resp_norm[resp_raw[n:]]}
-    before = _stats(t, lc, lr)
+    report: dict[str, Any] = {"input_pairs": t.num_rows}
+    tx = _profile_texts(t, cfg)
+    rows = _Rows(np.arange(t.num_rows), tx.lc, tx.lr)
+    before = _stats(t, rows.idx, rows.lc, rows.lr)
     plot_data = {"margin_before": np.asarray(pc.fill_null(t.column("margin"), np.nan).to_numpy(), float),
-                 "lendiff_before": (lc - lr).astype(float)}
-
-    # 1. empty / identical sides (after NFKC + whitespace normalisation)
-    empty_code = resp_norm[resp_empty]
-    step("empty", np.isin(extra["nc"], empty_code) | np.isin(extra["nr"], empty_code))
-    step("identical", extra["nc"] == extra["nr"])
-
-    # 2. exact duplicates of (prompt, chosen, rejected): keep the smallest pair_id.
-    if t.num_rows:
-        p_raw, p_norm, _, _ = _codes(t.column("prompt"))
-        pcode = p_norm[p_raw]
-        pid_rank = np.empty(t.num_rows, np.int64)
-        pid_rank[np.asarray(pc.sort_indices(t.column("pair_id")))] = np.arange(t.num_rows)
-        order = np.lexsort((pid_rank, extra["nr"], extra["nc"], pcode))
-        k1, k2, k3 = pcode[order], extra["nc"][order], extra["nr"][order]
-        same_as_prev = np.concatenate([[False], (k1[1:] == k1[:-1]) & (k2[1:] == k2[:-1]) & (k3[1:] == k3[:-1])])
-        dup = np.zeros(t.num_rows, bool)
-        dup[order[same_as_prev]] = True
-    else:
-        dup = np.zeros(0, bool)
-    step("duplicate", dup)
-
-    # 3. token budget
-    if tokenizer is not None and cfg.max_tokens is not None and t.num_rows:
-        ntok = _token_counts(tokenizer, t)
-        over = ntok > cfg.max_tokens
-        report["tokens_max_before"] = int(ntok.max())
-        step("token_budget", over, "over_token_budget")
-    elif cfg.max_tokens is not None:
-        report["token_budget"] = "skipped: no tokenizer configured"
-
-    # 4. near-duplicate clusters and caps
-    pid_codes = _dense(t.column("prompt_id"))
-    group_id = t.column("prompt_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
-    cluster_of = pid_codes
-    if cfg.near_dup and t.num_rows:
-        uniq_first = np.unique(pid_codes, return_index=True)[1]
-        ptexts = normalize(t.column("prompt").take(pa.array(uniq_first)))
-        lab = cluster_prompts(ptexts, cfg)  # per unique prompt code
-        codes_sorted = pid_codes[uniq_first]
-        comp_of_code = np.empty(pid_codes.max() + 1, np.int64)
-        comp_of_code[codes_sorted] = lab
-        # representative: the member prompt whose id hash is smallest (stable as unrelated rows come and go)
-        up_ids = t.column("prompt_id").take(pa.array(uniq_first))
-        hv = stable_hash64(up_ids, salt="cluster-rep:")
-        best = np.full(len(lab), np.iinfo(np.uint64).max, np.uint64)
-        np.minimum.at(best, lab, hv)
-        rep_idx = np.empty(len(lab), np.int64)
-        is_rep = hv == best[lab]
-        rep_idx[lab[is_rep]] = np.flatnonzero(is_rep)
-        rep_of_code = np.empty(pid_codes.max() + 1, np.int64)
-        rep_of_code[codes_sorted] = rep_idx[lab]
-        cluster_of = comp_of_code[pid_codes]
-        sizes = np.bincount(lab)
-        report["near_dup_clusters"] = int((sizes > 1).sum())
-        report["near_dup_prompts"] = int(sizes[sizes > 1].sum())
-        report["largest_cluster"] = int(sizes.max()) if len(sizes) else 0
-        if cfg.split_by_cluster:
-            group_id = up_ids.take(pa.array(rep_of_code[pid_codes]))
-    extra = {"cluster": cluster_of, "pcode": pid_codes, "gidx": np.arange(t.num_rows)}
-
-    def prio_keys() -> list[np.ndarray]:
-        m = np.asarray(pc.fill_null(t.column("margin"), -np.inf).to_numpy(), float)
-        return [unit_interval(t.column("pair_id"), salt=f"cap:{cfg.seed}:"), -m]
-
-    if cfg.max_pairs_per_cluster is not None and t.num_rows:
-        r = _rank_within(extra["cluster"], prio_keys())
-        step("cluster_cap", r >= cfg.max_pairs_per_cluster)
-    if cfg.max_pairs_per_prompt is not None and t.num_rows:
-        r = _rank_within(extra["pcode"], prio_keys())
-        step("prompt_cap", r >= cfg.max_pairs_per_prompt)
-
-    # 5. mixes
+                 "lendiff_before": (rows.lc - rows.lr).astype(float)}
+    counts: list[StepCount] = []
+    for step in (lambda r: _step_empty(r, tx), lambda r: _step_identical(r, t, tx, cfg),
+                 lambda r: _step_duplicate(r, t, tx, cfg)):
+        rows, c = step(rows)
+        counts.append(c)
+    tok = _step_token_budget(rows, t, cfg, tokenizer, report)
+    if tok is not None:
+        rows, c = tok
+        counts.append(c)
+    g = _prompt_groups(rows, t, cfg, report)
+    rows, g, caps = _step_caps(rows, g, t, cfg)
+    counts += caps
     for dim, shares in cfg.mix.items():
-        if not t.num_rows:
+        if not len(rows.idx):
             break
-        vals = pc.fill_null(t.column(dim), "unknown").combine_chunks()
-        enc = pc.dictionary_encode(vals)
-        names = enc.dictionary.to_pylist()
-        codes = np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)
-        # values not listed share the '*' target as one bucket
-        names = [v if v in shares and v != "*" else "*" for v in names]
-        bucket_names = sorted(set(names))
-        codes = np.array([bucket_names.index(v) for v in names], np.int64)[codes]
-        names = bucket_names
-        counts = np.bincount(codes, minlength=len(names))
-        target = np.array([shares.get(v, 0.0) for v in names], float)
-        present = (counts > 0) & (target > 0)
-        if present.any():
-            tt = target / target[present].sum()
-            total = np.min(counts[present] / tt[present])
-            quota = np.where(present, np.floor(total * tt + 1e-9), 0).astype(np.int64)
-        else:
-            quota = np.zeros(len(names), np.int64)
-        r = _rank_within(codes, [unit_interval(t.column("pair_id"), salt=f"mix:{dim}:{cfg.seed}:")])
-        step(f"mix:{dim}", r >= quota[codes])
-
-    # 6. length-bias band
-    share_before = float((lc > lr).mean()) if t.num_rows else None
-    lo = max(0.0, cfg.length_target - cfg.length_tolerance)
-    hi = min(1.0, cfg.length_target + cfg.length_tolerance)
-    if cfg.length_control and t.num_rows:
-        longer = lc > lr
-        nl, nn = int(longer.sum()), int((~longer).sum())
-        budget = int(np.floor(cfg.length_max_drop * t.num_rows))
-        drop_from, n_drop = None, 0
-        if nl / t.num_rows > hi and hi < 1.0:
-            drop_from, n_drop = longer, nl - int(np.floor(hi * nn / (1 - hi)))
-        elif nl / t.num_rows < lo:
-            drop_from, n_drop = ~longer, nn - int(np.floor(nl * (1 - lo) / lo))
-        n_drop = min(max(n_drop, 0), budget)
-        mask = np.zeros(t.num_rows, bool)
-        if drop_from is not None and n_drop:
-            u = unit_interval(t.column("pair_id"), salt=f"length:{cfg.seed}:")
-            cand = np.flatnonzero(drop_from)
-            mask[cand[np.argsort(u[cand], kind="stable")[:n_drop]]] = True
-        step("length_bias", mask)
-    share_after = float((lc > lr).mean()) if t.num_rows else None
-    report["length_bias"] = {"chosen_longer_before": share_before, "chosen_longer_after": share_after,
-                             "band": [lo, hi],
-                             "band_met": share_after is not None and lo - 1e-12 <= share_after <= hi + 1e-12}
-
-    # 7. split by group hash (group ids were fixed at clustering time; rows carry an index into them)
-    gid = group_id.take(pa.array(extra["gidx"])) if t.num_rows else pa.array([], pa.string())
-    u = unit_interval(gid, salt=cfg.split_salt + ":") if t.num_rows else np.zeros(0)
-    is_eval = u < cfg.eval_fraction
-    t = t.append_column("group_id", gid)
-    train = conform("dpo_train", t.filter(pa.array(~is_eval)), DPO_SPLIT)
-    evals = conform("dpo_eval", t.filter(pa.array(is_eval)), DPO_SPLIT)
-    after = _stats(t, lc, lr)
-    plot_data.update({"margin_after": np.asarray(pc.fill_null(t.column("margin"), np.nan).to_numpy(), float)
-                      if t.num_rows else np.zeros(0), "lendiff_after": (lc - lr).astype(float)})
-    report.update({"dropped": dropped, "funnel": funnel, "kept": t.num_rows, "train": train.num_rows,
-                   "eval": evals.num_rows, "train_groups": int(pc.count_distinct(train.column("group_id")).as_py()),
+        rows, g, c = _step_mix(rows, g, t, dim, shares, cfg)
+        counts.append(c)
+    rows, g, c, report["length_bias"] = _step_length(rows, g, t, cfg)
+    if c is not None:
+        counts.append(c)
+    train, evals = _split(t, rows, g, cfg)
+    dropped: dict[str, int] = {}
+    for c in counts:
+        dropped[c.reason] = dropped.get(c.reason, 0) + c.dropped
+    plot_data.update({"margin_after": np.asarray(pc.fill_null(t.column("margin").take(pa.array(rows.idx)), np.nan)
+                                                 .to_numpy(), float), "lendiff_after": (rows.lc - rows.lr).astype(float)})
+    report.update({"dropped": dropped, "funnel": [c.row() for c in counts], "kept": len(rows.idx),
+                   "train": train.num_rows, "eval": evals.num_rows,
+                   "train_groups": int(pc.count_distinct(train.column("group_id")).as_py()),
                    "eval_groups": int(pc.count_distinct(evals.column("group_id")).as_py()),
-                   "before": before, "after": after})
+                   "before": before, "after": _stats(t, rows.idx, rows.lc, rows.lr)})
     return train, evals, report, plot_data
 
 
@@ -562,14 +742,13 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def balance(ctx: Any) -> Any:
+def balance(ctx: StageContext) -> StageResult:
     """Stage function: balance `pairs` into dpo_train / dpo_eval, with plots and a data card."""
-    from dpoflow.flows.stage import StageResult
 
     cfg: BalanceConfig = ctx.config
     tokenizer = None
     if cfg.tokenizer and cfg.max_tokens is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer, ctx.workspace)
+        tokenizer = load_tokenizer(cfg.tokenizer, ctx.registry)
     pairs = ctx.read("pairs")
     train, evals, report, plot_data = balance_pairs(pairs, cfg, tokenizer)
     input_ref = ctx.inputs["pairs"]

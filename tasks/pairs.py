@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -36,8 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.flows.config import Section
 from dpoflow.storage.schemas import PAIRS, QUARANTINE, conform
+from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
 from dpoflow.tasks.lang import detect_language
 from dpoflow.tasks.text import unit_interval
@@ -272,48 +273,88 @@ def _judgement_evidence(judgements: pa.Table, cand_ids: pa.Array, group: np.ndar
     return hr, hrat, labels, quarantine
 
 
-# --- the stage's core ------------------------------------------------------------------------
+# --- the stage's core, in named steps --------------------------------------------------------
+#
+# Ids, codes, scores and margins move through the steps as numpy arrays over candidate rows;
+# the texts are gathered once, for the kept pairs, at the end (`_gather`).
 
-def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prompts: pa.Table | None = None,
-                scores: pa.Table | None = None, signals: pa.Table | None = None,
-                judgements: pa.Table | None = None, imported: pa.Table | None = None
-                ) -> tuple[pa.Table, pa.Table | None, dict[str, Any]]:
-    """Candidates + whatever signals exist -> (pairs table, quarantine or None, report)."""
-    cfg = config or PairsConfig()
-    report: dict[str, Any] = {"policy": cfg.policy, "strategy": cfg.strategy}
-    dropped: dict[str, int] = {}
+@dataclass
+class _Candidates:
+    """Candidates ordered by (prompt, candidate id): a prompt's candidates are a run of rows."""
 
-    # candidates sorted by (prompt, candidate): groups are runs of rows, pair order is stable.
-    cand = candidates.select(["candidate_id", "prompt_id", "prompt", "response"])
-    if cand.num_rows:
-        first = cand.append_column("__i", pa.array(np.arange(cand.num_rows))).group_by(
+    rows: np.ndarray  # row of each ordered candidate in the input table (texts are gathered through it)
+    pid: pa.Array
+    cid: pa.Array
+    starts: np.ndarray
+    sizes: np.ndarray
+    group: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class _Evidence:
+    """Per candidate: a value per evidence level (NaN = nothing), the unsafe flag, pairwise labels."""
+
+    values: dict[str, np.ndarray]
+    unsafe: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+@dataclass
+class _Decisions:
+    """Per within-prompt pair (a < b): the decision (+1: a wins), which level decided, contradictions."""
+
+    a: np.ndarray
+    b: np.ndarray
+    pg: np.ndarray
+    decision: np.ndarray
+    decided_by: np.ndarray
+    contra: np.ndarray
+    has_pw: np.ndarray
+    pw_strength: np.ndarray
+    comb: np.ndarray | None  # the weighted policy's combined score per candidate
+
+
+LEVEL_NAMES = [lv for lv, _ in LEVELS]
+SOURCE_NAMES = [s for _, s in LEVELS] + ["none"]  # by decided_by (-1 = none)
+
+
+def _order_candidates(candidates: pa.Table, dropped: dict[str, int]) -> _Candidates:
+    """Drop repeated candidate ids (first kept) and order by (prompt, candidate) on the ids only."""
+    ids = candidates.select(["candidate_id", "prompt_id"])
+    rows = np.arange(ids.num_rows)
+    if ids.num_rows:
+        first = ids.select(["candidate_id"]).append_column("__i", pa.array(rows)).group_by(
             "candidate_id", use_threads=False).aggregate([("__i", "min")])
-        if first.num_rows < cand.num_rows:
-            dropped["duplicate_candidate"] = cand.num_rows - first.num_rows
-            cand = cand.take(pc.sort_indices(first.column("__i_min")))
-    cand = cand.sort_by([("prompt_id", "ascending"), ("candidate_id", "ascending")])
-    n = cand.num_rows
-    pid = cand.column("prompt_id").combine_chunks()
-    cid = cand.column("candidate_id").combine_chunks()
-    if n:
-        change = np.concatenate([[True], _np(pc.not_equal(pid.slice(1), pid.slice(0, n - 1)))])
-    else:
-        change = np.zeros(0, bool)
+        if first.num_rows < ids.num_rows:
+            dropped["duplicate_candidate"] = ids.num_rows - first.num_rows
+            rows = np.sort(np.asarray(first.column("__i_min")))
+            ids = ids.take(pa.array(rows))
+    order = np.asarray(pc.sort_indices(ids, [("prompt_id", "ascending"), ("candidate_id", "ascending")]))
+    ids = ids.take(pa.array(order))
+    rows = rows[order]
+    n = len(rows)
+    pid = ids.column("prompt_id").combine_chunks()
+    cid = ids.column("candidate_id").combine_chunks()
+    change = np.ones(n, bool)
+    if n > 1:
+        change[1:] = _np(pc.not_equal(pid.slice(1), pid.slice(0, n - 1)))
     starts = np.flatnonzero(change)
     sizes = np.diff(np.append(starts, n))
-    group = np.cumsum(change) - 1
-    n_groups = len(starts)
-    report["prompts"] = n_groups
-    report["candidates"] = n
-    single = sizes == 1
-    dropped["single_candidate"] = int(single.sum())  # counted in candidates (= prompts), not pairs
+    return _Candidates(rows, pid, cid, starts, sizes, np.cumsum(change) - 1)
 
-    # evidence per candidate, NaN where a source has nothing.
-    nanv = np.full(n, np.nan)
+
+def _gather_evidence(c: _Candidates, cfg: PairsConfig, scores: pa.Table | None, signals: pa.Table | None,
+                     judgements: pa.Table | None, report: dict) -> tuple[_Evidence, pa.Table | None]:
+    """Every source's value per candidate, NaN where a source has nothing."""
+    n = c.n
     unsafe = np.zeros(n, bool)
-    reward, metric = nanv.copy(), nanv.copy()
+    reward, metric, behaviour = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     if scores is not None and scores.num_rows:
-        si = _lookup(cid, scores.column("candidate_id"))
+        si = _lookup(c.cid, scores.column("candidate_id"))
         has = si >= 0
         take = pa.array(np.where(has, si, 0))
         for col, dst in ((cfg.reward_column, reward), (cfg.metric_column, metric)):
@@ -324,102 +365,115 @@ def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prom
             if flag not in scores.column_names:
                 raise ValueError(f"scores has no flag column {flag!r} (pairs.unsafe_flags)")
             unsafe |= has & _np(pc.take(scores.column(flag), take))
-    behaviour = nanv.copy()
     if signals is not None and signals.num_rows:
-        si = _lookup(cid, signals.column("candidate_id"))
+        si = _lookup(c.cid, signals.column("candidate_id"))
         has = si >= 0
         take = pa.array(np.where(has, si, 0))
         conf = _np(pc.take(signals.column("confidence"), take))
         ok = has & (conf >= cfg.min_signal_confidence)
         behaviour[ok] = _np(pc.take(signals.column("behaviour_score"), take))[ok]
-    hr, hrat, labels, quarantine = _judgement_evidence(judgements, cid, group, report)
+    hr, hrat, labels, quarantine = _judgement_evidence(judgements, c.cid, c.group, report)
+    values = {"human_rank": hr, "human_rating": hrat, "behaviour": behaviour, "reward": reward, "metrics": metric}
+    return _Evidence(values, unsafe, labels), quarantine
 
-    # every within-prompt pair (a < b in sorted order) and its evidence.
-    a, b, pg = within_group_pairs(starts, sizes)
-    pw_label = np.full(len(a), np.nan)
-    pw_strength = np.full(len(a), np.nan)
-    has_pw = np.zeros(len(a), bool)
-    if len(labels["lo"]):
-        key = a * n + b
+
+def _pairwise_on_pairs(a: np.ndarray, b: np.ndarray, n: int, labels: dict[str, np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Explicit pairwise label and strength of each pair (NaN where none), and whether it has one."""
+    pw_label, pw_strength, has_pw = np.full(len(a), np.nan), np.full(len(a), np.nan), np.zeros(len(a), bool)
+    if len(labels["lo"]) and len(a):
+        key = a * n + b  # pairs are sorted by (a, b): key is sorted
         lk = labels["lo"] * n + labels["hi"]
-        pos = np.searchsorted(key, lk)  # pairs are sorted by (a, b) -> key is sorted
-        pos = np.minimum(pos, max(len(key) - 1, 0))
-        hit = (len(key) > 0) & (key[pos] == lk) if len(key) else np.zeros(len(lk), bool)
+        pos = np.minimum(np.searchsorted(key, lk), len(key) - 1)
+        hit = key[pos] == lk
         has_pw[pos[hit]] = True
         pw_label[pos[hit]] = labels["label"][hit]
         pw_strength[pos[hit]] = labels["strength"][hit]
+    return pw_label, pw_strength, has_pw
 
-    values = {"human_rank": hr, "human_rating": hrat, "behaviour": behaviour, "reward": reward, "metrics": metric}
+
+def _weighted_scores(values: dict[str, np.ndarray], c: _Candidates, cfg: PairsConfig
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per-prompt z-scores per source and their weighted mean (missing = the prompt mean)."""
+    group, n_groups = c.group, len(c.starts)
+    z = {}
+    for lv, v in values.items():
+        ok = ~np.isnan(v)
+        cnt = np.bincount(group[ok], minlength=n_groups)
+        mean = np.bincount(group[ok], weights=v[ok], minlength=n_groups) / np.maximum(cnt, 1)
+        var = np.bincount(group[ok], weights=(v[ok] - mean[group[ok]]) ** 2, minlength=n_groups) / np.maximum(cnt, 1)
+        std = np.sqrt(var)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            zz = np.where(std[group] > 0, (v - mean[group]) / std[group], 0.0)
+        z[lv] = np.where(ok, zz, np.nan)
+    hz = np.vstack([z["human_rank"], z["human_rating"]])
+    hc = (~np.isnan(hz)).sum(axis=0)
+    zsrc = {"human": np.where(hc > 0, np.nansum(hz, axis=0) / np.maximum(hc, 1), np.nan),
+            "behaviour": z["behaviour"], "reward": z["reward"], "metrics": z["metrics"]}
+    comb = np.zeros(c.n)
+    wsum = np.zeros(n_groups)
+    for src, zs in zsrc.items():
+        w = cfg.weights.get(src, 0.0)
+        wsum += w * (np.bincount(group[~np.isnan(zs)], minlength=n_groups) > 0)
+        comb += w * np.nan_to_num(zs)
+    comb = np.where(wsum[group] > 0, comb / np.where(wsum[group] > 0, wsum[group], 1), 0.0)
+    return comb, zsrc
+
+
+def _decide(c: _Candidates, ev: _Evidence, cfg: PairsConfig) -> _Decisions:
+    """Decide every within-prompt pair by the policy, then the safety rule; flag contradictions."""
+    a, b, pg = within_group_pairs(c.starts, c.sizes)
+    pw_label, pw_strength, has_pw = _pairwise_on_pairs(a, b, c.n, ev.labels)
     tol = cfg.tie_tolerance
     signs = {"pairwise": pw_label}
-    signs.update({lv: _sign(v[a] - v[b], tol) for lv, v in values.items()})
-    level_names = [lv for lv, _ in LEVELS]
-    level_source = dict(LEVELS)
-
+    signs.update({lv: _sign(v[a] - v[b], tol) for lv, v in ev.values.items()})
     decision = np.zeros(len(a))
-    decided_by = np.full(len(a), -1)  # index into level_names
+    decided_by = np.full(len(a), -1)  # index into LEVEL_NAMES
+    comb = None
     if cfg.policy == "priority":
-        order = [lv for src in cfg.priority for lv, s in LEVELS if s == src and lv != "safety"]
-        for lv in order:
+        for lv in [lv for src in cfg.priority for lv, s in LEVELS if s == src and lv != "safety"]:
             s = signs[lv]
             take_it = (decided_by < 0) & ~np.isnan(s) & (s != 0)
             decision[take_it] = s[take_it]
-            decided_by[take_it] = level_names.index(lv)
-        comb = None
+            decided_by[take_it] = LEVEL_NAMES.index(lv)
     else:
-        z = {}
-        for lv, v in values.items():
-            ok = ~np.isnan(v)
-            cnt = np.bincount(group[ok], minlength=n_groups)
-            mean = np.bincount(group[ok], weights=v[ok], minlength=n_groups) / np.maximum(cnt, 1)
-            var = np.bincount(group[ok], weights=(v[ok] - mean[group[ok]]) ** 2, minlength=n_groups) / np.maximum(cnt, 1)
-            std = np.sqrt(var)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                zz = np.where(std[group] > 0, (v - mean[group]) / std[group], 0.0)
-            z[lv] = np.where(ok, zz, np.nan)
-        hz = np.vstack([z["human_rank"], z["human_rating"]])
-        hc = (~np.isnan(hz)).sum(axis=0)
-        zsrc = {"human": np.where(hc > 0, np.nansum(hz, axis=0) / np.maximum(hc, 1), np.nan),
-                "behaviour": z["behaviour"], "reward": z["reward"], "metrics": z["metrics"]}
-        comb = np.zeros(n)
-        wsum = np.zeros(n_groups)
-        for src, zs in zsrc.items():
-            w = cfg.weights.get(src, 0.0)
-            present = np.bincount(group[~np.isnan(zs)], minlength=n_groups) > 0
-            wsum += w * present
-            comb += w * np.nan_to_num(zs)
-        comb = np.where(wsum[group] > 0, comb / np.where(wsum[group] > 0, wsum[group], 1), 0.0)
-        d = comb[a] - comb[b]
-        s = _sign(d, tol)
+        comb, zsrc = _weighted_scores(ev.values, c, cfg)
+        s = _sign(comb[a] - comb[b], tol)
         decision = s.copy()
-        contrib = np.vstack([cfg.weights.get(src, 0.0) * np.nan_to_num(zs[a] - zs[b]) * s
-                             for src, zs in zsrc.items()])
+        contrib = np.vstack([cfg.weights.get(src, 0.0) * np.nan_to_num(zs[a] - zs[b]) * s for src, zs in zsrc.items()])
         src_idx = np.argmax(contrib, axis=0) if len(a) else np.zeros(0, np.int64)
-        src_level = np.array([level_names.index(x) for x in ("human_rank", "behaviour", "reward", "metrics")])
+        src_level = np.array([LEVEL_NAMES.index(x) for x in ("human_rank", "behaviour", "reward", "metrics")])
         decided_by = np.where(s != 0, src_level[src_idx], -1)
-        # explicit pairwise labels decide their pair
-        ovr = ~np.isnan(pw_label) & (pw_label != 0)
+        ovr = ~np.isnan(pw_label) & (pw_label != 0)  # explicit pairwise labels decide their pair
         decision[ovr] = pw_label[ovr]
-        decided_by[ovr] = level_names.index("pairwise")
-
+        decided_by[ovr] = LEVEL_NAMES.index("pairwise")
     # contradictions: any level that says the opposite of the decision.
     contra = np.zeros(len(a), bool)
-    for lv in level_names[:-1]:
+    for lv in LEVEL_NAMES[:-1]:
         sg = signs[lv]
         contra |= (decision != 0) & ~np.isnan(sg) & (sg == -decision)
     contra |= has_pw & np.isnan(pw_label)  # humans disagree among themselves
     if cfg.safe_beats_unsafe:  # a hard rule above every source, not a contradiction
-        m = unsafe[a] != unsafe[b]
-        decision[m] = np.where(unsafe[a[m]], -1.0, 1.0)
-        decided_by[m] = level_names.index("safety")
+        m = ev.unsafe[a] != ev.unsafe[b]
+        decision[m] = np.where(ev.unsafe[a[m]], -1.0, 1.0)
+        decided_by[m] = LEVEL_NAMES.index("safety")
         contra[m] = False
+    return _Decisions(a, b, pg, decision, decided_by, contra, has_pw, pw_strength, comb)
 
-    # ordering: Copeland (wins - losses), unsafe last, then the weighted score, then id.
-    cope = np.bincount(a, weights=decision, minlength=n) - np.bincount(b, weights=decision, minlength=n)
+
+def _select_strategy(c: _Candidates, d: _Decisions, ev: _Evidence, cfg: PairsConfig
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs the strategy considers, and whether a pair is there only as a pairwise label.
+
+    The ordering is the Copeland score (wins - losses), unsafe last, then the weighted score, then id.
+    """
+    n, group, starts, sizes = c.n, c.group, c.starts, c.sizes
+    a, b, pg = d.a, d.b, d.pg
+    cope = np.bincount(a, weights=d.decision, minlength=n) - np.bincount(b, weights=d.decision, minlength=n)
     keys = [np.arange(n)]  # candidate id order (rows are sorted by id within a prompt)
-    if comb is not None:
-        keys.append(-comb)
-    keys += [-cope, unsafe.astype(np.int8), group]
+    if d.comb is not None:
+        keys.append(-d.comb)
+    keys += [-cope, ev.unsafe.astype(np.int8), group]
     order = np.lexsort(keys)
     rank_of = np.empty(n, np.int64)
     rank_of[order] = np.arange(n) - starts[group[order]]
@@ -436,137 +490,181 @@ def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prom
     elif strat == "adjacent":
         sel = (bottom - top) == 1
     elif strat == "best_vs_random_lower":
-        u = unit_interval(pid.take(pa.array(starts)) if n_groups else pa.array([], pa.string()),
+        u = unit_interval(c.pid.take(pa.array(starts)) if len(starts) else pa.array([], pa.string()),
                           salt=f"best_vs_random_lower:{cfg.seed}:")
         pick = 1 + np.floor(u * np.maximum(sizes - 1, 1)).astype(np.int64)
         sel = (top == 0) & (bottom == pick[pg])
     else:  # best_vs_mean_minus_k_std
-        sc = comb if comb is not None else cope
-        cnt = np.bincount(group, minlength=n_groups)
-        mean = np.bincount(group, weights=sc, minlength=n_groups) / np.maximum(cnt, 1)
-        std = np.sqrt(np.bincount(group, weights=(sc - mean[group]) ** 2, minlength=n_groups) / np.maximum(cnt, 1))
-        thr = mean - cfg.k_std * std
+        sc = d.comb if d.comb is not None else cope
+        cnt = np.bincount(group, minlength=len(starts))
+        mean = np.bincount(group, weights=sc, minlength=len(starts)) / np.maximum(cnt, 1)
+        std = np.sqrt(np.bincount(group, weights=(sc - mean[group]) ** 2, minlength=len(starts)) / np.maximum(cnt, 1))
         lower = np.where(ra == 0, b, a)
-        sel = (top == 0) & (sc[lower] <= thr[pg]) & (rank_of[lower] != 0)
-    strategy_col = np.where(sel, strat, "pairwise")
+        sel = (top == 0) & (sc[lower] <= (mean - cfg.k_std * std)[pg]) & (rank_of[lower] != 0)
+    only_pairwise = ~sel
     if cfg.pairwise_always:
-        sel = sel | has_pw
-    report["pairs_possible"] = int(len(a))
+        sel = sel | d.has_pw
+    return sel, only_pairwise
 
-    # keep only considered pairs; orient chosen / rejected by the decision.
+
+@dataclass
+class _Kept:
+    """The considered pairs, oriented, with scores, margin, source and a keep mask."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    pg: np.ndarray
+    cs: np.ndarray
+    rs: np.ndarray
+    margin: np.ndarray
+    decided_by: np.ndarray
+    only_pairwise: np.ndarray
+    keep: np.ndarray
+
+    def drop(self, mask: np.ndarray, reason: str, dropped: dict[str, int]) -> None:
+        m = self.keep & mask
+        dropped[reason] = dropped.get(reason, 0) + int(m.sum())
+        self.keep &= ~m
+
+
+def _apply_rules(d: _Decisions, sel: np.ndarray, only_pairwise: np.ndarray, ev: _Evidence, cfg: PairsConfig,
+                 dropped: dict[str, int], report: dict) -> _Kept:
+    """Orient the considered pairs; drop ties, contradictions (drop mode), unsafe chosen sides and
+    margins below the minimum (margin in the deciding source's units; weighted: the combined score)."""
     idx = np.flatnonzero(sel)
-    a, b, pg, decision, decided_by, contra = a[idx], b[idx], pg[idx], decision[idx], decided_by[idx], contra[idx]
-    strategy_col, pw_strength = strategy_col[idx], pw_strength[idx]
-    considered = len(idx)
+    decision, decided_by, contra = d.decision[idx], d.decided_by[idx], d.contra[idx]
+    a, b = d.a[idx], d.b[idx]
     chosen = np.where(decision < 0, b, a)
     rejected = np.where(decision < 0, a, b)
-    keep = np.ones(considered, bool)
-
-    def drop(mask: np.ndarray, reason: str) -> None:
-        m = keep & mask
-        dropped[reason] = dropped.get(reason, 0) + int(m.sum())
-        keep[m] = False
-
-    drop(decision == 0, "tie")
-    if cfg.contradictions == "drop":
-        drop(contra, "contradiction")
-    else:
-        report["contradictions_resolved"] = int((keep & contra).sum())
-    drop(unsafe[chosen], "unsafe_chosen")
-
-    # scores and margin in the deciding source's units (weighted: the combined score).
-    is_pw = decided_by == level_names.index("pairwise")
-    if comb is None:
-        cs = np.full(considered, np.nan)
-        rs = np.full(considered, np.nan)
-        for li, lv in enumerate(level_names):
+    if d.comb is None:
+        cs, rs = np.full(len(idx), np.nan), np.full(len(idx), np.nan)
+        for li, lv in enumerate(LEVEL_NAMES):
             if lv in ("pairwise", "safety"):
                 continue
             m = decided_by == li
-            cs[m] = values[lv][chosen[m]]
-            rs[m] = values[lv][rejected[m]]
-        margin = cs - rs
+            if m.any():
+                cs[m] = ev.values[lv][chosen[m]]
+                rs[m] = ev.values[lv][rejected[m]]
     else:
-        cs, rs = comb[chosen], comb[rejected]
-        margin = cs - rs
-    margin = np.where(is_pw, pw_strength, margin)
-    is_safety = decided_by == level_names.index("safety")
+        cs, rs = d.comb[chosen], d.comb[rejected]
+    margin = np.where(decided_by == LEVEL_NAMES.index("pairwise"), d.pw_strength[idx], cs - rs)
+    is_safety = decided_by == LEVEL_NAMES.index("safety")
     cs, rs, margin = np.where(is_safety, 1.0, cs), np.where(is_safety, 0.0, rs), np.where(is_safety, 1.0, margin)
-    source_names = np.array([level_source[lv] for lv in level_names] + ["none"])
-    src = source_names[decided_by]
-    thr = np.array([cfg.min_margin_by_source.get(s, cfg.min_margin) for s in source_names])[decided_by]
-    drop(~np.isnan(margin) & (margin < thr), "below_min_margin")
+    k = _Kept(chosen, rejected, d.pg[idx], cs, rs, margin, decided_by, only_pairwise[idx], np.ones(len(idx), bool))
+    k.drop(decision == 0, "tie", dropped)
+    if cfg.contradictions == "drop":
+        k.drop(contra, "contradiction", dropped)
+    else:
+        report["contradictions_resolved"] = int((k.keep & contra).sum())
+    k.drop(ev.unsafe[chosen], "unsafe_chosen", dropped)
+    thr = np.array([cfg.min_margin_by_source.get(s, cfg.min_margin) for s in SOURCE_NAMES])[decided_by]
+    k.drop(~np.isnan(margin) & (margin < thr), "below_min_margin", dropped)
+    return k
 
-    if cfg.max_pairs_per_prompt is not None:
-        prio = np.array([cfg.priority.index(s) if s in cfg.priority else 99 for s in source_names])[decided_by]
-        kidx = np.flatnonzero(keep)
-        o = kidx[np.lexsort((chosen[kidx], rejected[kidx], -np.nan_to_num(margin[kidx], nan=np.inf),
-                             prio[kidx], pg[kidx]))]
-        g_o = pg[o]
-        first_pos = np.concatenate([[0], np.flatnonzero(g_o[1:] != g_o[:-1]) + 1]) if len(o) else np.zeros(0, np.int64)
-        run_start = np.repeat(first_pos, np.diff(np.append(first_pos, len(o))))
-        over = (np.arange(len(o)) - run_start) >= cfg.max_pairs_per_prompt
-        m = np.zeros(considered, bool)
-        m[o[over]] = True
-        drop(m, "cap")
 
-    kidx = np.flatnonzero(keep)
-    ch, rj = pa.array(chosen[kidx]), pa.array(rejected[kidx])
-    prompt_id = pc.take(pid, ch)
-    ch_id, rj_id = pc.take(cid, ch), pc.take(cid, rj)
-    prompt_txt = pc.take(cand.column("prompt"), ch)
-    generated = pa.table({
+def _cap(k: _Kept, cfg: PairsConfig, dropped: dict[str, int]) -> None:
+    """At most max_pairs_per_prompt per prompt: highest-priority source, then largest margin, then ids."""
+    if cfg.max_pairs_per_prompt is None:
+        return
+    prio = np.array([cfg.priority.index(s) if s in cfg.priority else 99 for s in SOURCE_NAMES])[k.decided_by]
+    kidx = np.flatnonzero(k.keep)
+    o = kidx[np.lexsort((k.chosen[kidx], k.rejected[kidx], -np.nan_to_num(k.margin[kidx], nan=np.inf),
+                         prio[kidx], k.pg[kidx]))]
+    g_o = k.pg[o]
+    first_pos = np.flatnonzero(np.concatenate([[True], g_o[1:] != g_o[:-1]])) if len(o) else np.zeros(0, np.int64)
+    run_start = np.repeat(first_pos, np.diff(np.append(first_pos, len(o))))
+    m = np.zeros(len(k.keep), bool)
+    m[o[(np.arange(len(o)) - run_start) >= cfg.max_pairs_per_prompt]] = True
+    k.drop(m, "cap", dropped)
+
+
+def _gather(candidates: pa.Table, c: _Candidates, k: _Kept, cfg: PairsConfig) -> pa.Table:
+    """The kept pairs as a table: ids and numbers first, the texts taken once from the input."""
+    kidx = np.flatnonzero(k.keep)
+    ch, rj = k.chosen[kidx], k.rejected[kidx]
+    prompt_id = c.pid.take(pa.array(ch))
+    ch_id, rj_id = c.cid.take(pa.array(ch)), c.cid.take(pa.array(rj))
+    ch_row, rj_row = pa.array(c.rows[ch]), pa.array(c.rows[rj])
+    strategy = pa.array([cfg.strategy, "pairwise"]).take(pa.array(k.only_pairwise[kidx].astype(np.int8)))
+    return pa.table({
         "pair_id": stable_id(prompt_id, ch_id, rj_id),
         "prompt_id": prompt_id,
-        "prompt": prompt_txt,
-        "chosen": pc.take(cand.column("response"), ch),
-        "rejected": pc.take(cand.column("response"), rj),
+        "prompt": pc.take(candidates.column("prompt"), ch_row),
+        "chosen": pc.take(candidates.column("response"), ch_row),
+        "rejected": pc.take(candidates.column("response"), rj_row),
         "chosen_id": ch_id,
         "rejected_id": rj_id,
-        "chosen_score": pa.array(cs[kidx], pa.float64(), from_pandas=True),
-        "rejected_score": pa.array(rs[kidx], pa.float64(), from_pandas=True),
-        "margin": pa.array(margin[kidx], pa.float64(), from_pandas=True),
-        "source": pa.array(src[kidx], pa.string()),
-        "strategy": pa.array(strategy_col[kidx], pa.string()),
+        "chosen_score": pa.array(k.cs[kidx], pa.float64(), from_pandas=True),
+        "rejected_score": pa.array(k.rs[kidx], pa.float64(), from_pandas=True),
+        "margin": pa.array(k.margin[kidx], pa.float64(), from_pandas=True),
+        "source": pa.array(SOURCE_NAMES).take(pa.array(k.decided_by[kidx] % len(SOURCE_NAMES))),
+        "strategy": strategy,
     })
-    generated = _attach_prompt_info(generated, prompts)
 
-    # imported pairs pass through (source "imported"), after the same safety and duplicate rules.
-    total_considered = considered
-    if imported is not None and imported.num_rows:
-        imp = imported.select([c for c in PAIRS.names if c in imported.column_names])
-        total_considered += imp.num_rows
-        imp = imp.set_column(imp.schema.get_field_index("pair_id"), "pair_id",
-                             stable_id(imp.column("prompt_id"), imp.column("chosen_id"), imp.column("rejected_id")))
-        imp = imp.set_column(imp.schema.get_field_index("source"), "source", pa.array(["imported"] * imp.num_rows))
-        ikeep = np.ones(imp.num_rows, bool)
-        if scores is not None and scores.num_rows:
-            ui = _lookup(imp.column("chosen_id"), scores.column("candidate_id"))
-            take = pa.array(np.maximum(ui, 0))
-            bad = np.zeros(imp.num_rows, bool)
-            for flag in cfg.unsafe_flags:
-                bad |= (ui >= 0) & _np(pc.take(scores.column(flag), take))
-            dropped["unsafe_chosen"] = dropped.get("unsafe_chosen", 0) + int(bad.sum())
-            ikeep &= ~bad
-        dup = _lookup(imp.column("pair_id"), generated.column("pair_id")) >= 0
-        first = imp.append_column("__i", pa.array(np.arange(imp.num_rows))).group_by(
-            "pair_id", use_threads=False).aggregate([("__i", "min")])
-        not_first = np.ones(imp.num_rows, bool)
-        not_first[np.asarray(first.column("__i_min"))] = False
-        d = ikeep & (dup | not_first)
-        if d.any():
-            dropped["duplicate"] = dropped.get("duplicate", 0) + int(d.sum())
-        ikeep &= ~d
-        imp = _attach_prompt_info(imp.filter(pa.array(ikeep)), prompts)
-        generated = pa.concat_tables([generated.select(PAIRS.names).cast(PAIRS),
-                                      _conform_pairs(imp)])
-    out = _conform_pairs(generated)
-    report["considered"] = total_considered
+
+def _merge_imported(generated: pa.Table, imported: pa.Table | None, scores: pa.Table | None,
+                    prompts: pa.Table | None, cfg: PairsConfig, dropped: dict[str, int]) -> tuple[pa.Table, int]:
+    """Imported pairs pass through (source "imported") after the safety and duplicate rules."""
+    if imported is None or not imported.num_rows:
+        return generated, 0
+    imp = imported.select([c for c in PAIRS.names if c in imported.column_names])
+    n_imp = imp.num_rows
+    imp = imp.set_column(imp.schema.get_field_index("pair_id"), "pair_id",
+                         stable_id(imp.column("prompt_id"), imp.column("chosen_id"), imp.column("rejected_id")))
+    imp = imp.set_column(imp.schema.get_field_index("source"), "source", pa.array(["imported"] * imp.num_rows))
+    ikeep = np.ones(imp.num_rows, bool)
+    if scores is not None and scores.num_rows:
+        ui = _lookup(imp.column("chosen_id"), scores.column("candidate_id"))
+        take = pa.array(np.maximum(ui, 0))
+        bad = np.zeros(imp.num_rows, bool)
+        for flag in cfg.unsafe_flags:
+            bad |= (ui >= 0) & _np(pc.take(scores.column(flag), take))
+        dropped["unsafe_chosen"] = dropped.get("unsafe_chosen", 0) + int(bad.sum())
+        ikeep &= ~bad
+    dup = _lookup(imp.column("pair_id"), generated.column("pair_id")) >= 0
+    first = imp.append_column("__i", pa.array(np.arange(imp.num_rows))).group_by(
+        "pair_id", use_threads=False).aggregate([("__i", "min")])
+    not_first = np.ones(imp.num_rows, bool)
+    not_first[np.asarray(first.column("__i_min"))] = False
+    d = ikeep & (dup | not_first)
+    if d.any():
+        dropped["duplicate"] = dropped.get("duplicate", 0) + int(d.sum())
+    ikeep &= ~d
+    imp = _attach_prompt_info(imp.filter(pa.array(ikeep)), prompts)
+    return pa.concat_tables([generated.select(PAIRS.names).cast(PAIRS), _conform_pairs(imp)]), n_imp
+
+
+def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prompts: pa.Table | None = None,
+                scores: pa.Table | None = None, signals: pa.Table | None = None,
+                judgements: pa.Table | None = None, imported: pa.Table | None = None
+                ) -> tuple[pa.Table, pa.Table | None, dict[str, Any]]:
+    """Candidates + whatever signals exist -> (pairs table, quarantine or None, report).
+
+    Steps: order the candidates, gather evidence, decide every within-prompt pair, select the
+    strategy's pairs, apply the drop rules, cap, gather the texts, merge imported pairs.
+    """
+    cfg = config or PairsConfig()
+    report: dict[str, Any] = {"policy": cfg.policy, "strategy": cfg.strategy}
+    dropped: dict[str, int] = {}
+    c = _order_candidates(candidates, dropped)
+    report["prompts"] = len(c.starts)
+    report["candidates"] = c.n
+    dropped["single_candidate"] = int((c.sizes == 1).sum())  # counted in candidates (= prompts), not pairs
+    ev, quarantine = _gather_evidence(c, cfg, scores, signals, judgements, report)
+    d = _decide(c, ev, cfg)
+    sel, only_pairwise = _select_strategy(c, d, ev, cfg)
+    report["pairs_possible"] = int(len(d.a))
+    k = _apply_rules(d, sel, only_pairwise, ev, cfg, dropped, report)
+    _cap(k, cfg, dropped)
+    generated = _attach_prompt_info(_gather(candidates, c, k, cfg), prompts)
+    out, n_imported = _merge_imported(generated, imported, scores, prompts, cfg, dropped)
+    out = _conform_pairs(out)
+    report["considered"] = int(sel.sum()) + n_imported
     report["kept"] = out.num_rows
     report["dropped"] = dropped
     report["sources"] = _counts(out.column("source"))
     report["strategies"] = _counts(out.column("strategy"))
-    report["unsafe_candidates"] = int(unsafe.sum())
+    report["unsafe_candidates"] = int(ev.unsafe.sum())
     return out, quarantine, report
 
 
@@ -618,9 +716,8 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
     return t
 
 
-def pairs(ctx) -> Any:
+def pairs(ctx: StageContext) -> StageResult:
     """Stage function: read whichever inputs exist, build pairs, return the StageResult."""
-    from dpoflow.flows.stage import StageResult
 
     def opt(role: str) -> pa.Table | None:
         return ctx.read(role) if ctx.has(role) else None
