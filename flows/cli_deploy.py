@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,16 +22,41 @@ def _valid_timezone(tz: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dpoflow.flows.deployments import serve_all
 
-    cron = None if args.no_schedule else args.cron
     try:
-        serve_all(args.workspace, cron=cron, timezone=args.timezone, names=args.only or None,
-                  overrides=args.set or None, limit=args.limit, start_server=not args.no_server,
-                  server_home=args.server_home, port=args.port)
+        serve_all(args.workspace, cron=args.cron, timezone=args.timezone, schedule=not args.no_schedule,
+                  names=args.only or None, overrides=args.set or None, limit=args.limit,
+                  start_server=not args.no_server, server_home=args.server_home, port=args.port)
     except KeyboardInterrupt:
         pass
-    except (ValueError, RuntimeError, OSError) as exc:  # bad schedule, no server, port taken
+    except (ValueError, RuntimeError, OSError) as exc:  # bad schedule, no server, port taken, pool-owned names
         print(f"dpoflow serve: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_deploy_apply(args: argparse.Namespace) -> int:
+    from dpoflow.flows.deployments import nightly_schedule
+    from dpoflow.flows.local_server import configured_api_url
+    from dpoflow.flows.prefect_yaml import REPO_PREFECT_YAML, apply_prefect_yaml, check_prefect_yaml
+
+    if not configured_api_url():
+        print("dpoflow deploy apply: error: no Prefect server configured: set PREFECT_API_URL", file=sys.stderr)
+        return 2
+    path = Path(args.file) if args.file else REPO_PREFECT_YAML
+    problems = check_prefect_yaml(path)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    cron, timezone = nightly_schedule(args.workspace, args.set or None, args.cron, args.timezone)
+    try:
+        done = apply_prefect_yaml(path, cron=cron, timezone=timezone, create_pools=not args.no_create_pools)
+    except (ValueError, RuntimeError) as exc:
+        print(f"dpoflow deploy apply: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"file": str(path), "cron": cron, "timezone": timezone, "done": done}, indent=1))
+    else:
+        print("\n".join(done))
     return 0
 
 
@@ -48,8 +72,15 @@ def cmd_deploy_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _schedule_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--cron", default=None,
+                   help="nightly schedule (default: the config's nightly.cron, '0 2 * * *' = 02:00 every day)")
+    s.add_argument("--timezone", type=_valid_timezone, default=None,
+                   help="timezone of the cron schedule (default: the config's nightly.timezone, UTC)")
+
+
 def register(sub) -> None:
-    from dpoflow.flows.deployments import DEFAULT_CRON, DEFAULT_TIMEZONE, flow_specs
+    from dpoflow.flows.deployments import flow_specs
 
     common = getattr(sub, "common", None)
     listing = getattr(sub, "listing", None)
@@ -57,14 +88,11 @@ def register(sub) -> None:
     s = sub.add_parser(
         "serve", parents=parents,
         help="serve every stage deployment and the nightly schedule from this machine",
-        description="Serve the deployments of all stage flows, `import` and `nightly` (with its cron "
-                    "schedule) until Ctrl-C. Without PREFECT_API_URL, a local `prefect server start` "
-                    "(SQLite, 127.0.0.1) is started first and its UI address printed.")
-    s.add_argument("--cron", default=os.environ.get("DPOFLOW_CRON", DEFAULT_CRON),
-                   help=f"nightly schedule (default {DEFAULT_CRON!r}: 02:00 every day; $DPOFLOW_CRON)")
-    s.add_argument("--timezone", type=_valid_timezone,
-                   default=os.environ.get("DPOFLOW_TIMEZONE", DEFAULT_TIMEZONE),
-                   help=f"timezone of the cron schedule (default {DEFAULT_TIMEZONE}; $DPOFLOW_TIMEZONE)")
+        description="Serve the FLOW/serve deployments of all stage flows, `import` and `nightly` (with its "
+                    "cron schedule) until Ctrl-C. Without PREFECT_API_URL, a local `prefect server start` "
+                    "(SQLite, 127.0.0.1) is started first and its UI address printed. Never takes over "
+                    "deployments a work pool runs (deploy/prefect.yaml's are named FLOW/workers).")
+    _schedule_args(s)
     s.add_argument("--no-schedule", action="store_true", help="serve nightly without its schedule")
     s.add_argument("--only", action="append", choices=list(flow_specs()), metavar="NAME",
                    help="serve only these deployments (repeatable)")
@@ -84,3 +112,14 @@ def register(sub) -> None:
     if listing is None:
         c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_deploy_check)
+    a = d.add_parser("apply", parents=[p for p in (common, listing) if p is not None],
+                     help="prefect deploy deploy/prefect.yaml (FLOW/workers) with the config's nightly schedule",
+                     description="Check deploy/prefect.yaml, create missing work pools (process type) and run "
+                                 "`prefect deploy --all` on it with the nightly schedule from the workspace config "
+                                 "(nightly.cron / nightly.timezone) or --cron / --timezone.")
+    a.add_argument("--file", default=None, help="prefect.yaml to deploy (default: the repository's deploy/prefect.yaml)")
+    _schedule_args(a)
+    a.add_argument("--no-create-pools", action="store_true", help="do not create missing work pools")
+    if listing is None:
+        a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_deploy_apply)

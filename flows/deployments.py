@@ -17,8 +17,6 @@ from dpoflow.flows.gpu_slots import ensure_gpu_limit
 from dpoflow.flows.local_server import configured_api_url, ensure_server
 from dpoflow.flows.registry import STAGES
 
-DEFAULT_CRON = "0 2 * * *"
-DEFAULT_TIMEZONE = "UTC"
 CPU_POOL = "dpoflow-cpu"
 GPU_POOL = "dpoflow-gpu"
 # Deployments on the GPU pool: the registry's GPU stages, and the nightly flow, which runs
@@ -29,9 +27,29 @@ NIGHTLY_FLOW = "dpoflow.flows.nightly:nightly_flow"
 EXTRA_FLOWS = {"import": "dpoflow.flows.importing:import_flow", "nightly": NIGHTLY_FLOW}
 
 
-def deployment_name(flow: str) -> str:
-    """Full name of a dpoflow deployment (``flow/deployment``): each flow's deployment bears its name."""
-    return f"{flow}/{flow}"
+# The two routes name their deployments apart, so neither takes over the other's: `dpoflow
+# serve` registers FLOW/serve (runs in serve's process), deploy/prefect.yaml FLOW/workers (runs
+# on the work pools' workers).
+SERVE_ROUTE = "serve"
+POOL_ROUTE = "workers"
+
+
+def deployment_name(flow: str, route: str = POOL_ROUTE) -> str:
+    """Full name of a dpoflow deployment (``flow/deployment``)."""
+    return f"{flow}/{route}"
+
+
+def nightly_schedule(workspace: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                     cron: str | None = None, timezone: str | None = None) -> tuple[str, str]:
+    """(cron, timezone) of the nightly deployment: the arguments, else the workspace config's
+    `nightly.cron` / `nightly.timezone` (without creating the workspace)."""
+    from dpoflow.flows.config import load_config
+    from dpoflow.flows.workspace import CONFIG_NAME
+
+    root = Path(workspace or os.environ.get("DPOFLOW_WORKSPACE") or "./dpoflow-workspace")
+    path = root / CONFIG_NAME
+    cfg = load_config(path if path.exists() else None, overrides).nightly
+    return cron or cfg.cron, timezone or cfg.timezone
 
 
 def flow_specs() -> dict[str, str]:
@@ -50,8 +68,8 @@ def _load_flow(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = DEFAULT_CRON,
-                      timezone: str = DEFAULT_TIMEZONE, names: list[str] | None = None,
+def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = "0 2 * * *",
+                      timezone: str = "UTC", names: list[str] | None = None,
                       overrides: list[str] | None = None, strict: bool = False) -> tuple[list[Any], list[str]]:
     """Runner deployments of every flow that exists in this checkout (+ the missing ones' names).
 
@@ -85,32 +103,56 @@ def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: 
             params["overrides"] = list(overrides)
         kind = "gpu" if name in GPU_STAGES else "cpu"
         deployments.append(fl.to_deployment(
-            name=name,
+            name=SERVE_ROUTE,
             parameters=params,
             schedules=schedules if name == "nightly" else None,
-            tags=["dpoflow", kind] + (["nightly"] if name == "nightly" else ["stage"]),
+            tags=["dpoflow", kind, SERVE_ROUTE] + (["nightly"] if name == "nightly" else ["stage"]),
             description=(fl.description or "").strip() or None,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))
     return deployments, missing
 
 
-def serve_all(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = DEFAULT_CRON,
-              timezone: str = DEFAULT_TIMEZONE, names: list[str] | None = None,
+def owned_by_a_pool(deployments: list[Any]) -> list[str]:
+    """Names among `deployments` that already exist on the server attached to a work pool:
+    serving them would take them over from the workers (their runs would start here)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                found = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if found.work_pool_name:
+                taken.append(f"{d.flow_name}/{d.name} (work pool {found.work_pool_name})")
+    return taken
+
+
+def serve_all(workspace: str | os.PathLike[str] | None = None, *, cron: str | None = None,
+              timezone: str | None = None, schedule: bool = True, names: list[str] | None = None,
               overrides: list[str] | None = None, limit: int | None = None,
               start_server: bool = True, server_home: str | os.PathLike[str] | None = None,
               port: int | None = None) -> None:
-    """Serve all deployments from this machine until interrupted (Ctrl-C).
+    """Serve the FLOW/serve deployments from this machine until interrupted (Ctrl-C).
 
-    With no Prefect server configured, a local one is started first (see
+    The nightly schedule is `cron` / `timezone`, else the workspace config's `nightly.cron` /
+    `nightly.timezone`. With no Prefect server configured, a local one is started first (see
     :func:`ensure_server`) and stopped again on exit. ``limit`` caps concurrent flow runs.
+    Deployments of the same name that a work pool owns are never taken over (RuntimeError).
+    On exit Prefect pauses exactly the deployments served here.
     """
     from prefect import serve
 
+    from dpoflow.flows.local_server import ui_url
+
     if not start_server and not configured_api_url():
         raise RuntimeError("no Prefect server configured: set PREFECT_API_URL (or drop --no-server)")
-    deployments, missing = build_deployments(workspace, cron=cron, timezone=timezone, names=names,
-                                             overrides=overrides)
+    cron, timezone = nightly_schedule(workspace, overrides, cron, timezone)
+    deployments, missing = build_deployments(workspace, cron=cron if schedule else None, timezone=timezone,
+                                             names=names, overrides=overrides)
     for m in missing:
         print(f"dpoflow serve: not serving {m}", file=sys.stderr, flush=True)
     if not deployments:
@@ -118,11 +160,13 @@ def serve_all(workspace: str | os.PathLike[str] | None = None, *, cron: str | No
     home = server_home or Path(deployments[0].parameters["workspace"]) / ".prefect-server"
     server = ensure_server(home=home, port=port) if start_server else contextlib.nullcontext(configured_api_url())
     with server as url:
+        taken = owned_by_a_pool(deployments)
+        if taken:
+            raise RuntimeError(f"not serving {', '.join(taken)}: a work pool's workers run them; "
+                               "delete them (prefect deployment delete NAME) or serve against another server")
         ensure_gpu_limit()
-        sched = f"'{cron}' ({timezone})" if cron else "none"
+        sched = f"'{cron}' ({timezone})" if schedule else "none"
         print(f"dpoflow serve: {len(deployments)} deployment(s): "
               f"{', '.join(f'{d.flow_name}/{d.name}' for d in deployments)}; nightly schedule: {sched}"
-              + (f"; API {url}" if url else ""), flush=True)
+              + (f"; API {url}; UI {ui_url(url)}" if url else ""), flush=True)
         serve(*deployments, limit=limit, print_starting_message=False)
-
-

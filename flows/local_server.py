@@ -28,6 +28,25 @@ def configured_api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or None
 
 
+def ui_url(api_url: str | None = None) -> str | None:
+    """The UI address of the server at `api_url` (default: the configured one); None on
+    Prefect's temporary server, which has no UI worth linking to."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    api_url = api_url or configured_api_url()
+    if not api_url:
+        return None
+    if settings.ui_url and api_url == settings.api.url:
+        return settings.ui_url.rstrip("/")  # PREFECT_UI_URL (or Prefect's guess from the API URL)
+    return api_url.rstrip("/").removesuffix("/api")
+
+
+def flow_run_url(run_id: str) -> str | None:
+    base = ui_url()
+    return f"{base}/runs/flow-run/{run_id}" if base else None
+
+
 _SETTINGS: dict[tuple[int, str], tuple[Any, Any]] = {}
 
 
@@ -153,6 +172,9 @@ def start_local_server(home: str | os.PathLike[str], *, port: int | None = None,
     child_env.setdefault("PREFECT_HOME", str(home))
     child_env.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     child_env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The UI asks the API at PREFECT_UI_API_URL, which defaults to port 4200 whatever --port says.
+    child_env["PREFECT_UI_API_URL"] = f"http://{host}:{port}/api"
+    child_env["PREFECT_SERVER_API_HOST"], child_env["PREFECT_SERVER_API_PORT"] = host, str(port)
     log_path = home / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
            "--ui" if ui else "--no-ui"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from dpoflow.flows.deployments import flow_specs, pool_for
+from dpoflow.flows.deployments import SERVE_ROUTE, flow_specs, pool_for
 
 REPO_PREFECT_YAML = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
 
@@ -32,7 +34,7 @@ def check_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML) -> list
     flow's parameter schema (required ones only where a schedule must supply them); schedules
     are valid cron/interval/rrule with a known timezone; work pools are named and GPU stages
     sit in the GPU pool; and the whole thing builds a ``DeploymentCreate`` (what the API gets).
-    Returns the problems found, one string each ("deployment NAME: ...").
+    Returns the problems found, one string each ("deployment FLOW/NAME: ...").
     """
     from uuid import uuid4
 
@@ -63,9 +65,8 @@ def check_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML) -> list
         if not name:
             problems.append(f"{where}: no name")
             continue
-        if name in seen:
-            problems.append(f"{where}: duplicate name")
-        seen.add(name)
+        if name == SERVE_ROUTE:
+            problems.append(f"{where}: the name {SERVE_ROUTE!r} belongs to `dpoflow serve`'s deployments")
         try:
             fl = load_flow_from_entrypoint(str(dep.get("entrypoint")), use_placeholder_flow=False)
         except Exception as exc:
@@ -74,6 +75,10 @@ def check_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML) -> list
         if not isinstance(fl, Flow):
             problems.append(f"{where}: entrypoint {dep.get('entrypoint')!r} is not a @flow")
             continue
+        where = f"deployment {fl.name}/{name}"
+        if where in seen:
+            problems.append(f"{where}: duplicate name")
+        seen.add(where)
         params = dep.get("parameters") or {}
         schema = fl.parameters.model_dump(mode="json")
         unknown = sorted(set(params) - set(schema.get("properties", {})))
@@ -95,8 +100,8 @@ def check_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML) -> list
         if not isinstance(pool, dict) or not pool.get("name"):
             problems.append(f"{where}: work_pool.name is missing")
             pool = {}
-        elif name in flow_specs() and pool["name"] != pool_for(name):
-            problems.append(f"{where}: runs on pool {pool['name']!r}, expected {pool_for(name)!r}")
+        elif fl.name in flow_specs() and pool["name"] != pool_for(fl.name):
+            problems.append(f"{where}: runs on pool {pool['name']!r}, expected {pool_for(fl.name)!r}")
         limit, options = dep.get("concurrency_limit"), None
         if isinstance(limit, dict):
             if limit.get("collision_strategy"):
@@ -115,3 +120,53 @@ def check_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML) -> list
         except Exception as exc:
             problems.append(f"{where}: not a valid deployment: {exc}")
     return problems
+
+
+def with_schedule(path: str | os.PathLike[str], cron: str, timezone: str) -> dict[str, Any]:
+    """The prefect.yaml at `path` with every schedule's cron and timezone set (the nightly's)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text())
+    for dep in raw.get("deployments") or []:
+        for sched in dep.get("schedules") or []:
+            if "cron" in sched:
+                sched.update(cron=cron, timezone=timezone)
+    return raw
+
+
+def _prefect(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], capture_output=True, text=True,
+                          cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def apply_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML, *, cron: str, timezone: str,
+                       create_pools: bool = True) -> list[str]:
+    """`prefect deploy --all` of `path`, with the nightly schedule set to `cron` in `timezone`.
+
+    Why not `prefect deploy --all --timezone ...`: with `--all`, Prefect drops the command
+    line's schedule options, so the file's own timezone would win. A copy of the file with the
+    schedule set is deployed instead. Missing work pools are created as process pools first.
+    Returns what was done, one line each; RuntimeError with Prefect's output on failure."""
+    import tempfile
+
+    import yaml
+
+    done = []
+    raw = with_schedule(path, cron, timezone)
+    if create_pools:
+        pools = {(d.get("work_pool") or {}).get("name") for d in raw["deployments"]} - {None}
+        listed = _prefect("work-pool", "ls")
+        for pool in sorted(pools):
+            if pool not in listed.stdout:
+                r = _prefect("work-pool", "create", pool, "--type", "process")
+                if r.returncode != 0 and "already exists" not in r.stdout + r.stderr:
+                    raise RuntimeError(f"prefect work-pool create {pool} failed:\n{r.stdout}{r.stderr}")
+                done.append(f"created process work pool {pool}")
+    with tempfile.TemporaryDirectory(prefix="dpoflow-deploy-") as tmp:
+        copy = Path(tmp) / "prefect.yaml"
+        copy.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        r = _prefect("deploy", "--prefect-file", str(copy), "--all", cwd=tmp)
+    if r.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+    done.append(f"deployed {len(raw['deployments'])} deployment(s) from {path}; nightly schedule '{cron}' ({timezone})")
+    return done

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type hints only: the runner imports this module
     from dpoflow.flows.runner import StageRun
 
 log = logging.getLogger("dpoflow")
@@ -111,7 +111,10 @@ class _ArtifactPoster:
 
     def post(self, request: Any) -> None:
         """Create an artifact: queued inside `batched_artifacts`, else posted now."""
-        call = lambda client: client.create_artifact(request)  # noqa: E731
+        self.post_call(lambda client: client.create_artifact(request))
+
+    def post_call(self, call: Callable[[Any], Any]) -> None:
+        """Run ``call(client)``: queued inside `batched_artifacts`, else now."""
         if _BATCH.get():
             with self._lock:
                 self._queue.append((time.monotonic(), contextvars.copy_context(), call))
@@ -215,12 +218,83 @@ def artifacts_posted_meanwhile() -> Iterator[None]:
         _POSTER.wait()
 
 
-def report_rows(stage: str, run: StageRun, rows_in: dict[str, int], rows_out: dict[str, int]) -> list[dict]:
-    rows = [{"stage": stage, "what": f"in: {k}", "rows": v} for k, v in rows_in.items()]
-    rows += [{"stage": stage, "what": f"out: {k}", "rows": v} for k, v in rows_out.items()]
-    for reason, n in (run.report.get("dropped") or {}).items():
-        rows.append({"stage": stage, "what": f"dropped: {reason}", "rows": n})
-    for reason, n in (run.report.get("quarantined") or {}).items():
-        rows.append({"stage": stage, "what": f"quarantined: {reason}", "rows": n})
-    rows.append({"stage": stage, "what": "seconds", "rows": round(run.seconds, 3)})
-    return rows
+# --- what each flow run did, recorded in the store (read back by `dpoflow run --deployment`) ---
+
+def run_record_key(run_id: str) -> str:
+    return f"flow_run_{run_id}"
+
+
+def record_stage_run(store: Any, run: StageRun, inputs: dict[str, str], rows_out: dict[str, int],
+                     run_id: str | None = None) -> dict[str, Any] | None:
+    """Append what a stage run read, wrote (or reused) to its flow run's record in the store.
+
+    Why the store: a flow's return value lives only in the process that ran it (the worker's),
+    and outputs reused by a skipped stage carry no commit of this run. The steps of one flow
+    run are sequential, so a read-modify-write of its own record has no other writer."""
+    run_id = run_id or flow_run_id()
+    if not run_id:
+        return None
+    rec = {"stage": run.stage, "inputs": dict(inputs), "outputs": dict(run.outputs), "skipped": run.skipped,
+           "seconds": round(run.seconds, 3), "rows": dict(rows_out)}
+    steps = [s for s in store.get_state(run_record_key(run_id), []) or [] if s.get("stage") != run.stage]
+    store.set_state(run_record_key(run_id), steps + [rec])
+    return rec
+
+
+def stage_finished(store: Any, run: StageRun, inputs: dict[str, str], rows_out: dict[str, int]) -> None:
+    """Called by the runner after every stage run (also a skipped one): record it under the
+    flow run's id and make the flow run say what it read and wrote (name and tags)."""
+    run_id = flow_run_id()
+    if not run_id:
+        return
+    record_stage_run(store, run, inputs, rows_out, run_id)
+    label_flow_run(run.stage, inputs, run.outputs)
+
+
+_LABELS: dict[str, set[str]] = {}  # flow run id -> tags this process gave it (a flow runs several stages)
+
+
+def run_name(stage: str, inputs: dict[str, str]) -> str:
+    """`pairs <- candidates@12,scores@12`: what a stage run read, as its flow run's name."""
+    return f"{stage} <- {','.join(sorted(inputs.values())) or 'nothing'}"
+
+
+def version_tags(inputs: dict[str, str], outputs: dict[str, str]) -> set[str]:
+    return {f"in:{r}" for r in inputs.values()} | {f"out:{r}" for k, r in outputs.items() if k != "quarantine"}
+
+
+def label_flow_run(stage: str | None, inputs: dict[str, str], outputs: dict[str, str],
+                   extra_tags: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Rename the current flow run after `stage` (only the stage its flow is named after: the
+    train flow's evaluate / promote steps keep `train`'s name) and add version tags."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    fr = ctx.flow_run
+    added = _LABELS.setdefault(str(fr.id), set())
+    added |= version_tags(inputs, outputs) | set(extra_tags)
+    if len(_LABELS) > 256:  # long-lived worker processes: forget old runs
+        _LABELS.pop(next(iter(_LABELS)))
+    tags = sorted(set(fr.tags or []) | added)
+    name = run_name(stage, inputs) if stage and ctx.flow is not None and ctx.flow.name == stage else None
+    _POSTER.post_call(lambda client: client.update_flow_run(fr.id, name=name, tags=tags))
+
+
+def stage_runs(store: Any, run_id: str) -> list[dict[str, Any]]:
+    """The stage runs a flow run recorded; for runs that recorded nothing, the versions whose
+    commit names this flow run (the lineage every write carries)."""
+    steps = store.get_state(run_record_key(run_id), None)
+    if steps:
+        return list(steps)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for name in store.list():
+        for info in store.log(name)[:5]:  # newest first: a run writes among the last versions
+            if info.flow_run_id == run_id:
+                rec = found.setdefault(info.stage or "?", [{"stage": info.stage, "inputs": {}, "outputs": {},
+                                                             "skipped": False, "seconds": None, "rows": {}}])[0]
+                rec["outputs"][name] = info.ref
+                rec["rows"][name] = info.rows
+                rec["inputs"].update({p.split("@")[0]: p for p in info.parents})
+    return [r[0] for r in found.values()]

@@ -16,13 +16,21 @@ import pytest
 import yaml
 
 from dpoflow.flows import gpu_slots, local_server
-from dpoflow.flows.deployments import CPU_POOL, GPU_POOL, build_deployments, flow_specs
+from dpoflow.flows.deployments import (
+    CPU_POOL,
+    GPU_POOL,
+    POOL_ROUTE,
+    SERVE_ROUTE,
+    build_deployments,
+    flow_specs,
+)
 from dpoflow.flows.gpu_slots import gpu_slot
 from dpoflow.flows.prefect_yaml import REPO_PREFECT_YAML, check_prefect_yaml
 from dpoflow.flows.registry import STAGES
 
 RAW = yaml.safe_load(REPO_PREFECT_YAML.read_text())
-DEPLOYMENTS = {d["name"]: d for d in RAW["deployments"]}
+FLOW_OF = {spec: name for name, spec in flow_specs().items()}
+DEPLOYMENTS = {FLOW_OF[d["entrypoint"]]: d for d in RAW["deployments"]}  # flow name -> its deployment
 
 
 def _module_exists(spec: str) -> bool:
@@ -38,6 +46,8 @@ def test_prefect_yaml_covers_every_stage_with_the_stage_registry_entrypoints():
     assert RAW["deployments"] and len(DEPLOYMENTS) == len(RAW["deployments"]), "duplicate names"
     # one deployment per stage + nightly + import, nothing else, entrypoints as in flows/registry.py
     assert set(DEPLOYMENTS) == set(flow_specs()) == set(STAGES) | {"nightly", "import"}
+    # FLOW/workers: never the names `dpoflow serve` registers (FLOW/serve)
+    assert {d["name"] for d in RAW["deployments"]} == {POOL_ROUTE} != {SERVE_ROUTE}
     for name, dep in DEPLOYMENTS.items():
         assert dep["entrypoint"] == flow_specs()[name]
         assert dep["work_pool"]["name"] == (GPU_POOL if name in {"sample", "train", "nightly"} else CPU_POOL)
@@ -51,7 +61,7 @@ def test_prefect_yaml_covers_every_stage_with_the_stage_registry_entrypoints():
 @pytest.mark.parametrize("name", list(flow_specs()))
 def test_each_deployment_validates(problems, name):
     spec = flow_specs()[name]
-    mine = [p for p in problems if p.startswith(f"deployment {name}:")]
+    mine = [p for p in problems if p.startswith(f"deployment {name}/{POOL_ROUTE}:")]
     assert _module_exists(spec), f"{spec} does not import"
     assert mine == []
     assert not [p for p in problems if not p.startswith("deployment ")]  # file-level problems
@@ -61,7 +71,7 @@ def _mutated(tmp_path: Path, edit) -> list[str]:
     raw = yaml.safe_load(REPO_PREFECT_YAML.read_text())
     raw.pop("definitions")
     raw = json.loads(json.dumps(raw))  # YAML anchors load as shared dicts: unshare before editing
-    deps = {d["name"]: d for d in raw["deployments"]}
+    deps = {FLOW_OF[d["entrypoint"]]: d for d in raw["deployments"]}
     edit(deps)
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -83,7 +93,7 @@ def _mutated(tmp_path: Path, edit) -> list[str]:
 def test_checker_rejects_broken_deployments(tmp_path, edit, expect):
     found = _mutated(tmp_path, edit)
     assert any(expect in p for p in found), found
-    assert all(p.startswith("deployment import:") for p in found), found
+    assert all(p.startswith(("deployment import/workers:", "deployment workers:")) for p in found), found
 
 
 def test_checker_accepts_the_unchanged_copy_and_rejects_garbage(tmp_path):
@@ -97,7 +107,8 @@ def test_checker_accepts_the_unchanged_copy_and_rejects_garbage(tmp_path):
 
 def test_build_deployments_pins_workspace_and_schedules_only_nightly(tmp_path):
     deps, missing = build_deployments(tmp_path / "ws", cron="30 3 * * 1-5", timezone="Europe/Berlin")
-    by_name = {d.name: d for d in deps}
+    assert {d.name for d in deps} == {SERVE_ROUTE}  # FLOW/serve: never the workers' FLOW/workers
+    by_name = {d.flow_name: d for d in deps}
     assert "import" in by_name
     assert sorted(list(by_name) + [m.split(" ")[0] for m in missing]) == sorted(flow_specs())
     for name, d in by_name.items():
@@ -110,7 +121,7 @@ def test_build_deployments_pins_workspace_and_schedules_only_nightly(tmp_path):
         else:
             assert not d.schedules
     deps, _ = build_deployments(tmp_path, names=["import"], overrides=["import.on_bad_rows=fail"])
-    assert [d.name for d in deps] == ["import"] and deps[0].parameters["overrides"] == ["import.on_bad_rows=fail"]
+    assert [d.flow_name for d in deps] == ["import"] and deps[0].parameters["overrides"] == ["import.on_bad_rows=fail"]
     with pytest.raises(ValueError, match="unknown deployment"):
         build_deployments(tmp_path, names=["nope"])
     with pytest.raises(ValueError):
@@ -227,7 +238,7 @@ def test_cli_deploy_check_and_serve_argument_errors(tmp_path, capsys):
     bad = tmp_path / "prefect.yaml"
     raw = yaml.safe_load(REPO_PREFECT_YAML.read_text())
     for d in raw["deployments"]:
-        if d["name"] == "import":
+        if d["entrypoint"] == flow_specs()["import"]:
             d["parameters"] = {"nonsense": 1}
     bad.write_text(yaml.safe_dump(raw))
     assert main(["deploy", "check", "--file", str(bad), "--json"]) == 1
@@ -297,7 +308,7 @@ def test_nightly_schedule_and_concurrency_validate_against_a_nightly_shaped_flow
         return deps
 
     def nightly_problems(edit):
-        return [p for p in _mutated(tmp_path, edit) if p.startswith("deployment nightly:")]
+        return [p for p in _mutated(tmp_path, edit) if p.startswith("deployment nightly/workers:")]
 
     assert nightly_problems(lambda d: point(d)) == []
     bad = nightly_problems(lambda d: point(d, concurrency_limit={"limit": 1, "collision_strategy": "WAIT"}))

@@ -1,0 +1,63 @@
+"""`dpoflow run STAGE`: what a run wrote is read back from the store by its flow-run id, runs are
+named and tagged after their dataset versions, failures and a missing server are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dpoflow.flows.cli import main
+from tests.test_pairs_flow import _seed
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    clean.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", **env)
+    return subprocess.run([sys.executable, "-m", "dpoflow.flows.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=clean)
+
+
+def test_run_deployment_without_a_server_is_one_line(tmp_path):
+    ws = str(tmp_path / "ws")
+    r = _cli(tmp_path, "run", "pairs", "--deployment", "--workspace", ws)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "no Prefect server configured" in r.stderr and "PREFECT_API_URL" in r.stderr
+    r = _cli(tmp_path, "run", "pairs", "--deployment", "--workspace", ws, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "no Prefect server answers at http://127.0.0.1:9/api" in r.stderr
+
+
+def test_run_prints_what_it_wrote_from_the_store_and_labels_the_run(ws, prefect_harness, capsys):
+    from prefect.client.orchestration import get_client
+
+    _seed(ws, 8)
+    assert main(["run", "pairs", "--workspace", str(ws.root), "--json"]) == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    (step,) = res["stages"]
+    written = ws.store.info("pairs")
+    # the outputs are the version this run committed (the commit names the run's id)
+    assert res["state"] == "COMPLETED" and step["outputs"] == {"pairs": written.ref} and not step["skipped"]
+    assert written.flow_run_id == res["id"] and step["rows"]["pairs"] == written.rows > 0
+    assert set(step["inputs"].values()) == {"candidates@0", "scores@0", "judgements@0"}
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(res["id"])
+    assert fr.name == res["name"] == "pairs <- candidates@0,judgements@0,scores@0"
+    assert {"in:candidates@0", "in:scores@0", "in:judgements@0", f"out:{written.ref}"} <= set(fr.tags)
+
+    # unchanged: reused outputs are printed too (nothing was committed by this run)
+    assert main(["run", "pairs", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"unchanged -> reused {written.ref}" in out and ws.store.latest("pairs") == written.version
+
+
+def test_a_failed_run_prints_its_state_message_and_exits_non_zero(ws, prefect_harness, capsys):
+    # balance reads pairs@latest, and there are no pairs yet: the flow run fails inside
+    assert main(["run", "balance", "--workspace", str(ws.root)]) == 1
+    cap = capsys.readouterr()
+    assert "balance run" in cap.out and "FAILED" in cap.out
+    (line,) = cap.err.strip().splitlines()
+    assert "ended FAILED" in line and "pairs" in line and "Traceback" not in cap.err
+    assert not ws.store.exists("dpo_train")
