@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type hints only: the runner imports this module
@@ -186,6 +187,157 @@ def progress_reporter(key: str, description: str, *, background: bool = False
 
     run(create)
     return lambda fraction: run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
+
+
+# --- images that render anywhere: embedded as data URIs -----------------------------------------
+
+def data_uri(path: str | Path, max_bytes: int = 2_000_000) -> str | None:
+    """A PNG / JPEG / SVG file as a ``data:`` URI (None if missing or larger than `max_bytes`):
+    a path on the worker's disk shows as a broken image in the UI on any other machine."""
+    import base64
+    import mimetypes
+
+    p = Path(path)
+    try:
+        if not p.is_file() or p.stat().st_size > max_bytes:
+            return None
+        data = p.read_bytes()
+    except OSError:
+        return None
+    mime = mimetypes.guess_type(p.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def embed_images(markdown: str, base: str | Path | None = None) -> str:
+    """Replace every ``![alt](local file)`` in `markdown` by the image's data URI (relative
+    paths against `base`); a file that cannot be read becomes a note instead of a broken image."""
+    import re
+
+    def swap(m: re.Match) -> str:
+        alt, target = m.group(1), m.group(2).strip()
+        if target.startswith(("data:", "http://", "https://")):
+            return m.group(0)
+        path = Path(target) if Path(target).is_absolute() or base is None else Path(base) / target
+        uri = data_uri(path)
+        return f"![{alt}]({uri})" if uri else f"*({alt}: image not readable here: `{target}`)*"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", swap, markdown)
+
+
+# --- live training progress: a progress bar, a markdown card and a terminal line -------------
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def last_metrics_row(path: Path) -> dict[str, Any] | None:
+    """The last complete row of a metrics.jsonl the trainer appends to (None before the first)."""
+    import json
+    import os
+
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a row half written
+        if isinstance(row, dict) and row.get("step"):
+            return row
+    return None
+
+
+def progress_card(row: dict[str, Any], elapsed_s: float, fraction: float) -> dict[str, Any]:
+    """What the live training progress shows: step, loss, reward accuracy and margin, tokens/s, ETA."""
+    def num(k: str) -> float | None:
+        v = row.get(k)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    eta = elapsed_s * (1 - fraction) / fraction if fraction > 0 else None
+    return {"step": int(row.get("step") or 0), "total_steps": row.get("total_steps"), "loss": num("loss"),
+            "reward_accuracy": num("rewards/accuracies"), "reward_margin": num("rewards/margins"),
+            "tokens_per_s": num("tokens_per_s"), "eta_s": round(eta, 1) if eta is not None else None,
+            "elapsed_s": round(elapsed_s, 1), "fraction": round(fraction, 4)}
+
+
+def progress_line(card: dict[str, Any]) -> str:
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    width = 20
+    done = int(round(width * card["fraction"]))
+    return (f"train [{'#' * done}{'.' * (width - done)}] step {card['step']}/{card['total_steps'] or '?'} "
+            f"loss {f(card['loss'], '.4f')} acc {f(card['reward_accuracy'], '.2f')} "
+            f"margin {f(card['reward_margin'], '.3f')} {f(card['tokens_per_s'], '.0f')} tok/s "
+            f"ETA {_fmt_s(card['eta_s']) if card['eta_s'] is not None else '-'}")
+
+
+def progress_markdown(card: dict[str, Any]) -> str:
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    return "\n".join([
+        f"# Training: step {card['step']} of {card['total_steps'] or '?'} ({100 * card['fraction']:.0f}%)", "",
+        "| step | loss | reward accuracy | reward margin | tokens/s | elapsed | ETA |",
+        "|---|---|---|---|---|---|---|",
+        f"| {card['step']} | {f(card['loss'], '.4f')} | {f(card['reward_accuracy'], '.3f')} | "
+        f"{f(card['reward_margin'], '.4f')} | {f(card['tokens_per_s'], '.0f')} | {_fmt_s(card['elapsed_s'])} | "
+        f"{_fmt_s(card['eta_s']) if card['eta_s'] is not None else '-'} |"])
+
+
+def training_progress(metrics_root: str | Path, *, stream: Any = None,
+                      clock: Callable[[], float] = time.monotonic) -> Callable[[float], None]:
+    """A callback for the training launcher's `on_progress(fraction)`: reads the newest row of
+    the metrics.jsonl under `metrics_root` (the trainer writes one per logged step) and shows
+    it as a progress artifact, a markdown card updated in place (`train-live`) and a line on
+    the terminal (redrawn in place on a tty). Outside a flow run only the terminal line."""
+    root, t0, started = Path(metrics_root), clock(), time.time()
+    stream = stream or sys.stderr
+    bar = progress_reporter("train-progress", "train: optimizer steps done", background=True)
+    card_id: list[Any] = []
+    run_ids = None
+    if flow_run_id():
+        from prefect.utilities.context import get_task_and_flow_run_ids
+
+        run_ids = get_task_and_flow_run_ids()
+
+    def newest() -> Path | None:
+        files = [p for p in root.glob("*/metrics.jsonl") if p.stat().st_mtime >= started - 5]  # this run's
+        return max(files, key=lambda p: p.stat().st_mtime, default=None)
+
+    def post(md: str) -> None:
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        def send(client: Any) -> None:
+            if card_id:
+                client.update_artifact(card_id[0], ArtifactUpdate(data=md))
+            else:
+                card_id.append(client.create_artifact(ArtifactCreate(
+                    type="markdown", key="train-live", description="training progress (live)", data=md,
+                    flow_run_id=run_ids[1], task_run_id=run_ids[0])).id)
+
+        _POSTER.call_soon(send)  # in the background: the run only waits on the trainer meanwhile
+
+    def on_progress(fraction: float) -> None:
+        path = newest()
+        row = last_metrics_row(path) if path else None
+        if bar is not None:
+            bar(fraction)
+        if row is None:
+            return
+        card = progress_card(row, clock() - t0, fraction)
+        tty = getattr(stream, "isatty", lambda: False)()
+        print(("\r" if tty else "") + progress_line(card), end="" if tty and fraction < 1 else "\n",
+              file=stream, flush=True)
+        if run_ids is not None:
+            post(progress_markdown(card))
+
+    return on_progress
 
 
 @contextlib.contextmanager

@@ -21,9 +21,10 @@ from prefect.cache_policies import NO_CACHE
 
 from dpoflow.flows.reporting import (
     artifacts_posted_meanwhile,
-    progress_reporter,
+    embed_images,
     publish_markdown,
     publish_table,
+    training_progress,
 )
 from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
@@ -123,8 +124,9 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
             out.skipped["eval_ref_logps"] = runs[-1].skipped
 
     def train_step() -> StageRun:
-        progress = lambda: progress_reporter("train-progress", "train: optimizer steps done",  # noqa: E731
-                                             background=True)  # only waits on the training process
+        # live step / loss / reward accuracy / tokens/s / ETA from the trainer's metrics.jsonl, as
+        # artifacts (in the background: the run only waits on the training process) and a terminal line
+        progress = lambda: training_progress(ws.scratch / "train")  # noqa: E731
         return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference, progress), inputs,
                          stage.train_key_config(cfg), force=force,
                          key_extra={"policy": policy.version, "ref_model": reference.version},
@@ -190,13 +192,15 @@ def publish_outcome(ws: Workspace, out: TrainOutcome) -> None:
             rows = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items() if k in keep}
                     for i, h in enumerate(hist) if i % every == 0 or i == len(hist) - 1]
         publish_table("train-curves", rows, f"training curves of {out.model_version} (PNG: {out.curves_path})")
-        publish_markdown("train-curves-image", f"# Training curves of `{out.model_version}`\n\n"
-                         f"![training curves]({out.curves_path})\n\nPNG in the workspace: `{out.curves_path}`",
-                         "training curves PNG")
+        publish_markdown("train-curves-image", embed_images(  # the PNG itself: the UI may run anywhere
+            f"# Training curves of `{out.model_version}`\n\n![training curves]({out.curves_path})\n\n"
+            f"PNG in the workspace: `{out.curves_path}`"), "training curves PNG")
     if out.report_path:
         from pathlib import Path
 
-        publish_markdown("eval-report", Path(out.report_path).read_text(), f"evaluation of {out.model_version}")
+        report = Path(out.report_path)
+        publish_markdown("eval-report", embed_images(report.read_text(), report.parent),
+                         f"evaluation of {out.model_version}")
     if out.decision:
         d = out.decision
         verdict = "PROMOTED to production" if d["promoted"] else "not promoted"
