@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import threading
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -114,9 +115,17 @@ def module_closure(start: str) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
-@lru_cache(maxsize=128)
+_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads (score | ingest)
+
+
 def code_version(module: str) -> str:
     """``<package version>+<hash of the core sources `module` reaches>``."""
+    with _LOCK:
+        return _code_version(module)
+
+
+@lru_cache(maxsize=128)
+def _code_version(module: str) -> str:
     try:
         pkg = version("dpoflow")
     except PackageNotFoundError:
