@@ -53,8 +53,8 @@ def import_dataset(ws: Workspace, dataset: str, path: str | Path, *, force: bool
         if not run.skipped and dataset in run.outputs:
             record_rerun_key(ws, f"import:{dataset}", importing.import_stage, {"previous": run.outputs[dataset]},
                              config, key_extra, run.outputs)
-    if replace and previous and not run.skipped:
-        run.report["replaced"] = previous
+    if previous and not run.skipped and dataset in run.outputs:
+        run.report["replaced" if replace else "added_to"] = previous
     return run
 
 
@@ -63,6 +63,9 @@ def import_events(ws: Workspace, path: str | Path, files: list[Path], *, force: 
     """`feedback_events` files through the ingest stage, as its one source (`import`): the
     stage adds them to the latest events (none with `replace`). Configured sources are not
     read; their watermarks are left as they are."""
+    if all(_empty(f) for f in files):  # nothing to add: no new version
+        report = {"files": [str(f) for f in files], "rows_in": 0, "rows_out": 0, "quarantined": {}}
+        return StageRun("import:feedback_events", {}, False, "", report, 0.0)
     src = SourceConfig(name="import", kind="files", path=str(Path(path).resolve()))
     cfg = ws.config.ingest.model_copy(update={"sources": [src]})
     run = run_ingest(ws, feedback_events=None if replace else "feedback_events@latest", force=force or replace,
@@ -72,6 +75,12 @@ def import_events(ws: Workspace, path: str | Path, files: list[Path], *, force: 
         rep["files"] = [str(f) for f in files]
         rep["rows_out"] = rep.get("accepted", 0)
     return run
+
+
+def _empty(f: Path) -> bool:
+    """A file without a byte, or a small text file of whitespace only."""
+    size = f.stat().st_size
+    return size == 0 or (size < 1 << 20 and f.suffix.lower() != ".parquet" and not f.read_bytes().strip())
 
 
 def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) -> dict[str, Any]:

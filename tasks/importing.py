@@ -134,10 +134,16 @@ def _read_csv(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
     Arrow's reader first; a file it cannot read as a whole (e.g. invalid UTF-8) is read row
     by row with the csv module, so only its bad rows are quarantined."""
     src = str(path)
-    bad: list[tuple[int, str]] = []
+    bad: list[tuple[int, str, str]] = []
 
     def on_invalid(row: Any) -> str:
-        bad.append((row.number or -1, row.text))
+        # Arrow cannot number lines when values may hold newlines: then -k marks the k-th bad
+        # row, so two identical bad rows stay two quarantine rows
+        number = row.number if row.number and row.number > 0 else -(len(bad) + 1)
+        try:
+            bad.append((number, row.text, "malformed CSV row"))
+        except UnicodeDecodeError:  # the row's bytes are no UTF-8 (Arrow decodes them for `text`)
+            bad.append((number, f"<row {number}: not UTF-8>", "invalid UTF-8"))
         return "skip"
 
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
@@ -147,9 +153,10 @@ def _read_csv(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
     opts = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
     conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True)
     try:
+        if not _is_utf8(path):  # Arrow would stop at the first bad byte: read row by row instead
+            raise OSError("not UTF-8")
         table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
-        return table, _quarantine(src, dataset, ["malformed CSV row"] * len(bad), [t for _, t in bad],
-                                  [i for i, _ in bad])
+        return table, _quarantine(src, dataset, [r for _, _, r in bad], [t for _, t, _ in bad], [i for i, _, _ in bad])
     except (pa.ArrowException, OSError):
         pass
     rows: list[dict[str, Any]] = []
@@ -178,6 +185,21 @@ def _read_csv(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
     return table, _quarantine(src, dataset, reasons, raws, idx)
 
 
+def _is_utf8(path: Path, chunk: int = 1 << 24) -> bool:
+    """Whether the whole file is valid UTF-8 (checked in chunks, without holding the file)."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                dec.decode(block)
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _read_json_lines(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
     """JSONL (or a .json array of objects): Arrow's reader when the whole file parses, else
     object by object, so bad lines (invalid JSON or UTF-8, not an object, absurd nesting,
@@ -188,15 +210,15 @@ def _read_json_lines(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
             head = f.read(4096).lstrip()
     except OSError as exc:
         return pa.table({}), _quarantine(src, dataset, ["unreadable file"], [f"{src}: {_one_line(exc)}"], [0])
-    if not head.startswith(b"["):
-        try:
+    if not (head.startswith(b"[") and path.suffix.lower() == ".json") and _is_utf8(path):
+        try:  # (Arrow's JSON reader does not check UTF-8: files with bad bytes go line by line)
             table = pajson.read_json(path)
             if all(_text_ok(table, name) for name in TEXT_FIELDS.get(dataset, ())):
                 return table, _quarantine(src, dataset, [], [], [])
         except (pa.ArrowException, OSError, RecursionError):
             pass
     rows, reasons, raws, idx = [], [], [], []
-    for i, line, obj, why in _json_objects(path, head.startswith(b"[")):
+    for i, line, obj, why in _json_objects(path, head.startswith(b"[") and path.suffix.lower() == ".json"):
         if why is None:
             why = next((f"malformed {k}: not text" for k in TEXT_FIELDS.get(dataset, ())
                         if obj.get(k) is not None and not isinstance(obj[k], str)), None)
@@ -211,23 +233,16 @@ def _read_json_lines(path: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
 
 def _json_objects(path: Path, array: bool) -> Iterator[tuple[int, str, dict, str | None]]:
     """(index, raw text, object, None) per good object, (index, raw text, {}, reason) per bad one."""
-    if array:  # a .json array: its elements are the rows
-        data = path.read_bytes()
+    if array:  # a .json file holding one array: its elements are the rows
         try:
-            items = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            yield 0, data.decode("utf-8", "replace")[:10_000], {}, "invalid UTF-8"
+            items = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError) not one array: by line
+            items = None
+        if isinstance(items, list):
+            for i, obj in enumerate(items):
+                raw = _dumps(obj)
+                yield (i, raw, obj, None) if isinstance(obj, dict) else (i, raw, {}, "invalid JSON: not a JSON object")
             return
-        except RecursionError:
-            yield 0, data.decode("utf-8", "replace")[:10_000], {}, "invalid JSON: nested too deeply"
-            return
-        except ValueError as exc:
-            yield 0, data.decode("utf-8", "replace")[:10_000], {}, f"invalid JSON: {_one_line(exc)}"
-            return
-        for i, obj in enumerate(items if isinstance(items, list) else [items]):
-            raw = _dumps(obj)
-            yield (i, raw, obj, None) if isinstance(obj, dict) else (i, raw, {}, "invalid JSON: not a JSON object")
-        return
     with open(path, "rb") as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -399,6 +414,8 @@ def _raw_rows(table: pa.Table, idx: np.ndarray) -> list[str]:
     9999+ timestamp is no Python datetime)."""
     if not len(idx):
         return []
+    if not table.num_columns:  # rows like {}: Arrow keeps their count, not a row list
+        return ["{}"] * len(idx)
     t = table.take(pa.array(idx, pa.int64()))
     for i, f in enumerate(t.schema):
         if pa.types.is_temporal(f.type):
