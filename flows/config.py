@@ -90,6 +90,7 @@ def _stage_models() -> dict[str, type[BaseModel]]:
 def _build_model() -> type[BaseModel]:
     from pydantic import create_model
 
+    from dpoflow.flows.ray_runner import RayConfig
     from dpoflow.tasks.annotations import AnnotationsConfig as annotations_model  # aggregation of annotators
 
     fields: dict[str, Any] = {
@@ -97,6 +98,7 @@ def _build_model() -> type[BaseModel]:
         "import_": (ImportConfig, Field(default_factory=ImportConfig, alias="import")),
         "nightly": (NightlyConfig, Field(default_factory=NightlyConfig)),
         "annotations": (annotations_model, Field(default_factory=annotations_model)),
+        "ray": (RayConfig, Field(default_factory=RayConfig)),  # the Ray cluster of `runner: ray`
     }
     for name, model in _stage_models().items():
         fields[name] = (model, Field(default_factory=model))

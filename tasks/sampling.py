@@ -19,7 +19,9 @@ prompts@V (+ served@W) -> candidates
   `dup_count`. Served responses (what users saw) join as ``origin="served"`` candidates
   whose candidate_id is their response_id, so feedback events join on it.
 
-No Prefect here: the flow passes a `shard_runner` that wraps each shard in a Prefect task.
+Shards travel as specs (tasks.shards): the driver plans them, a runner runs them (here,
+one after the other; or, from the flow, as Prefect tasks here or on a Ray cluster) and the
+driver gathers the committed shard datasets. No Prefect here.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from dpoflow.tasks import generation as gen
 from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
+from dpoflow.tasks.shards import ShardRunner, ShardSpec, inline_runner, travelling_options
 
 log = logging.getLogger("dpoflow.sample")
 
@@ -113,6 +116,9 @@ class SampleConfig(Section):
     progress_bar: bool | None = Field(None, description="tqdm bar; None = only on an interactive terminal")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (None = torch default; 1 is "
                                     "often fastest for small models on a busy machine)")
+    runner: Literal["inline", "ray"] = Field(
+        "inline", description="where shards run: inline (this process, one after the other) or ray (each shard "
+        "a Prefect task run on a Ray worker; see the ray section); the candidates are the same")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -501,13 +507,6 @@ def assemble(shards: list[pa.Table], good: pa.Table, dedup: bool) -> tuple[pa.Ta
 
 # --- the stage ---------------------------------------------------------------------------------
 
-ShardRunner = Callable[[str, Callable[[], dict]], dict]
-
-
-def _inline(label: str, work: Callable[[], dict]) -> dict:
-    return work()
-
-
 def model_keys(cfg: SampleConfig, registry: Any) -> dict[str, str]:
     """What the stage's skip key must know about the models beyond the config: the version a
     registry tag points at now (it moves on promotion) and local folders' fingerprints."""
@@ -519,32 +518,49 @@ def model_keys(cfg: SampleConfig, registry: Any) -> dict[str, str]:
 
 
 def make_sample_stage(shard_runner: ShardRunner | None = None, reuse_shards: bool = True,
-                      progress: Callable[[], Callable[[float], None] | None] | None = None
-                      ) -> Callable[[StageContext], StageResult]:
+                      progress: Callable[[], Callable[[float], None] | None] | None = None,
+                      device: str | None = None) -> Callable[[StageContext], StageResult]:
     """The stage function for the runner; `progress()`, called when sampling starts, may give
-    a callback for the share of prompts done."""
+    a callback for the share of prompts done. `device` is the workers' device when shards run
+    elsewhere (a Ray cluster's GPUs), instead of the one resolved in this process."""
 
     def sample(ctx: StageContext) -> StageResult:
         return sample_stage(ctx, shard_runner=shard_runner, reuse_shards=reuse_shards,
-                            on_progress=progress() if progress else None)
+                            on_progress=progress() if progress else None, device=device)
 
     return sample
+
+
+def shard_specs(ctx: StageContext, shards: list[Shard], good: pa.Table, cfg: SampleConfig,
+                models: list[ModelSpec], device: str, reuse: bool) -> list[ShardSpec]:
+    """The planned shards as specs a worker anywhere can run (ids, not rows, travel)."""
+    ids = good.column("prompt_id")
+    rows = good.column("_row")
+    config = cfg.model_dump(mode="json")
+    cache = getattr(ctx.registry, "cache_dir", None)
+    return [ShardSpec(
+        label=s.label, name=s.name, store_root=ctx.store.root, store_options=travelling_options(ctx.store.options),
+        prompts_ref=ctx.inputs["prompts"], prompt_ids=tuple(pc.take(ids, pa.array(s.rows)).to_pylist()),
+        rows=tuple(pc.take(rows, pa.array(s.rows)).to_pylist()), sampler=s.sampler, config=config,
+        model=models[s.sampler], device=device, model_cache=str(cache) if cache else None,
+        flow_run_id=ctx.flow_run_id, reuse=reuse) for s in shards]
 
 
 def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, reuse_shards: bool = True,
                  on_progress: Callable[[float], None] | None = None,
                  on_shard: Callable[[str, dict], None] | None = None,
-                 before_generate: Callable[[int], None] | None = None) -> StageResult:
-    """prompts (+ served) -> candidates. `shard_runner(label, work)` runs one shard's work
-    (the flow wraps it in a Prefect task); `on_progress(fraction)` reports progress;
-    `on_shard(label, info)` is told when a shard is done (its output is then durable);
-    `reuse_shards=False` (a forced run) recomputes shards that were already finished."""
+                 before_generate: Callable[[int], None] | None = None, device: str | None = None) -> StageResult:
+    """prompts (+ served) -> candidates. `shard_runner(specs, on_batch)` runs the shards and
+    yields each one's info as it finishes (default: one after the other in this process; the
+    flow runs them as Prefect tasks, here or on Ray); `on_progress(fraction)` reports
+    progress; `on_shard(label, info)` is told when a shard is done (its output is then
+    durable); `reuse_shards=False` (a forced run) recomputes shards that were already finished."""
 
     cfg: SampleConfig = ctx.config
     store = ctx.store
-    runner = shard_runner or _inline
+    runner = shard_runner or inline_runner(before_generate)
     models = [resolve_model(sc.model, ctx.registry) for sc in cfg.samplers]  # fail before work
-    device = gen.pick_device(cfg.device)
+    device = device or gen.pick_device(cfg.device)
     if device == "cpu" and cfg.cpu_threads:
         import torch
 
@@ -554,9 +570,11 @@ def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, 
     prompts = ctx.read("prompts", columns=[c for c in ("prompt_id", "prompt", "messages") if c in names])
     good, quarantine, q_counts = check_prompts(prompts, source=prompts_ref)
     shards = plan_shards(prompts_ref, good, cfg, models, device)
+    specs = shard_specs(ctx, shards, good, cfg, models, device, reuse_shards)
     grid_sizes = [len(sc.grid()) for sc in cfg.samplers]
-    total = sum(len(s.rows) * grid_sizes[s.sampler] for s in shards) or 1
+    total = sum(s.n_prompts * grid_sizes[s.sampler] for s in specs) or 1
     done = [0]
+    finished = [0]
     show = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
     from tqdm.auto import tqdm
 
@@ -566,36 +584,28 @@ def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, 
         done[0] += k
         bar.update(k)
 
-    infos: list[dict] = []
+    by_name: dict[str, dict] = {}
     t0 = time.perf_counter()
     try:
-        for shard in shards:
-            def work(shard: Shard = shard) -> dict:
-                if reuse_shards and store.exists(shard.name):
-                    info = store.info(shard.name)
-                    return {"ref": info.ref, "reused": True, **info.extra}
-                table, stats = run_shard(shard, good, cfg, models[shard.sampler], device, on_batch=advance,
-                                         before_generate=before_generate)
-                extra = {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
-                         "oom_splits": stats.oom_splits, "label": shard.label}
-                info = store.write(shard.name, table, schema=SHARD, parents=[prompts_ref], stage="sample",
-                                   flow_run_id=ctx.flow_run_id, extra=extra)
-                ctx.logger.info("sample shard %s: %d rows, %d tokens, %.1f tokens/s", shard.label, table.num_rows,
-                                stats.generated_tokens, stats.tokens_per_s)
-                return {"ref": info.ref, "reused": False, **extra}
-
-            before = done[0]
-            info = runner(shard.label, work)
-            if info.get("reused"):
-                advance(len(shard.rows) * grid_sizes[shard.sampler] - (done[0] - before))
-            infos.append(info)
+        for spec, info in runner(specs, advance):
+            finished[0] += spec.n_prompts * grid_sizes[spec.sampler]
+            advance(max(0, finished[0] - done[0]))  # reused, skipped or remote: no batch progress came
+            if not info.get("reused"):
+                ctx.logger.info("sample shard %s: %d tokens, %.1f tokens/s", spec.label,
+                                info.get("generated_tokens", 0),
+                                info.get("generated_tokens", 0) / max(float(info.get("seconds", 0.0)), 1e-9))
+            by_name[spec.name] = info
             if on_shard:
-                on_shard(shard.label, info)
+                on_shard(spec.label, info)
             if on_progress:
                 on_progress(done[0] / total)
     finally:
         bar.close()
         release_models()  # the next stage (training) may need the GPU memory
+    missing = [s.label for s in specs if s.name not in by_name]
+    if missing:
+        raise RuntimeError(f"sample: {len(missing)} shards did not finish: {', '.join(missing[:5])}")
+    infos = [by_name[s.name] for s in specs]
     wall = time.perf_counter() - t0
     sampled, skipped, counts = assemble([store.read(i["ref"]) for i in infos], good, cfg.dedup)
     if skipped.num_rows:

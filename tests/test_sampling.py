@@ -3,6 +3,8 @@ bad inputs, served responses, and the stage through run_stage."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -218,7 +220,8 @@ def test_model_references_resolve_or_fail_clearly(ws, tiny_model_dir, tmp_path):
         sampling.resolve_model("models@production", ws.registry)
     version = ws.registry.register(tiny_model_dir, tags=["production"])
     reg = sampling.resolve_model("models@production", ws.registry)
-    assert reg.version == version and (reg.load.endswith(version))
+    assert reg.version == version and reg.load == str(ws.registry.local_path(version))
+    assert (Path(reg.load) / "config.json").exists()
 
 
 # --- the stage ---------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Shards on a Ray cluster through Prefect: the `ray` config section and the RayTaskRunner setup.
+
+Why Ray through prefect-ray: every shard stays a Prefect task run (visible in the UI, with
+its logs and state), while Ray places it on a worker with the CPUs / GPU it asks for
+(`remote_options`, Ray sets CUDA_VISIBLE_DEVICES). GPU shards reuse their worker process
+(``max_calls=0``), so the model is loaded once per worker, not once per shard.
+
+`address: local` starts a private cluster for the run (and stops it after); any other
+address joins an existing cluster and is checked first, so a wrong or dead address is one
+line of error, never a silent fall-back to a local cluster. Ray is imported only when a
+run uses it (``pip install 'dpoflow[ray]'``).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from dpoflow.tasks.contract import Section
+
+_ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
+
+
+class RayConfig(Section):
+    address: str = Field("local", description="local: start a private Ray cluster for the run (stopped after); "
+                         "ray://host:10001 (Ray client) or host:6379 (on a cluster node): join that cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: all); ignored when joining")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (None: all visible)")
+    object_store_mb: int | None = Field(None, ge=80, description="object store of a local cluster in MiB "
+                                        "(None: Ray's default, 30% of memory); shards pass only small specs")
+    cpus_per_shard: float = Field(1.0, gt=0, description="CPUs Ray reserves for one shard task")
+    gpus_per_shard: float = Field(0.0, ge=0, description="GPUs per shard task (0: CPU shards; 1: one GPU each, "
+                                  "the worker and its loaded model are reused across shards)")
+    retries: int = Field(1, ge=0, description="retries of a shard whose task fails or whose worker dies "
+                         "(a committed shard is never written twice)")
+    dashboard: bool = Field(False, description="start the Ray dashboard with a local cluster")
+    connect_timeout_s: float = Field(10.0, gt=0, description="how long to try reaching a cluster address")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        v = v.strip()
+        if v != "local" and not _ADDRESS.match(v):
+            raise ValueError(f"ray.address must be 'local', 'ray://host:port' or 'host:port', not {v!r}")
+        return v
+
+
+class RayUnavailable(RuntimeError):
+    """The configured Ray cluster cannot be used (a one-line reason)."""
+
+
+def check_address(cfg: RayConfig) -> None:
+    """Fail fast, in one line, when a cluster address does not answer (no local fall-back)."""
+    if cfg.address == "local":
+        return
+    m = _ADDRESS.match(cfg.address)
+    assert m is not None  # validated
+    host, port = m["host"].strip("[]"), int(m["port"])
+    try:
+        with socket.create_connection((host, port), timeout=cfg.connect_timeout_s):
+            pass
+    except OSError as exc:
+        raise RayUnavailable(f"ray.address {cfg.address!r} is unreachable ({exc.strerror or exc}); start the "
+                             "cluster or set ray.address: local") from None
+
+
+def init_kwargs(cfg: RayConfig) -> dict[str, Any]:
+    """`ray.init` settings: resources only for a cluster we start; joining takes the cluster's."""
+    if cfg.address != "local":
+        return {}
+    kw: dict[str, Any] = {"include_dashboard": cfg.dashboard}
+    if cfg.num_cpus is not None:
+        kw["num_cpus"] = cfg.num_cpus
+    if cfg.num_gpus is not None:
+        kw["num_gpus"] = cfg.num_gpus
+    if cfg.object_store_mb is not None:
+        kw["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
+    return kw
+
+
+def shard_options(cfg: RayConfig) -> dict[str, Any]:
+    """`remote_options` of one shard task. GPU tasks would get a fresh worker per call by
+    default (max_calls=1); 0 keeps the worker and its model. A dead worker is retried by Ray."""
+    opts: dict[str, Any] = {"num_cpus": cfg.cpus_per_shard, "max_retries": cfg.retries}
+    if cfg.gpus_per_shard > 0:
+        opts.update(num_gpus=cfg.gpus_per_shard, max_calls=0)
+    return opts
+
+
+def worker_device(device: str, cfg: RayConfig) -> str:
+    """The device shards run on: what the Ray tasks ask for, not what this process sees."""
+    if cfg.gpus_per_shard > 0:
+        if device == "cpu":
+            raise ValueError("sample.device=cpu contradicts ray.gpus_per_shard > 0")
+        return "cuda"
+    if device.startswith("cuda"):
+        raise ValueError(f"sample.device={device} needs ray.gpus_per_shard > 0 with sample.runner=ray")
+    return "cpu"
+
+
+def task_runner(cfg: RayConfig) -> Any:
+    """A RayTaskRunner for this config (a private cluster for `local`)."""
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise RayUnavailable("sample.runner=ray needs Ray: pip install 'dpoflow[ray]'") from exc
+    check_address(cfg)
+    return RayTaskRunner(address=cfg.address, init_kwargs=init_kwargs(cfg))
+
+
+def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, Any]]]
+               ) -> Iterator[tuple[Any, Any]]:
+    """Submit every ``(key, parameters)`` as a task run on the cluster, then yield
+    ``(key, result)`` in completion order. Tasks still pending when the caller stops (an
+    error, a cancelled flow run) are cancelled, so nothing keeps running unowned."""
+    import ray
+    from prefect_ray.context import remote_options
+
+    runner = task_runner(cfg)
+    try:
+        runner.__enter__()
+    except Exception as exc:  # noqa: BLE001 - any failure to start or join is one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RayUnavailable(f"ray.address {cfg.address!r}: cannot start or join Ray: {first}") from None
+    pending: dict[Any, tuple[Any, Any]] = {}
+    try:
+        with remote_options(**shard_options(cfg)):
+            for key, params in calls:
+                fut = runner.submit(task, params)
+                pending[fut.wrapped_future] = (key, fut)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key, fut = pending.pop(ready[0])
+            yield key, fut.result()
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        runner.__exit__(None, None, None)
+
+
+def ray_shard_runner(cfg: RayConfig, task: Any) -> Callable[..., Iterator[tuple[Any, dict]]]:
+    """A shard runner (tasks.shards.ShardRunner) that runs each spec as `task` on Ray."""
+
+    def run(specs: Sequence[Any], on_batch: Callable[[int], None]) -> Iterator[tuple[Any, dict]]:
+        yield from submit_all(cfg, task, [(s, {"label": s.label, "spec": s}) for s in specs])
+
+    return run

@@ -1,0 +1,157 @@
+"""Sampling shards that travel: a small picklable spec and the worker entry point that runs it.
+
+Why a spec and not a closure: a shard may run in this process, in a Prefect task, or on a
+Ray worker on another machine. Everything a worker needs is named, not captured: the store
+root (a folder on shared disk or ``s3://...``), the pinned prompts version and the shard's
+prompt ids, the sampler config, its seed (inside the config) and the resolved model. The
+worker opens the store itself, reads only its prompts, generates, and commits its own
+dataset (``shard_sample_<key>``). Seeds are per candidate (tasks.generation), so where a
+shard ran does not change its text.
+
+Exactly once: a shard's dataset is committed with ``expected_version=-1`` (it must not
+exist yet), so a retried or duplicated shard that finds its output already committed
+reuses it instead of writing it twice. Secrets never travel: S3 keys come from the
+worker's own environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from dpoflow.storage.store import DatasetStore
+    from dpoflow.tasks.sampling import ModelSpec
+
+SECRET_OPTIONS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of the sample stage, as plain data (pickles in well under a kilobyte per prompt)."""
+
+    label: str  # sampler name + chunk number, the Prefect task run's name
+    name: str  # dataset its finished output is committed as
+    store_root: str  # folder (shared disk) or s3:// URI
+    store_options: tuple[tuple[str, str], ...]  # non-secret store settings (endpoint, region)
+    prompts_ref: str  # pinned name@version
+    prompt_ids: tuple[str, ...]
+    rows: tuple[int, ...]  # the prompts' positions in the driver's checked table (output order)
+    sampler: int  # index into config["samplers"]
+    config: dict[str, Any]  # the sample section as JSON
+    model: ModelSpec
+    device: str  # resolved on the driver (cpu | cuda); part of the shard key
+    model_cache: str | None = None  # where a worker downloads registry models when the store is remote
+    flow_run_id: str | None = None
+    reuse: bool = True  # False (a forced run): recompute a shard that is already committed
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+
+def travelling_options(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in options.items() if k not in SECRET_OPTIONS))
+
+
+def open_store(spec: ShardSpec) -> DatasetStore:
+    """The worker's own handle on the store: its environment supplies any keys."""
+    from dpoflow.storage.store import DatasetStore, storage_options_from_env
+
+    return DatasetStore(spec.store_root, {**storage_options_from_env(spec.store_root), **dict(spec.store_options)})
+
+
+def shard_prompts(store: DatasetStore, spec: ShardSpec) -> pa.Table:
+    """The shard's prompts (prompt_id, prompt, messages?) in spec order with `_row`, read with a
+    filter on the ids so a worker never loads the whole prompts dataset. A duplicated id
+    keeps its first row, as the driver's check did."""
+    names = store.dataset(spec.prompts_ref).schema.names
+    cols = [c for c in ("prompt_id", "prompt", "messages") if c in names]
+    found = store.read(spec.prompts_ref, columns=cols, filter=pc.field("prompt_id").isin(list(spec.prompt_ids)))
+    pos = pc.index_in(pa.array(spec.prompt_ids, pa.string()), found.column("prompt_id"))  # first match per id
+    if pos.null_count:
+        missing = pc.filter(pa.array(spec.prompt_ids, pa.string()), pc.is_null(pos)).to_pylist()[:3]
+        raise LookupError(f"shard {spec.label}: prompt ids {missing} not found in {spec.prompts_ref}")
+    return found.take(pos).append_column("_row", pa.array(np.asarray(spec.rows, dtype=np.int64)))
+
+
+def _resolved_model(spec: ShardSpec, store: DatasetStore) -> ModelSpec:
+    """The model folder on this machine: the driver's path when it is visible here (shared
+    disk), else the pinned registry version downloaded to the worker's cache."""
+    from dataclasses import replace
+
+    from dpoflow.storage.registry import ModelRegistry, is_registry_ref
+
+    if Path(spec.model.load).is_dir() or not is_registry_ref(spec.model.ref):
+        return spec.model
+    cache = spec.model_cache or os.path.join(os.path.expanduser("~"), ".cache", "dpoflow", "models")
+    path = ModelRegistry(store, cache_dir=cache).local_path(spec.model.version)  # pinned, not the moving tag
+    return replace(spec.model, load=str(path))
+
+
+def worker_identity() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def run_shard_spec(spec: ShardSpec, on_batch: Callable[[int], None] | None = None,
+                   before_generate: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The worker entry point: reuse the committed shard or generate and commit it.
+    Returns a small dict (the dataset ref, counters, where it ran), never the rows."""
+    from dpoflow.storage.store import ConflictError
+    from dpoflow.tasks import sampling
+
+    store = open_store(spec)
+    if spec.reuse and store.exists(spec.name):
+        return _reused(store, spec)
+    cfg = sampling.SampleConfig.model_validate(spec.config)
+    if spec.device == "cpu" and cfg.cpu_threads:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
+    prompts = shard_prompts(store, spec)
+    shard = sampling.Shard(spec.label, spec.name, spec.sampler, np.arange(prompts.num_rows))
+    table, stats = sampling.run_shard(shard, prompts, cfg, _resolved_model(spec, store), spec.device,
+                                      on_batch=on_batch, before_generate=before_generate)
+    extra = {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
+             "oom_splits": stats.oom_splits, "label": spec.label, **worker_identity()}
+    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
+    try:
+        info = store.write(spec.name, table, schema=sampling.SHARD, parents=[spec.prompts_ref], stage="sample",
+                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
+    except ConflictError:  # a duplicate run of this shard committed first: keep that one
+        return _reused(store, spec)
+    return {"ref": info.ref, "reused": False, **extra}
+
+
+def _reused(store: DatasetStore, spec: ShardSpec) -> dict[str, Any]:
+    info = store.info(spec.name)
+    return {**info.extra, "ref": info.ref, "reused": True, **worker_identity()}
+
+
+# --- runners -----------------------------------------------------------------------------------
+
+class ShardRunner(Protocol):
+    """Runs shard specs somewhere and yields ``(spec, info)`` as each one finishes.
+
+    `on_batch(prompts)` is progress inside a shard; only runners in this process call it."""
+
+    def __call__(self, specs: Sequence[ShardSpec], on_batch: Callable[[int], None]
+                 ) -> Iterable[tuple[ShardSpec, dict[str, Any]]]: ...
+
+
+def inline_runner(before_generate: Callable[[int], None] | None = None) -> ShardRunner:
+    """One shard after the other in this process (the model stays loaded between shards)."""
+
+    def run(specs: Sequence[ShardSpec], on_batch: Callable[[int], None]) -> Iterator[tuple[ShardSpec, dict]]:
+        for spec in specs:
+            yield spec, run_shard_spec(spec, on_batch=on_batch, before_generate=before_generate)
+
+    return run
