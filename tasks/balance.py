@@ -229,22 +229,31 @@ class _Texts:
     lr: np.ndarray
 
 
-def _distinct(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """The distinct texts of a column (one representative row each) and each row's index into them.
+def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The distinct texts of the columns (one representative row each) and, for the rows of the
+    columns one after the other, the index of their text.
 
     Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
     texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
-    arr = pc.fill_null(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col, "")
-    _, first, inv = np.unique(hash_strings(arr), return_index=True, return_inverse=True)
-    return arr.take(pa.array(first)), inv.ravel()
+    arrs = [pc.fill_null(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c, "") for c in cols]
+    h = np.concatenate([hash_strings(a) for a in arrs])
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    parts, lo = [], 0
+    for a in arrs:  # representatives taken from each column (a take per plain array, no concatenation)
+        mine = first[(first >= lo) & (first < lo + len(a))]
+        parts.append(a.take(pa.array(mine - lo)))
+        lo += len(a)
+    col = np.searchsorted(np.cumsum([len(a) for a in arrs]), first, side="right")
+    pos = np.empty(len(first), np.int64)  # position of each distinct text in the concatenated parts
+    pos[np.argsort(col, kind="stable")] = np.arange(len(first))
+    return pa.concat_arrays(parts), pos[inv.ravel()]
 
 
 def _profile_texts(t: pa.Table, cfg: BalanceConfig) -> _Texts:
     """Profile each distinct text once (responses repeat across pairs): identity hash (normalised
     or raw), emptiness after normalisation and CJK-aware unit length."""
     n = t.num_rows
-    resp = pa.chunked_array(t.column("chosen").chunks + t.column("rejected").chunks, pa.string())
-    uniq, inv = _distinct(resp)
+    uniq, inv = _distinct(t.column("chosen"), t.column("rejected"))
     prof = text_codes.profile(uniq)
     puniq, pinv = _distinct(t.column("prompt"))
     if cfg.identity == "raw":

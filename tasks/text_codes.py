@@ -183,7 +183,7 @@ def _run(texts: pa.Array | pa.ChunkedArray, strings: bool) -> tuple[TextProfile,
     empty = lens == 0
     result = texts if strings else None
     if len(fix):
-        fixed = _normalise_rows(data, starts[fix], lens[fix])
+        fixed = _normalise_rows(texts.take(pa.array(fix)))  # one contiguous copy of those texts
         h[fix] = hash_strings(fixed)
         empty[fix] = np.diff(np.frombuffer(fixed.buffers()[1], np.int32, len(fix) + 1)) == 0
         if strings:
@@ -200,17 +200,16 @@ def _run(texts: pa.Array | pa.ChunkedArray, strings: bool) -> tuple[TextProfile,
     return TextProfile(h, empty, units), result
 
 
-def _normalise_rows(data: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pa.Array:
-    """Normalised copies of the given (fast-path) texts, as a string array."""
+def _normalise_rows(texts: pa.Array) -> pa.Array:
+    """Normalised copies of the given (fast-path) texts, as a string array (slice by slice)."""
+    data, starts, lens = _buffers(texts)
     parts = []
-    ends = np.cumsum(lens)
+    ends = starts + lens
     lo = 0
     while lo < len(lens):
-        hi = min(len(lens), max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + CHUNK_BYTES))))
-        ln = lens[lo:hi]
-        owner = np.repeat(np.arange(hi - lo, dtype=np.int32), ln)
-        rel = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
-        out, own = _normalise_slice(data[np.repeat(starts[lo:hi], ln) + rel], owner, hi - lo)
+        hi = min(len(lens), max(lo + 1, int(np.searchsorted(ends, starts[lo] + CHUNK_BYTES))))
+        owner = np.repeat(np.arange(hi - lo, dtype=np.int32), lens[lo:hi])
+        out, own = _normalise_slice(data[starts[lo]:ends[hi - 1]], owner, hi - lo)
         parts.append(_as_strings(out, own, hi - lo))
         lo = hi
     return pa.concat_arrays(parts) if parts else pa.array([], pa.string())

@@ -1,0 +1,223 @@
+"""The pairs and balance kernels against plain, slow, obviously correct Python on random small inputs.
+
+The reference below loops over prompts and pairs with dicts and `unicodedata`: no hashing, no
+numpy. Hypothesis draws prompts whose texts collide in every way the rules care about (equal
+texts, texts equal only after NFKC / whitespace normalisation, repeated prompts under other ids,
+tied scores and margins, unsafe candidates) and checks identical pair ids, margins and funnel
+counts, for both identity rules and both tie breaks.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpoflow.storage.schemas import conform
+from dpoflow.tasks.balance import BalanceConfig, balance_pairs
+from dpoflow.tasks.ids import stable_id_one
+from dpoflow.tasks.pairs import PairsConfig, build_pairs
+from dpoflow.tasks.text import unit_interval, unit_length
+from dpoflow.tasks.text_codes import hash_strings, normalized, profile
+
+# pieces that make texts equal raw, equal only after normalisation, CJK, and exact-path characters
+PIECES = ["a", "b", "A", "Ａ", "１", "1", " ", "  ", "\n", "\t", "\u3000", "你", "好", "，", ",", "。", "é", "e\u0301",
+          "\v", "…", "x y", "２０２４"]
+TEXT = st.lists(st.sampled_from(PIECES), min_size=0, max_size=6).map("".join)
+SCORE = st.sampled_from([None, 0.0, 0.5, 1.0, 1.5, 2.0, 3.25])
+
+
+# --- the reference -----------------------------------------------------------------------------
+
+def ref_normalize(s: str) -> str:
+    return re.sub(r"[ \t\n\r\f]+", " ", unicodedata.normalize("NFKC", s)).strip()
+
+
+CJK = re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF\U00020000-\U0002A6DF]")
+WORD = re.compile(r"[^\W_]+")
+
+
+def ref_units(s: str) -> int:
+    s = unicodedata.normalize("NFKC", s)
+    return len(CJK.findall(s)) + len(WORD.findall(CJK.sub(" ", s)))
+
+
+def ref_pairs(cands: list[dict], score: dict, unsafe: set, min_margin: float, cap: int | None
+              ) -> tuple[list[dict], dict]:
+    """all_pairs over the metrics source, safe beats unsafe, ties / unsafe chosen / min margin / cap."""
+    seen, rows = set(), []
+    for c in cands:
+        if c["candidate_id"] not in seen:
+            seen.add(c["candidate_id"])
+            rows.append(c)
+    dropped = {"single_candidate": 0, "tie": 0, "unsafe_chosen": 0, "below_min_margin": 0}
+    if len(rows) < len(cands):
+        dropped["duplicate_candidate"] = len(cands) - len(rows)
+    by_prompt: dict[str, list[dict]] = {}
+    for c in rows:
+        by_prompt.setdefault(c["prompt_id"], []).append(c)
+    out, considered = [], 0
+    for pid in sorted(by_prompt):
+        group = sorted(by_prompt[pid], key=lambda c: c["candidate_id"])
+        dropped["single_candidate"] += len(group) == 1
+        kept = []
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                a, b = group[i], group[j]
+                considered += 1
+                ua, ub = a["candidate_id"] in unsafe, b["candidate_id"] in unsafe
+                if ua != ub:
+                    ch, rj = (b, a) if ua else (a, b)
+                    cs, rs, margin = 1.0, 0.0, 1.0
+                else:
+                    sa, sb = score.get(a["candidate_id"]), score.get(b["candidate_id"])
+                    if sa is None or sb is None or abs(sa - sb) <= 1e-9:
+                        dropped["tie"] += 1
+                        continue
+                    ch, rj = (a, b) if sa > sb else (b, a)
+                    if ch["candidate_id"] in unsafe:
+                        dropped["unsafe_chosen"] += 1
+                        continue
+                    cs, rs = score[ch["candidate_id"]], score[rj["candidate_id"]]
+                    margin = cs - rs
+                if margin < min_margin:
+                    dropped["below_min_margin"] += 1
+                    continue
+                kept.append({"prompt_id": pid, "prompt": ch["prompt"], "chosen": ch["response"],
+                             "rejected": rj["response"], "chosen_id": ch["candidate_id"],
+                             "rejected_id": rj["candidate_id"], "margin": margin, "cs": cs, "rs": rs,
+                             "pos": (group.index(rj), group.index(ch))})
+        if cap is not None:
+            kept.sort(key=lambda p: (-p["margin"], p["pos"]))
+            dropped["cap"] = dropped.get("cap", 0) + max(0, len(kept) - cap)
+            kept = kept[:cap]
+        out += kept
+    for p in out:
+        p["pair_id"] = stable_id_one(p["prompt_id"], p["chosen_id"], p["rejected_id"])
+    dropped["considered"] = considered
+    return out, dropped
+
+
+def ref_balance(pairs: list[dict], identity: str, tie_break: str, cap: int | None) -> tuple[list[dict], dict]:
+    """empty, identical, duplicate, prompt cap (near-dup, mixes and length band off)."""
+    norm = ref_normalize if identity == "normalized" else (lambda s: s)
+    dropped = {}
+    rest = [p for p in pairs if ref_normalize(p["chosen"]) and ref_normalize(p["rejected"])]
+    dropped["empty"] = len(pairs) - len(rest)
+    keep = [p for p in rest if norm(p["chosen"]) != norm(p["rejected"])]
+    dropped["identical"] = len(rest) - len(keep)
+    first: dict[tuple, dict] = {}
+
+    def id_key(p: dict) -> tuple:
+        return (p["pair_id"],) if tie_break == "hash" else (p["prompt_id"], p["chosen_id"], p["rejected_id"])
+
+    for p in keep:
+        k = (norm(p["prompt"]), norm(p["chosen"]), norm(p["rejected"]))
+        if k not in first or id_key(p) < id_key(first[k]):
+            first[k] = p
+    dedup = [p for p in keep if first[(norm(p["prompt"]), norm(p["chosen"]), norm(p["rejected"]))] is p]
+    dropped["duplicate"] = len(keep) - len(dedup)
+    if cap is not None and dedup:  # the stage skips a step that has no rows
+        by_prompt: dict[str, list[dict]] = {}
+        for p in dedup:
+            by_prompt.setdefault(p["prompt_id"], []).append(p)
+
+        def tie(p: dict) -> tuple:
+            if tie_break == "hash":
+                return (float(unit_interval(pa.array([p["pair_id"]]), salt="cap:0:")[0]),)
+            return (p["chosen_id"], p["rejected_id"])
+
+        out = []
+        for ps in by_prompt.values():
+            out += sorted(ps, key=lambda p: (-p["margin"], tie(p)))[:cap]
+        dropped["prompt_cap"] = len(dedup) - len(out)
+        dedup = out
+    return dedup, dropped
+
+
+# --- the property --------------------------------------------------------------------------------
+
+@st.composite
+def workloads(draw: st.DrawFn) -> dict:
+    prompt_texts = draw(st.lists(TEXT, min_size=1, max_size=3))
+    cands, score, unsafe = [], {}, set()
+    for p in range(draw(st.integers(1, 4))):
+        ptext = draw(st.sampled_from(prompt_texts))
+        for k in draw(st.lists(st.integers(0, 6), min_size=1, max_size=5)):
+            cid = f"p{p}c{k}"
+            cands.append({"candidate_id": cid, "prompt_id": f"p{p}", "prompt": ptext, "response": draw(TEXT),
+                          "origin": "sampled", "model_version": "m1", "dup_count": 1})
+            score[cid] = draw(SCORE)
+            if draw(st.integers(0, 9)) == 0:
+                unsafe.add(cid)
+    return {"cands": cands, "score": score, "unsafe": unsafe, "min_margin": draw(st.sampled_from([0.0, 0.5, 1.0])),
+            "pairs_cap": draw(st.sampled_from([None, 1, 2])), "cap": draw(st.sampled_from([None, 1, 2])),
+            "identity": draw(st.sampled_from(["normalized", "raw"])),
+            "tie_break": draw(st.sampled_from(["hash", "lowest_id"]))}
+
+
+def _tables(w: dict) -> tuple[pa.Table, pa.Table]:
+    cand = conform("candidates", pa.Table.from_pylist(w["cands"]))
+    ids = sorted(w["score"])
+    sc = pa.Table.from_pylist([{"candidate_id": c, "prompt_id": "?", "auto_score": w["score"][c], "reward": None,
+                                "flag_safety": c in w["unsafe"], "flag_pii": False, "flag_repetition": False,
+                                "flag_length": False, "flag_refusal": False, "flag_language": False,
+                                "flag_empty": False, "flag_reasons": []} for c in ids])
+    return cand, conform("scores", sc)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_pairs_and_balance_equal_the_reference(w):
+    cand, sc = _tables(w)
+    out, _, rep = build_pairs(cand, PairsConfig(min_margin=w["min_margin"], max_pairs_per_prompt=w["pairs_cap"]),
+                              scores=sc)
+    ref, ref_dropped = ref_pairs(w["cands"], w["score"], w["unsafe"], w["min_margin"], w["pairs_cap"])
+    got = {r["pair_id"]: (r["chosen_id"], r["rejected_id"], r["margin"], r["chosen_score"], r["rejected_score"])
+           for r in out.to_pylist()}
+    assert got == {p["pair_id"]: (p["chosen_id"], p["rejected_id"], p["margin"], p["cs"], p["rs"]) for p in ref}
+    assert rep["considered"] == ref_dropped.pop("considered")
+    assert {k: v for k, v in rep["dropped"].items() if v} == {k: v for k, v in ref_dropped.items() if v}
+
+    cfg = BalanceConfig(near_dup=False, length_control=False, eval_fraction=0.0, plots=False,
+                        max_pairs_per_prompt=w["cap"], identity=w["identity"], tie_break=w["tie_break"])
+    train, evals, brep, _ = balance_pairs(out, cfg)
+    kept, bdropped = ref_balance(ref, w["identity"], w["tie_break"], w["cap"])
+    assert evals.num_rows == 0
+    assert sorted(train.column("pair_id").to_pylist()) == sorted(p["pair_id"] for p in kept)
+    assert brep["dropped"] == bdropped
+    lens = [(ref_units(p["chosen"]), ref_units(p["rejected"])) for p in ref]
+    if lens:
+        assert brep["before"]["chosen_len_mean"] == round(float(np.mean([c for c, _ in lens])), 2)
+        assert brep["before"]["chosen_longer_share"] == round(float(np.mean([c > r for c, r in lens])), 4)
+
+
+# --- the text kernel against the Arrow path of tasks.text ----------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(TEXT, st.text(max_size=12)), min_size=1, max_size=30))
+def test_text_profile_equals_normalize_and_unit_length(texts):
+    arr = pa.array(texts + [None])
+    prof = profile(arr)
+    ref = [ref_normalize(t or "") for t in texts] + [""]
+    assert normalized(arr).to_pylist() == ref
+    assert (prof.norm_hash == hash_strings(pa.array(ref))).all()
+    assert prof.empty.tolist() == [r == "" for r in ref]
+    assert prof.units.tolist() == unit_length(arr).tolist()
+
+
+def test_text_profile_on_long_mixed_texts_across_slices(monkeypatch):
+    """Texts spanning several byte slices, each path at least once, in one array."""
+    import dpoflow.tasks.text_codes as tc
+
+    monkeypatch.setattr(tc, "CHUNK_BYTES", 64)
+    texts = ["请用简单的话解释，二分查找！\n\n" * 3, "Explain  binary\tsearch " * 4, "ＡＢＣ　１２３ done", "café au lait",
+             "", "   ", "a\vb", "x"]
+    arr = pa.array(texts)
+    prof = tc.profile(arr)
+    assert tc.normalized(arr).to_pylist() == [ref_normalize(t) for t in texts]
+    assert prof.units.tolist() == [ref_units(t) for t in texts] == unit_length(arr).tolist()
