@@ -67,14 +67,19 @@ def run_stage_flow(stage: str, params: dict[str, Any], timeout_s: float) -> dict
     """Run one stage flow as a subflow of the calling flow.
 
     Subflows run inside the nightly flow's process, whose own heartbeat already tells the
-    server it is alive; their heartbeat threads would only add ~1 s each at exit.
+    server it is alive; their heartbeat threads would only add ~1 s each at exit. The id of
+    each stage's run is noted for the night summary (`_STAGE_RUNS`).
     """
     f = stage_flow(stage).with_options(timeout_seconds=timeout_s)
     gate = _GATE.get()
     if gate is not None:
         f = f.with_options(on_running=[gate.arrive])
     with settings_context({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return f(**params)
+        state = f(**params, return_state=True)
+    runs = _STAGE_RUNS.get()
+    if runs is not None and state.state_details.flow_run_id:
+        runs.append((stage, str(state.state_details.flow_run_id)))
+    return state.result()  # raises the stage's own exception when it failed (retries look at it)
 
 
 class _StaggeredStart:
@@ -110,6 +115,28 @@ class _StaggeredStart:
 
 
 _GATE: contextvars.ContextVar[_StaggeredStart | None] = contextvars.ContextVar("dpoflow_gate", default=None)
+# (stage, flow run id) of each stage subflow of the running night, attempts included
+_STAGE_RUNS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("dpoflow_stage_runs",
+                                                                                            default=None)
+
+
+def nightly_run_name() -> str:
+    """`nightly-2026-11-29`: the night's date (its scheduled start, in nightly.timezone)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from prefect.runtime import flow_run
+
+    tz = "UTC"
+    try:
+        from dpoflow.flows.deployments import nightly_schedule
+
+        params = flow_run.parameters or {}
+        tz = nightly_schedule(params.get("workspace"), params.get("overrides"))[1]
+    except Exception:  # noqa: BLE001 - a name never fails a night
+        pass
+    start = flow_run.scheduled_start_time or datetime.now(ZoneInfo("UTC"))
+    return f"nightly-{start.astimezone(ZoneInfo(tz)).date().isoformat()}"
 
 
 def _present(ws: Workspace, name: str) -> str | None:
@@ -179,7 +206,7 @@ def nightly_direct(workspace: str | None = None, overrides: list[str] | None = N
                         lambda a, b: (run_direct(ws, *a), run_direct(ws, *b)), {"force": force}, force)
 
 
-@flow(name="nightly", log_prints=True)
+@flow(name="nightly", flow_run_name=nightly_run_name, log_prints=True)
 def nightly_flow(workspace: str | None = None, overrides: list[str] | None = None,
                  force: bool = False) -> dict[str, Any]:
     """Import -> sample -> score + ingest -> pairs -> balance -> train / evaluate / promote."""
@@ -210,23 +237,69 @@ def nightly_flow(workspace: str | None = None, overrides: list[str] | None = Non
             _GATE.reset(token)
 
     common = {"workspace": str(ws.root), "overrides": overrides, "force": force}
-    with batched_artifacts():  # stage reports are posted in batches (see flows.stage)
-        out = run_pipeline(ws, call, call_pair, common, force)
-        _report(ws, out, time.perf_counter() - t0)
+    token = _STAGE_RUNS.set([])
+    try:
+        with batched_artifacts():  # stage reports are posted in batches (see flows.reporting)
+            out = run_pipeline(ws, call, call_pair, common, force)
+            _report(ws, out, _STAGE_RUNS.get() or [], time.perf_counter() - t0)
+    finally:
+        _STAGE_RUNS.reset(token)
     return out
 
 
-def _report(ws: Workspace, out: dict[str, Any], seconds: float) -> None:
-    """Lineage of this run's outputs as a markdown artifact, plus a one-table summary."""
-    refs = [v for k, v in out.items() if isinstance(v, str) and "@" in v and k != "quarantine"]
-    lines = [f"# Nightly run ({seconds:.1f} s)", "", "## Outputs and their lineage", ""]
-    for ref in refs:
-        info = ws.store.info(ref)
-        lines.append(f"- `{ref}` ({info.rows} rows, stage `{info.stage}`) <- "
-                     + (", ".join(f"`{p}`" for p in info.parents) or "external file"))
+def night_summary(ws: Workspace, out: dict[str, Any], stage_runs: list[tuple[str, str]], seconds: float,
+                  run_id: str | None = None) -> str:
+    """The night on one page: each stage's run (link), inputs -> outputs, rows, seconds,
+    skipped or not, the model trained and the promotion decision."""
+    from dpoflow.flows.local_server import flow_run_url
+    from dpoflow.flows.reporting import stage_runs as recorded
+
+    def link(rid: str, text: str) -> str:
+        url = flow_run_url(rid)
+        return f"[{text}]({url})" if url else f"{text} (`{rid[:8]}`)"
+
+    lines = [f"# Night summary ({seconds:.1f} s)", "",
+             "| stage | run | inputs | outputs | rows | seconds | skipped |", "|---|---|---|---|---|---|---|"]
+    runs = ([("import", run_id)] if run_id else []) + list(stage_runs)
+    for name, rid in runs:
+        for step in recorded(ws.store, rid):
+            if name == "import" and not step["stage"].startswith("import"):
+                continue
+            rows = ", ".join(f"{k}: {v}" for k, v in step["rows"].items()) or "-"
+            lines.append(f"| {step['stage']} | {link(rid, name)} | {', '.join(step['inputs'].values()) or '-'} | "
+                         f"{', '.join(v for k, v in step['outputs'].items() if k != 'quarantine') or '-'} | {rows} | "
+                         f"{step['seconds'] if step.get('seconds') is not None else '-'} | "
+                         f"{'yes (unchanged)' if step['skipped'] else 'no'} |")
     train = out.get("train") or {}
     if train:
-        lines += ["", "## Training", "", "```", *[f"{k}: {v}" for k, v in train.items() if not isinstance(v, dict)], "```"]
-    publish_markdown("nightly-lineage", "\n".join(lines), "lineage of this run's outputs")
+        d = train.get("decision") or {}
+        verdict = "promoted to production" if d.get("promoted") else "not promoted"
+        lines += ["", "## Model", "", f"- trained: `{train.get('model_version')}` from `{out.get('dpo_train')}`"
+                  + (" (reused)" if (train.get("skipped") or {}).get("train") else ""),
+                  f"- promotion: **{verdict}** (gate passed: {d.get('passed')}; production before: "
+                  f"`{d.get('previous_production')}`, now: `{d.get('production')}`)"]
+        lines += [f"  - {r}" for r in d.get("reasons") or []]
+        ev = train.get("eval") or {}
+        if ev:
+            lines.append("- eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in ev.items() if not isinstance(v, dict | list)))
+    else:
+        lines += ["", "## Model", "", "- no training this night (nightly.train is off)"]
+    return "\n".join(lines)
+
+
+def _report(ws: Workspace, out: dict[str, Any], stage_runs: list[tuple[str, str]], seconds: float) -> None:
+    """The night summary (markdown), the datasets it wrote or reused (table), and the night's
+    run tagged with its output versions and the model it trained."""
+    from dpoflow.flows.reporting import flow_run_id, label_flow_run
+
+    refs = {k: v for k, v in out.items() if isinstance(v, str) and "@" in v and k != "quarantine"}
+    publish_markdown("night-summary", night_summary(ws, out, stage_runs, seconds, flow_run_id()),
+                     "each stage's run, inputs -> outputs, rows, seconds, skipped; model and promotion")
     publish_table("nightly-outputs", [{"dataset": r.split("@")[0], "version": r, "rows": ws.store.info(r).rows}
-                                      for r in refs], "datasets written or reused by this run")
+                                      for r in refs.values()], "datasets written or reused by this run")
+    train = out.get("train") or {}
+    models = {f"model:{train['model_version']}"} if train.get("model_version") else set()
+    if (train.get("decision") or {}).get("promoted"):
+        models.add("promoted")
+    label_flow_run(None, {}, refs, models)

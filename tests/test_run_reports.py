@@ -61,3 +61,51 @@ def test_a_failed_run_prints_its_state_message_and_exits_non_zero(ws, prefect_ha
     (line,) = cap.err.strip().splitlines()
     assert "ended FAILED" in line and "pairs" in line and "Traceback" not in cap.err
     assert not ws.store.exists("dpo_train")
+
+
+def test_night_summary_links_each_stage_run_with_versions_rows_and_skips(ws, prefect_harness):
+    from dpoflow.flows.balance import balance_flow
+    from dpoflow.flows.nightly import night_summary
+    from dpoflow.flows.pairs import pairs_flow
+
+    _seed(ws, 8)
+    p = pairs_flow(workspace=str(ws.root), return_state=True)
+    b = balance_flow(workspace=str(ws.root), return_state=True)
+    again = balance_flow(workspace=str(ws.root), return_state=True)  # unchanged: skipped
+    ids = [str(s.state_details.flow_run_id) for s in (p, b, again)]
+    out = {**p.result(), **b.result()}
+    md = night_summary(ws, out, list(zip(["pairs", "balance", "balance"], ids, strict=True)), 3.2)
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3
+    pairs_rows = ws.store.info(out["pairs"]).rows
+    assert rows[0].startswith("| pairs | ") and f"{out['pairs']} | pairs: {pairs_rows} |" in rows[0]
+    assert "candidates@0" in rows[0] and rows[0].endswith("| no |")
+    assert f"| {out['pairs']} | {out['dpo_eval']}, {out['dpo_train']} |" in rows[1]
+    assert rows[2].endswith("| yes (unchanged) |") and ids[2][:8] in rows[2]
+    assert "no training this night" in md
+
+
+def test_nightly_run_is_named_after_its_date_in_the_configured_timezone(tmp_path, prefect_harness):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from dpoflow.flows.nightly import nightly_run_name
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "dpoflow.yaml").write_text("nightly:\n  timezone: Pacific/Kiritimati\n")  # UTC+14: another date
+
+    @flow(flow_run_name=nightly_run_name)
+    def night(workspace: str) -> str:
+        from dpoflow.flows.reporting import flow_run_id
+
+        return flow_run_id()
+
+    days = {f"nightly-{datetime.now(ZoneInfo('Pacific/Kiritimati')).date()}"}
+    run_id = night(str(root))
+    days.add(f"nightly-{datetime.now(ZoneInfo('Pacific/Kiritimati')).date()}")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).name in days
