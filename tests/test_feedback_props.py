@@ -1,4 +1,5 @@
-"""Property tests: random junk rows never crash ingest, and every row ends in exactly one place."""
+"""Property tests: random junk rows never crash ingest (through a source or the import door), and
+every row ends in exactly one place."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ row = st.fixed_dictionaries({}, optional={
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(row, min_size=0, max_size=25), as_csv=st.booleans())
-def test_junk_rows_never_crash_and_are_all_accounted_for(rows, as_csv, tmp_path_factory):
+@given(rows=st.lists(row, min_size=0, max_size=25), as_csv=st.booleans(), door=st.sampled_from(["source", "import"]))
+def test_junk_rows_never_crash_and_are_all_accounted_for(rows, as_csv, door, tmp_path_factory):
+    """Both doors: an ingest source and `dpoflow import feedback_events` (the same stage)."""
+    from dpoflow.flows.importing import import_dataset
     from dpoflow.flows.workspace import Workspace
 
     base = tmp_path_factory.mktemp("prop")
@@ -45,9 +48,15 @@ def test_junk_rows_never_crash_and_are_all_accounted_for(rows, as_csv, tmp_path_
     else:
         path = base / "e.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ("{broken\n" if len(rows) % 3 == 0 else ""))
-    ws.config.ingest.sources = [{"name": "junk", "path": str(path)}]
     ws.config.ingest.min_ts = "2023-01-01T00:00:00Z"
-    run = run_ingest(ws)
+    if door == "source":
+        ws.config.ingest.sources = [{"name": "junk", "path": str(path)}]
+        run = run_ingest(ws)
+    else:
+        run = import_dataset(ws, "feedback_events", path)
+        if not run.outputs:  # an empty file: no version
+            assert not rows and not ws.store.exists("feedback_events")
+            return
     rep = run.report
     n_q = ws.store.read("quarantine").num_rows if ws.store.exists("quarantine") else 0
     accepted = ws.store.read("feedback_events").num_rows

@@ -37,7 +37,13 @@ from dpoflow.tasks.feedback.sources import (
     iter_sql,
     known_responses,
 )
-from dpoflow.tasks.feedback.validation import null_mask, previously_quarantined, quarantine_rows, validate
+from dpoflow.tasks.feedback.validation import (
+    null_mask,
+    previously_quarantined,
+    quarantine_rows,
+    validate,
+    without_bad_utf8,
+)
 from dpoflow.tasks.kernels import hash64, indices
 from dpoflow.tasks.partitions import release_memory
 
@@ -73,7 +79,15 @@ def _prepare_source(acc: EventAccumulator, rb: RawBatch, cfg: IngestConfig, now_
                     cand: pa.Array | None, columns: dict[str, str], seen_ids: pa.Array,
                     schema: pa.Schema, min_us: int) -> _Unit:
     """Validate one raw batch and prepare it (runs in a worker thread)."""
-    v = validate(rb.table, cfg, now_us, rb.source, cand, columns, min_us)
+    try:
+        v = validate(rb.table, cfg, now_us, rb.source, cand, columns, min_us)
+    except pa.ArrowInvalid:  # text that is no UTF-8: those rows to quarantine, the rest goes on
+        table, broken = without_bad_utf8(rb.table)
+        if not broken.any():
+            raise
+        rb = RawBatch(table, rb.source, rb.row0)
+        v = validate(table, cfg, now_us, rb.source, cand, columns, min_us)
+        v.overrule(broken, "malformed row: invalid UTF-8")
     bad = v.bad
     valid = ~bad
     again = 0

@@ -164,6 +164,12 @@ class Validated:
     def bad(self) -> np.ndarray:
         return self.code != 0
 
+    def overrule(self, mask: np.ndarray, why: str) -> None:
+        """Give rows `mask` the reason `why`, whatever they were found before."""
+        if mask.any():
+            self.names.append(why)
+            self.code[mask] = len(self.names) - 1
+
     @property
     def reason(self) -> np.ndarray:
         """Object array: None = valid, else the quarantine reason."""
@@ -255,6 +261,34 @@ def validate(raw: pa.Table, cfg: IngestConfig, now_us: int, source: str,
     cols["source"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source], pa.string()))
     typed = pa.table({f.name: cols[f.name] for f in FEEDBACK_EVENTS})
     return Validated(typed, code, names, rcodes)
+
+
+def without_bad_utf8(raw: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Text columns with bytes that are no UTF-8 (a Parquet writer that did not check them):
+    those values decoded with U+FFFD replacements, and the rows that held one. The slow path:
+    only called when validating a batch failed on them."""
+    bad = np.zeros(raw.num_rows, bool)
+    for i, f in enumerate(raw.schema):
+        col = raw.column(i).combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            continue
+        try:
+            col.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = col.cast(pa.large_binary()).to_pylist()
+        fixed = []
+        for k, v in enumerate(values):
+            try:
+                fixed.append(None if v is None else v.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad[k] = True
+                fixed.append(v.decode("utf-8", "replace"))
+        raw = raw.set_column(i, pa.field(f.name, pa.string()), pa.array(fixed, pa.string()))
+    return raw, bad
 
 
 def quarantine_rows(raw: pa.Table, idx: np.ndarray, reasons: list[str], source: str | list[str],
