@@ -19,6 +19,9 @@ peak RSS of the work (reading the input included, interpreter start and imports 
     python benchmarks/bench_pairs.py                       # 250,000 prompts, 2 rounds
     python benchmarks/bench_pairs.py --prompts 750000 --rounds 1
     python benchmarks/bench_pairs.py --quick               # 5,000 prompts, also the pandas apply footnote
+    python benchmarks/bench_pairs.py --before /tmp/old     # also the code of another commit, e.g. from
+        mkdir -p /tmp/old/dpoflow && git archive <commit> tasks storage flows | tar -x -C /tmp/old/dpoflow
+        && cp dpoflow/__init__.py /tmp/old/dpoflow/
 """
 
 from __future__ import annotations
@@ -37,13 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 K = 4
 MIN_MARGIN = 1.0
 CAP = 3
-IMPLS = ("dpoflow", "dpoflow-peer-rules", "polars", "duckdb")
+IMPLS = ("dpoflow", "dpoflow-peer-rules", "polars", "duckdb")  # + "dpoflow-before" with --before
 
 
 # --- input ---------------------------------------------------------------------------------
@@ -253,6 +253,7 @@ def run_pandas_apply(folder: Path) -> tuple[pa.Table, dict]:
 
 def child(impl: str, folder: Path, out: Path) -> None:
     runner = {"dpoflow": lambda: run_dpoflow(folder, False), "dpoflow-peer-rules": lambda: run_dpoflow(folder, True),
+              "dpoflow-before": lambda: run_dpoflow(folder, False),
               "polars": lambda: run_polars(folder), "duckdb": lambda: run_duckdb(folder),
               "pandas-apply": lambda: run_pandas_apply(folder)}[impl]
     if impl.startswith("dpoflow"):
@@ -283,6 +284,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each runs every implementation once")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS) + ", pandas-apply")
     ap.add_argument("--data-dir", default=None, help="where the input Parquet files are cached")
+    ap.add_argument("--before", default=None, help="a folder holding dpoflow/ of an earlier commit: run it too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -296,12 +298,14 @@ def main() -> None:
         make_inputs(n, folder)
         print(f"input written to {folder} in {time.perf_counter() - t0:.0f} s")
     impls = args.impls.split(",") + (["pandas-apply"] if args.quick and "pandas-apply" not in args.impls else [])
+    impls += ["dpoflow-before"] if args.before else []
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order
+                env = {**os.environ, "PYTHONPATH": args.before} if impl == "dpoflow-before" else None
                 subprocess.run([sys.executable, __file__, "--child", impl, "--prompts", str(n), "--out", tmp,
-                                "--data-dir", str(folder.parent)], check=True)
+                                "--data-dir", str(folder.parent)], check=True, env=env)
                 runs[impl].append(json.loads(Path(f"{tmp}/{impl}.json").read_text()))
                 print(f"round {r + 1} {impl}: {runs[impl][-1]['cpu_s']:.2f} CPU s, load {os.getloadavg()[0]:.1f}",
                       flush=True)

@@ -323,18 +323,46 @@ LEVEL_NAMES = [lv for lv, _ in LEVELS]
 SOURCE_NAMES = [s for _, s in LEVELS] + ["none"]  # by decided_by (-1 = none)
 
 
+def _sort_words(arr: pa.Array, max_words: int = 8) -> list[np.ndarray] | None:
+    """Sort keys of short strings: big-endian 8-byte words (zero padded) and the byte length,
+    most significant last as np.lexsort wants them; their lexicographic order is the strings'
+    byte order. None when a string is longer than `max_words` words (the caller sorts in Arrow)."""
+    arr = pc.fill_null(arr, "")
+    n = len(arr)
+    offs = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
+    lens = np.diff(offs)
+    if n == 0 or lens.max() > 8 * max_words:
+        return None if n else []
+    lo, hi = int(offs[0]), int(offs[-1])
+    buf = np.zeros(hi - lo + 8, np.uint8)
+    buf[:hi - lo] = np.frombuffer(arr.buffers()[2], np.uint8, hi - lo, lo)
+    window = np.lib.stride_tricks.as_strided(np.frombuffer(buf, np.uint64, 1), (hi - lo + 1,), (1,))
+    words = []
+    for j in range(int((lens.max() + 7) // 8)):
+        w = window[np.minimum(offs[:-1] - lo + 8 * j, hi - lo)].byteswap()
+        keep = np.clip(lens - 8 * j, 0, 8).astype(np.uint64) * np.uint64(8)  # bits of the row in this word
+        mask = np.where(keep >= 64, np.uint64(0xFFFFFFFFFFFFFFFF), ~(np.uint64(0xFFFFFFFFFFFFFFFF) >> keep))
+        words.append(w & mask)
+    return [lens] + words[::-1]
+
+
 def _order_candidates(candidates: pa.Table, dropped: dict[str, int]) -> _Candidates:
     """Drop repeated candidate ids (first kept) and order by (prompt, candidate) on the ids only."""
     ids = candidates.select(["candidate_id", "prompt_id"])
     rows = np.arange(ids.num_rows)
-    if ids.num_rows:
+    cid = ids.column("candidate_id").combine_chunks()
+    if ids.num_rows and len(np.unique(hash_strings(cid))) < ids.num_rows:  # distinct hashes: distinct ids
         first = ids.select(["candidate_id"]).append_column("__i", pa.array(rows)).group_by(
             "candidate_id", use_threads=False).aggregate([("__i", "min")])
         if first.num_rows < ids.num_rows:
             dropped["duplicate_candidate"] = ids.num_rows - first.num_rows
             rows = np.sort(np.asarray(first.column("__i_min")))
             ids = ids.take(pa.array(rows))
-    order = np.asarray(pc.sort_indices(ids, [("prompt_id", "ascending"), ("candidate_id", "ascending")]))
+    ck, pk = (_sort_words(ids.column(c).combine_chunks()) for c in ("candidate_id", "prompt_id"))
+    if ck is not None and pk is not None:
+        order = np.lexsort(ck + pk)
+    else:
+        order = np.asarray(pc.sort_indices(ids, [("prompt_id", "ascending"), ("candidate_id", "ascending")]))
     ids = ids.take(pa.array(order))
     rows = rows[order]
     n = len(rows)

@@ -221,3 +221,15 @@ def test_text_profile_on_long_mixed_texts_across_slices(monkeypatch):
     prof = tc.profile(arr)
     assert tc.normalized(arr).to_pylist() == [ref_normalize(t) for t in texts]
     assert prof.units.tolist() == [ref_units(t) for t in texts] == unit_length(arr).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=["a", "b", "\x00", "é", "你", "z"], max_size=20), max_size=30), st.integers(0, 3))
+def test_candidate_order_keys_sort_like_arrow(values, offset):
+    """The numpy sort keys of ids (8-byte words + length) order strings exactly as Arrow does."""
+    from dpoflow.tasks.pairs import _sort_words
+
+    arr = pa.array(["pad"] * offset + values).slice(offset)
+    keys = _sort_words(arr)
+    got = [values[i] for i in np.lexsort(keys)] if values else []
+    assert got == [values[i] for i in np.asarray(pa.compute.sort_indices(arr))]
