@@ -291,11 +291,22 @@ def progress_markdown(card: dict[str, Any]) -> str:
 
 
 def training_progress(metrics_root: str | Path, *, stream: Any = None,
-                      clock: Callable[[], float] = time.monotonic) -> Callable[[float], None]:
+                      clock: Callable[[], float] = time.monotonic, report_to: str = "none",
+                      tracking_dir: str | Path | None = None) -> Callable[[float], None]:
     """A callback for the training launcher's `on_progress(fraction)`: reads the newest row of
     the metrics.jsonl under `metrics_root` (the trainer writes one per logged step) and shows
     it as a progress artifact, a markdown card updated in place (`train-live`) and a line on
-    the terminal (redrawn in place on a tty). Outside a flow run only the terminal line."""
+    the terminal (redrawn in place on a tty). Outside a flow run only the terminal line.
+    `report_to` (tensorboard / mlflow) also streams every new row to that tracker (TensorBoard
+    event files under `tracking_dir`/<run>); a missing package is a ValueError here, before
+    any training step."""
+    import importlib.util
+
+    from dpoflow.flows.tracking import TRACKERS, Tracker, read_rows
+
+    if report_to != "none" and (report_to not in TRACKERS or importlib.util.find_spec(report_to) is None):
+        Tracker(report_to, tracking_dir or metrics_root, "check")  # raises the one-line reason
+    tracker: list[Tracker] = []
     root, t0, started = Path(metrics_root), clock(), time.time()
     stream = stream or sys.stderr
     bar = progress_reporter("train-progress", "train: optimizer steps done", background=True)
@@ -323,11 +334,20 @@ def training_progress(metrics_root: str | Path, *, stream: Any = None,
 
         _POSTER.call_soon(send)  # in the background: the run only waits on the trainer meanwhile
 
+    def track(path: Path, done: bool) -> None:
+        if not tracker:
+            tracker.append(Tracker(report_to, tracking_dir or root / "tracking", path.parent.name))
+        tracker[0].log(read_rows(path))
+        if done:
+            tracker.pop().close()
+
     def on_progress(fraction: float) -> None:
         path = newest()
         row = last_metrics_row(path) if path else None
         if bar is not None:
             bar(fraction)
+        if report_to != "none" and path is not None:
+            track(path, fraction >= 1.0)
         if row is None:
             return
         card = progress_card(row, clock() - t0, fraction)

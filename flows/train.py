@@ -126,7 +126,8 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     def train_step() -> StageRun:
         # live step / loss / reward accuracy / tokens/s / ETA from the trainer's metrics.jsonl, as
         # artifacts (in the background: the run only waits on the training process) and a terminal line
-        progress = lambda: training_progress(ws.scratch / "train")  # noqa: E731
+        progress = lambda: training_progress(ws.scratch / "train", report_to=cfg.report_to,  # noqa: E731
+                                             tracking_dir=ws.artifacts / "train" / cfg.report_to)
         return run_stage(ws, "train", stage.make_train_stage(cfg, policy, reference, progress), inputs,
                          stage.train_key_config(cfg), force=force,
                          key_extra={"policy": policy.version, "ref_model": reference.version},

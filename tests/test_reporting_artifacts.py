@@ -82,3 +82,41 @@ def test_live_progress_artifacts_in_a_flow_run(tmp_path, prefect_harness):
     assert len([a for a in arts if a.key == "train-live"]) == 1
     assert "step 24 of 24" in live and "| 24 | 0.4500 | 0.740 |" in live
     assert "data:image/png;base64," in by_key["train-curves-image"].data
+
+
+def test_report_to_tensorboard_streams_every_metrics_row(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            reporting.training_progress(tmp_path / "train", report_to="tensorboard")
+        pytest.skip("tensorboard is not installed: only the error is checked")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = reporting.training_progress(tmp_path / "train", stream=io.StringIO(), report_to="tensorboard",
+                                     tracking_dir=tmp_path / "tb")
+    path = _metrics(tmp_path / "train", HISTORY[:2])
+    cb(0.3)
+    path.write_text("".join(json.dumps(r) + "\n" for r in HISTORY))  # the trainer appended more rows
+    cb(1.0)
+    (run_dir,) = (tmp_path / "tb").iterdir()
+    assert run_dir.name == "run-a"  # one TensorBoard run per training run folder
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in HISTORY]  # each row once, none skipped
+    assert abs(loss[-1].value - HISTORY[-1]["loss"]) < 1e-6
+    assert "train/rewards/accuracies" in acc.Tags()["scalars"]
+
+
+def test_report_to_a_missing_tracker_fails_before_training(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    with pytest.raises(ValueError, match=r"train.report_to=mlflow needs the mlflow package \(pip install mlflow\)"):
+        reporting.training_progress(tmp_path / "train", report_to="mlflow")

@@ -134,6 +134,10 @@ class TrainConfig(Section):
     max_nan_steps: int = Field(10, ge=0, description="non-finite losses skipped before the run aborts")
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower; exact resume on GPU)")
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
+    report_to: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also log the training metrics to TensorBoard (event files under "
+        "<workspace>/artifacts/train/tensorboard/<run>; needs `tensorboard`) or MLflow (MLFLOW_TRACKING_URI; needs "
+        "`mlflow`), as they are written, every few seconds; none = off")
     max_truncated_share: float = Field(
         0.2, ge=0, le=1, description="share of pairs that tokenization may truncate or drop before the run "
         "warns (in the log, the train report and the CLI output)")

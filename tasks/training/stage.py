@@ -37,7 +37,7 @@ from dpoflow.tasks.training.ref_logps import ModelRef, model_path
 # Settings that do not change the trained weights (left out of the train step's content key).
 RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
                   "dist_timeout_s", "master_addr", "master_port", "node_rank", "eval_batch_size", "eval",
-                  "promote", "max_truncated_share"}
+                  "promote", "max_truncated_share", "report_to"}
 
 
 def _now() -> dt.datetime:
