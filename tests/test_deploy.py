@@ -370,3 +370,42 @@ def test_a_killed_holder_does_not_keep_the_gpu_slot(prefect_harness, monkeypatch
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_nightly_schedule_comes_from_the_config_on_both_routes(tmp_path, monkeypatch):
+    from dpoflow.flows.deployments import nightly_schedule
+    from dpoflow.flows.prefect_yaml import with_schedule
+
+    monkeypatch.delenv("DPOFLOW__NIGHTLY__TIMEZONE", raising=False)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    assert nightly_schedule(ws) == ("0 2 * * *", "UTC")  # defaults; nothing is created
+    (ws / "dpoflow.yaml").write_text("nightly:\n  cron: '30 1 * * 1-5'\n  timezone: Europe/Berlin\n")
+    assert nightly_schedule(ws) == ("30 1 * * 1-5", "Europe/Berlin")
+    assert nightly_schedule(ws, cron="0 3 * * *") == ("0 3 * * *", "Europe/Berlin")  # the command line wins
+    monkeypatch.setenv("DPOFLOW__NIGHTLY__TIMEZONE", "Asia/Shanghai")
+    assert nightly_schedule(ws)[1] == "Asia/Shanghai"
+    # the prefect.yaml route deploys a copy with that schedule (`prefect deploy --all` drops --timezone)
+    raw = with_schedule(REPO_PREFECT_YAML, "30 1 * * 1-5", "Europe/Berlin")
+    (nightly,) = [d for d in raw["deployments"] if d["entrypoint"] == flow_specs()["nightly"]]
+    assert nightly["schedules"] == [{"cron": "30 1 * * 1-5", "timezone": "Europe/Berlin", "active": True}]
+    assert [d for d in raw["deployments"] if d.get("schedules")] == [nightly]
+
+
+def test_ui_links_use_the_servers_real_address(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    assert local_server.ui_url("http://127.0.0.1:4291/api") == "http://127.0.0.1:4291"
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4291/api"}):
+        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4291/api")
+        assert local_server.flow_run_url("abc") == "http://127.0.0.1:4291/runs/flow-run/abc"
+    monkeypatch.delenv("PREFECT_API_URL")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert local_server.flow_run_url("abc") is None  # the temporary server: nothing to link to
+
+
+def test_k8s_template_named_in_prefect_yaml_exists():
+    import re
+
+    named = set(re.findall(r"deploy/(k8s-[\w.-]+)", REPO_PREFECT_YAML.read_text()))
+    assert named == {"k8s-gpu-job-template.json"} and all((DEPLOY_DIR / n).exists() for n in named)
