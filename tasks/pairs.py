@@ -331,8 +331,10 @@ def _sort_words(arr: pa.Array, max_words: int = 8) -> list[np.ndarray] | None:
     n = len(arr)
     offs = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
     lens = np.diff(offs)
-    if n == 0 or lens.max() > 8 * max_words:
-        return None if n else []
+    if n == 0:
+        return [lens]
+    if lens.max() > 8 * max_words:
+        return None
     lo, hi = int(offs[0]), int(offs[-1])
     buf = np.zeros(hi - lo + 8, np.uint8)
     buf[:hi - lo] = np.frombuffer(arr.buffers()[2], np.uint8, hi - lo, lo)
