@@ -70,6 +70,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             lines.append(f"  added to the rows of {rep['added_to']}")
         for reason, n in (rep.get("quarantined") or {}).items():
             lines.append(f"  quarantined {n}: {reason}")
+        for reason, n in (rep.get("dropped") or {}).items():  # events: repeats of an event id
+            lines.append(f"  dropped {n}: {reason}")
         if "quarantine" in run.outputs:
             lines.append(f"  bad rows are in {run.outputs['quarantine']} (dpoflow datasets show quarantine)")
         for note in rep.get("notes") or []:
