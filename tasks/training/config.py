@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from dpoflow.tasks.contract import Section
 from dpoflow.tasks.training.evaluation import EvalConfig
+from dpoflow.tasks.training.kubeflow import KubeflowConfig
 from dpoflow.tasks.training.promotion import PromoteConfig
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -120,6 +121,11 @@ class TrainConfig(Section):
     node_rank: int = Field(0, ge=0, description="this node's rank (multi-node)")
     master_addr: str = Field("127.0.0.1", description="rendezvous host (multi-node)")
     master_port: int | None = Field(None, description="rendezvous port; None = a free local port")
+    launcher: Literal["local", "kubeflow"] = Field(
+        "local", description="local: the worker / torchrun on this machine; kubeflow: a Kubeflow Trainer "
+        "TrainJob runs torchrun on train.nnodes nodes (see train.kubeflow)")
+    kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig,
+                                     description="the TrainJob of launcher: kubeflow (image, GPUs, volume)")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes: ddp = a full model copy per process; fsdp = FSDP2 "
         "(fully_shard per transformer block, then the root): weights, gradients and AdamW state sharded "

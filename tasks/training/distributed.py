@@ -62,10 +62,16 @@ def worker_command(spec_path: Path) -> list[str]:
     return [sys.executable, "-m", "dpoflow.tasks.training.worker", str(spec_path)]
 
 
-def torchrun_command(cfg, spec_path: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.devices}",
-            f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", f"--master_addr={cfg.master_addr}",
-            f"--master_port={port}", "-m", "dpoflow.tasks.training.worker", str(spec_path)]
+def torchrun_command(cfg, spec_path: Path, port: int, env=None) -> list[str]:
+    """torchrun reads PET_<FLAG> for a flag it is not given: where a launcher set them (Kubeflow
+    Trainer's torch-distributed runtime, a batch scheduler) the node layout is theirs, so only
+    the flags without a PET_* variable in `env` (default: os.environ) are passed."""
+    env = os.environ if env is None else env
+    flags = {"nproc_per_node": cfg.devices, "nnodes": cfg.nnodes, "node_rank": cfg.node_rank,
+             "master_addr": cfg.master_addr, "master_port": port}
+    return [sys.executable, "-m", "torch.distributed.run",
+            *(f"--{k}={v}" for k, v in flags.items() if not env.get(f"PET_{k.upper()}")),
+            "-m", "dpoflow.tasks.training.worker", str(spec_path)]
 
 
 PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`
@@ -107,6 +113,11 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
             "ref_logps": str(work / "ref_logps.parquet") if ref_logps is not None else None}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
+    if getattr(cfg, "launcher", "local") == "kubeflow":  # torchrun on the nodes of a Kubeflow TrainJob
+        from dpoflow.tasks.training.kubeflow import launched_result, run_trainjob
+
+        run_trainjob(cfg, spec_path, run_dir, model_path=model_path, logger=logger, stop=stop)
+        return launched_result(work, run_dir, t_start, on_progress)
     cmd = torchrun_command(cfg, spec_path, cfg.master_port or _free_port()) if grouped else worker_command(spec_path)
     logger.info("launching %s", " ".join(cmd))
     env = dict(os.environ)
