@@ -418,7 +418,7 @@ def _prompt_groups(rows: _Rows, t: pa.Table, cfg: BalanceConfig, report: dict) -
 
 def _cap_rank(t: pa.Table, rows: _Rows, group: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
     """Rank of each row in its group: largest margin first; equal margins by a seeded hash of the
-    pair id, or (tie_break: lowest_id) by the smallest (chosen_id, rejected_id). The tie key is
+    pair id, or (tie_break: lowest_id) by the smallest (prompt_id, chosen_id, rejected_id). The tie key is
     computed for the rows that share their group and margin only."""
     m = np.asarray(pc.fill_null(t.column("margin").take(pa.array(rows.idx)), -np.inf).to_numpy(), float)
     o = np.lexsort((-m, group))
@@ -431,11 +431,7 @@ def _cap_rank(t: pa.Table, rows: _Rows, group: np.ndarray, cfg: BalanceConfig) -
         if cfg.tie_break == "hash":
             tie[tr] = unit_interval(t.column("pair_id").take(pa.array(rows.idx[tr])), salt=f"cap:{cfg.seed}:")
         else:
-            sub = t.select(["chosen_id", "rejected_id"]).take(pa.array(rows.idx[tr]))
-            r = np.empty(len(tr))
-            r[np.asarray(pc.sort_indices(sub, [("chosen_id", "ascending"), ("rejected_id", "ascending")]))] = \
-                np.arange(len(tr))
-            tie[tr] = r
+            tie[tr] = _id_order(t, rows.idx[tr], cfg)
     return _rank_within(group, [tie, -m])
 
 
