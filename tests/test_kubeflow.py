@@ -81,3 +81,21 @@ def test_trainjob_request_refuses_what_cannot_work():
         kf.trainjob_request(_cfg(), Path("/home/me/ws/spec.json"), Path("/home/me/ws"))
     assert "\n" not in str(err.value)
     assert kf.job_name(Path("/workspace/ws/runs/Run_2026-11-29T02:00")).startswith("dpoflow-run-2026-11-29t02-00-")
+
+
+def test_deploy_example_is_what_the_launcher_submits():
+    """deploy/kubeflow/trainjob.yaml stays the manifest of the config written in its header."""
+    pytest.importorskip("kubeflow.trainer")
+    import yaml
+
+    from dpoflow.tasks.training import kubeflow as kf
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "kubeflow" / "trainjob.yaml"
+    example = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "TrainJob")
+    cfg = TrainConfig(launcher="kubeflow", nnodes=2, devices=8, strategy="fsdp", kubeflow={
+        "image": "registry.example.com/dpoflow:latest", "namespace": "ml", "volume_claim": "dpoflow-workspace",
+        "mount_path": "/workspace", "memory_per_node": "256Gi"})
+    run = Path("/workspace/ws/runs/nightly-2026-11-29")
+    job = kf.render_trainjob(kf.trainjob_request(cfg, run / "launch" / "spec.json", run), namespace="ml")
+    example["metadata"].pop("namespace")
+    assert example == job
