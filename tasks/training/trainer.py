@@ -59,14 +59,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 from dpoflow.tasks.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpoflow.tasks.training.config import TrainConfig
@@ -246,9 +238,12 @@ class Checkpointer:
         # only rank 0 receives the tensors and writes them, in the same layout as single-process / DDP.
         m = self.m
         m_state = _full_state(m.policy, {n for n, _ in m.named}) if m.fsdp else dict(m.named)
-        o_state = (get_optimizer_state_dict(m.policy, m.opt, options=StateDictOptions(full_state_dict=True,
-                                                                                      cpu_offload=True))
-                   if m.fsdp else None)
+        o_state = None
+        if m.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            o_state = get_optimizer_state_dict(m.policy, m.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                         cpu_offload=True))
         if self.rank == 0:
             step = progress.step
             meta = {"step": step, "nan_steps": progress.nan_steps, "metrics": progress.metrics,
@@ -271,6 +266,8 @@ class Checkpointer:
                                 "use a new run folder or resume=False")
         _load_model_state(m.model, m_state, m.named, m.policy if m.fsdp else None)
         if m.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
             set_optimizer_state_dict(m.policy, m.opt, o_state, options=StateDictOptions(full_state_dict=True))
         else:
             m.opt.load_state_dict(o_state)
@@ -398,7 +395,7 @@ def _one_step(cfg: TrainConfig, m: _Model, loss_fn: PreferenceLoss, tok: Tokeniz
         totals.add(loss, terms, lb, batch)
     totals = totals.all_sum(device, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(m.params, cfg.max_grad_norm or float("inf"))
-    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards (same on every rank)
+    if m.fsdp and hasattr(grad_norm, "full_tensor"):  # a DTensor: the norm over all shards (same on every rank)
         grad_norm = grad_norm.full_tensor()
     return totals, float(grad_norm)
 
@@ -561,6 +558,8 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], na
     if set(state) != names:
         raise TrainingError("checkpoint weights do not match the model's trainable parameters")
     if fsdp_root is not None:  # every rank holds the full tensors; each keeps its own shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
         set_model_state_dict(fsdp_root, {_ROOT_PREFIX + n: t for n, t in state.items()},
                              options=StateDictOptions(full_state_dict=True, strict=False))
         return
@@ -574,6 +573,8 @@ def _full_state(policy: torch.nn.Module, names: set[str] | None) -> dict[str, to
 
     A collective: every rank must call it. `names` filters (None = everything, frozen and tied too).
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     n = len(_ROOT_PREFIX)
     return {k[n:]: v for k, v in sd.items() if k.startswith(_ROOT_PREFIX) and (names is None or k[n:] in names)}
