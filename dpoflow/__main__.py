@@ -3,4 +3,4 @@
 from dpoflow.flows.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # the exit status: 2 for a user error, 1 for a fault

@@ -151,3 +151,15 @@ def test_wheel_installs_only_dpoflow_and_runs_beside_a_users_own_flows_and_tasks
     r = subprocess.run([str(vpy), "-m", "dpoflow", "--workspace", "ws", "datasets", "list", "--json"],
                        cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "prompts" in r.stdout, r.stderr
+
+
+def test_the_wheel_lists_every_package_folder():
+    """pyproject maps `dpoflow.*` onto the top-level folders package by package: a new
+    subpackage (a stage grown into a folder) must be listed there, or the wheel lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"dpoflow"} | {
+        "dpoflow." + ".".join(p.parent.relative_to(ROOT).parts)
+        for d in ("flows", "tasks", "storage") for p in (ROOT / d).rglob("__init__.py")}
+    assert found == listed, {"missing from pyproject": found - listed, "not a package": listed - found}
