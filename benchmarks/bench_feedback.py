@@ -81,6 +81,7 @@ def run_ours(data: Path, write: bool, state_mb: int | None = None) -> dict:
 
     cand = pq.read_table(data.parent / "candidates.parquet").column("candidate_id")
     cfg = fb.IngestConfig(sources=[{"name": "bench", "path": str(data)}], half_life_days=7,
+                          min_ts="2024-01-01T00:00:00Z",  # the events are dated March 2024: not stale
                           propensities={0: 1.0, 1: 0.7, 2: 0.5, 3: 0.4, 4: 0.3, 5: 0.25},
                           **({"state_memory_mb": state_mb} if state_mb else {}))
     if write:
