@@ -29,14 +29,14 @@ t0 = time.perf_counter()
 with get_client(sync_client=True) as c:
     while True:
         try:
-            c.read_deployment_by_name("import/import"); break
+            c.read_deployment_by_name("import/serve"); break
         except ObjectNotFound:
             time.sleep(0.2)
 registered = time.perf_counter() - t0
 lat = []
 for i in range(int(sys.argv[2])):
     t = time.perf_counter()
-    r = run_deployment("import/import", parameters={"name": "prompts", "path": sys.argv[1], "force": True},
+    r = run_deployment("import/serve", parameters={"name": "prompts", "path": sys.argv[1], "force": True},
                        timeout=300, poll_interval=0.5)
     assert r.state.is_completed(), r.state
     lat.append(time.perf_counter() - t)
