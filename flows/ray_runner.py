@@ -102,14 +102,41 @@ def worker_device(device: str, cfg: RayConfig) -> str:
     return "cpu"
 
 
+def _flush_prefect(timeout_s: float = 15.0) -> None:
+    """Send what a worker's Prefect client still holds (the task run's final state goes out as an
+    event after the task function returns); a worker stopped with the cluster loses the rest."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=timeout_s, at_exit=False)
+
+
+def _flushing_runner_class() -> type:
+    from prefect_ray import RayTaskRunner
+
+    class FlushingRayTaskRunner(RayTaskRunner):
+        """RayTaskRunner whose task wrapper, on the worker, flushes the task run's states and
+        logs before the shard counts as done, so none is lost when the cluster stops."""
+
+        @staticmethod
+        def _run_prefect_task(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return RayTaskRunner._run_prefect_task(*args, **kwargs)
+            finally:
+                _flush_prefect()
+
+    return FlushingRayTaskRunner
+
+
 def task_runner(cfg: RayConfig) -> Any:
     """A RayTaskRunner for this config (a private cluster for `local`)."""
     try:
-        from prefect_ray import RayTaskRunner
+        runner_class = _flushing_runner_class()
     except ImportError as exc:
         raise RayUnavailable("sample.runner=ray needs Ray: pip install 'dpoflow[ray]'") from exc
     check_address(cfg)
-    return RayTaskRunner(address=cfg.address, init_kwargs=init_kwargs(cfg))
+    return runner_class(address=cfg.address, init_kwargs=init_kwargs(cfg))
 
 
 def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, Any]]]
@@ -137,9 +164,27 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
             key, fut = pending.pop(ready[0])
             yield key, fut.result()
     finally:
-        for ref in pending:
+        running = ray.wait(list(pending), num_returns=len(pending), timeout=0)[1] if pending else []
+        for ref in running:
             ray.cancel(ref, force=True)
         runner.__exit__(None, None, None)
+        _mark_cancelled([pending[ref][1].task_run_id for ref in running])
+
+
+def _mark_cancelled(task_run_ids: list[Any]) -> None:
+    """Task runs whose workers were stopped never report again: record them as Cancelled so
+    none stays Running in the UI (one that never started has no run to mark)."""
+    if not task_run_ids:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        for run_id in task_run_ids:
+            try:
+                client.set_task_run_state(run_id, Cancelled(message="the sample flow stopped"), force=True)
+            except Exception:  # noqa: BLE001, S112 - not created yet on the server: nothing to mark
+                continue
 
 
 def ray_shard_runner(cfg: RayConfig, task: Any) -> Callable[..., Iterator[tuple[Any, dict]]]:

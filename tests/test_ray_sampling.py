@@ -36,13 +36,22 @@ def _workspace(root, model) -> tuple[Workspace, list[str]]:
     return ws, overrides
 
 
-def _shard_runs(run_id) -> list:
+def _shard_runs(run_id, n: int, wait_s: float = 60.0) -> list:
+    """The flow run's shard task runs, once `n` of them are final (states reach the server as
+    events, a moment after the workers send them)."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + wait_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [r for r in runs if r.name.startswith("sample-shard-")]
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            runs = [r for r in runs if r.name.startswith("sample-shard-")]
+            if (len(runs) >= n and all(r.state and r.state.is_final() for r in runs)) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -56,9 +65,9 @@ def test_ray_runner_matches_inline_and_reuses_workers_and_shards(prefect_harness
     assert on_ray.select(["candidate_id", "response"]).equals(inline.select(["candidate_id", "response"]))
 
     shard_names = sorted(n for n in ws.store.list() if n.startswith("shard_sample_"))
-    runs = _shard_runs(state.state_details.flow_run_id)
+    runs = _shard_runs(state.state_details.flow_run_id, 3)
     assert sorted(r.name for r in runs) == [f"sample-shard-sampler0-{k:04d}" for k in range(3)]
-    assert all(r.state.is_completed() for r in runs) and len(shard_names) == 3
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 3 and len(shard_names) == 3
     pids = {ws.store.info(n).extra["pid"] for n in shard_names}
     assert len(pids) <= 2  # two CPU slots: workers (and their loaded model) are reused across shards
     assert not _ray_children()  # the private cluster stopped with the run: no orphans
@@ -67,8 +76,8 @@ def test_ray_runner_matches_inline_and_reuses_workers_and_shards(prefect_harness
     again = sample_flow(workspace=str(ws.root), overrides=overrides + RAY + ["sample.dedup=false"],
                         return_state=True)
     assert again.is_completed()
-    runs = _shard_runs(again.state_details.flow_run_id)
-    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
+    runs = _shard_runs(again.state_details.flow_run_id, 3)
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 3
     assert sorted(n for n in ws.store.list() if n.startswith("shard_sample_")) == shard_names
     assert all(ws.store.latest(n) == 0 for n in shard_names)  # none committed twice
 
