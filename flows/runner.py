@@ -106,6 +106,9 @@ def run_stage(
     for ref in pinned.values():
         n, _, v = ref.partition("@")
         bases[n] = max(bases.get(n, -1), int(v))
+    for role, ref in inputs.items():  # its own dataset as an absent input: computed from nothing
+        if not ref and role in result.outputs:
+            bases.setdefault(role, -1)
     for name, data in result.outputs.items():
         # computed from bases[name]: a commit on top of a newer version is a ConflictError, not a lost update
         info = store.write(name, data, parents=parents, stage=stage, config=cfg, code_version=cv,

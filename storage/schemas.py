@@ -87,6 +87,7 @@ SCORES = pa.schema([
     _f("flag_refusal", pa.bool_()),
     _f("flag_language", pa.bool_()),
     _f("flag_empty", pa.bool_()),
+    _f("flag_encoding", pa.bool_(), True),  # broken byte sequences (U+FFFD); null in versions before the rule
     _f("flag_reasons", pa.list_(pa.string())),
     _f("extra_metrics", pa.map_(pa.string(), pa.float64()), True),
     _f("auto_score", pa.float64(), True),

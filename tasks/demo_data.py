@@ -55,6 +55,76 @@ ITEMS_ZH = [
     ("总结：今天天气晴朗，有微风。", "晴朗，有微风。", "今天天气晴朗，有微风。", "天气。", "writing"),
 ]
 
+# Templated families make the demo big enough for a promotion with evidence (the gate needs 30+
+# held-out prompts): the same shape in English and Chinese, a helpful answer and a terse one.
+_CAPITALS = [("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"), ("Japan", "Tokyo", "日本", "东京"), ("Italy", "Rome", "意大利", "罗马"),
+             ("Germany", "Berlin", "德国", "柏林"), ("Spain", "Madrid", "西班牙", "马德里"),
+             ("Egypt", "Cairo", "埃及", "开罗"), ("Canada", "Ottawa", "加拿大", "渥太华"),
+             ("Russia", "Moscow", "俄罗斯", "莫斯科"), ("Greece", "Athens", "希腊", "雅典"),
+             ("Kenya", "Nairobi", "肯尼亚", "内罗毕"), ("Peru", "Lima", "秘鲁", "利马"),
+             ("Norway", "Oslo", "挪威", "奥斯陆"), ("Poland", "Warsaw", "波兰", "华沙"),
+             ("Austria", "Vienna", "奥地利", "维也纳"), ("Thailand", "Bangkok", "泰国", "曼谷"),
+             ("Vietnam", "Hanoi", "越南", "河内"), ("Chile", "Santiago", "智利", "圣地亚哥"),
+             ("Cuba", "Havana", "古巴", "哈瓦那"), ("Ireland", "Dublin", "爱尔兰", "都柏林"),
+             ("Portugal", "Lisbon", "葡萄牙", "里斯本")]
+_OPPOSITES = [("hot", "cold", "热", "冷"), ("big", "small", "大", "小"), ("fast", "slow", "快", "慢"),
+              ("up", "down", "上", "下"), ("light", "dark", "明亮", "黑暗"), ("open", "closed", "开", "关"),
+              ("early", "late", "早", "晚"), ("happy", "sad", "高兴", "难过"), ("old", "new", "旧", "新"),
+              ("full", "empty", "满", "空"), ("strong", "weak", "强", "弱"), ("rich", "poor", "富", "穷"),
+              ("high", "low", "高", "低"), ("long", "short", "长", "短"), ("wet", "dry", "湿", "干"),
+              ("first", "last", "第一", "最后"), ("left", "right", "左", "右"), ("win", "lose", "赢", "输"),
+              ("push", "pull", "推", "拉"), ("inside", "outside", "里面", "外面")]
+_ANIMALS = [("dog", "woof", "狗", "汪汪"), ("cat", "meow", "猫", "喵喵"), ("cow", "moo", "牛", "哞哞"),
+            ("duck", "quack", "鸭子", "嘎嘎"), ("sheep", "baa", "羊", "咩咩"), ("owl", "hoot", "猫头鹰", "咕咕"),
+            ("frog", "croak", "青蛙", "呱呱"), ("lion", "roar", "狮子", "吼吼"), ("horse", "neigh", "马", "嘶嘶"),
+            ("bee", "buzz", "蜜蜂", "嗡嗡")]
+WEAK_EN, WEAK_ZH = "I am not sure.", "不知道。"
+
+
+def _families() -> tuple[list[tuple], list[tuple]]:
+    en, zh = [], []
+    for country, city, country_zh, city_zh in _CAPITALS:
+        good = f"The capital of {country} is {city}."
+        en.append((f"What is the capital of {country}?", good, good, WEAK_EN, "facts"))
+        good_zh = f"{country_zh}的首都是{city_zh}。"
+        zh.append((f"{country_zh}的首都是哪里？", good_zh, good_zh, WEAK_ZH, "facts"))
+    for word, opposite, word_zh, opposite_zh in _OPPOSITES:
+        good = f"The opposite of {word} is {opposite}."
+        en.append((f"What is the opposite of {word}?", good, good, WEAK_EN, "language"))
+        good_zh = f"{word_zh}的反义词是{opposite_zh}。"
+        zh.append((f"{word_zh}的反义词是什么？", good_zh, good_zh, WEAK_ZH, "language"))
+    for animal, sound, animal_zh, sound_zh in _ANIMALS:
+        good = f"A {animal} says {sound}."
+        en.append((f"What sound does a {animal} make?", good, good, WEAK_EN, "facts"))
+        good_zh = f"{animal_zh}的叫声是{sound_zh}。"
+        zh.append((f"{animal_zh}怎么叫？", good_zh, good_zh, WEAK_ZH, "facts"))
+    for k in range(24):
+        x, y = 2 + (k * 7) % 13, 1 + (k * 5) % 11
+        good = f"{x} plus {y} is {x + y}."
+        en.append((f"What is {x} plus {y}?", good, good, WEAK_EN, "math"))
+        good_zh = f"{x} 加 {y} 等于 {x + y}。"
+        zh.append((f"{x} 加 {y} 等于几？", good_zh, good_zh, WEAK_ZH, "math"))
+    return en, zh
+
+
+def demo_items() -> list[tuple[str, str | None, str, str, str]]:
+    """Every demo item (prompt, reference, good answer, weak answer, category): English first."""
+    en, zh = _families()
+    return ITEMS_EN + en + ITEMS_ZH + zh
+
+
+def warmup_examples(weak_repeats: int = 2) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs the embedded demo model is taught at build time: every demo
+    prompt with its helpful answer once and its terse answer `weak_repeats` times, so the
+    model answers with words, mostly tersely, and a night of preference training has
+    something real to improve (preferring the helpful answer)."""
+    out = []
+    for prompt, _ref, good, weak, _cat in demo_items():
+        out.append((prompt, good))
+        out += [(prompt, weak)] * weak_repeats
+    return out
+
+
 EVENT_TYPES_POS = ["like", "favourite", "copy", "share"]
 EVENT_TYPES_NEG = ["dislike", "regenerate", "report"]
 
@@ -82,10 +152,11 @@ def demo_night(out_dir: str | Path, night: int, *, base_time: dt.datetime | None
     out = Path(out_dir)
     rng = random.Random(1000 + night)
     t0 = (base_time or dt.datetime(2026, 11, 1, tzinfo=dt.UTC)) + dt.timedelta(days=night - 1)
-    items = ITEMS_EN + ITEMS_ZH
+    items = demo_items()
+    n_en = len(ITEMS_EN) + len(_families()[0])
     prompts, served, events, annotations = [], [], [], []
     for i, (prompt, ref, good, weak, cat) in enumerate(items):
-        lang = "zh" if i >= len(ITEMS_EN) else "en"
+        lang = "zh" if i >= n_en else "en"
         prompts.append({"prompt": prompt, "reference": ref, "category": cat, "language": lang})
         pid = prompt_id(prompt)
         variants = [(good, "helpful"), (weak, "terse")]

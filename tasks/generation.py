@@ -403,6 +403,10 @@ def generate_responses(
         stats.prompt_tokens += sum(len(s) for s in seqs) * params.n
         texts_out = tokenizer.batch_decode([new[r, : int(first[r])].tolist() for r in range(new.shape[0])],
                                            skip_special_tokens=True)
+        # byte-level tokens decode to valid text; a character cut by the length limit decodes to a
+        # trailing U+FFFD that is the limit's, not the model's: dropped (others stay, and the
+        # rules flag them as broken bytes)
+        texts_out = [t if bool(has_eos[r]) else t.rstrip("\ufffd") for r, t in enumerate(texts_out)]
         for b, i in enumerate(batch):
             for j in range(params.n):
                 r = b * params.n + j

@@ -14,6 +14,8 @@ Rules (flag column -> reason prefix):
   flag_refusal    "refusal"              EN + ZH refusal phrases
   flag_language   "language:prompt=zh,response=en"
   flag_empty      "empty"                null, blank or only zero-width characters
+  flag_encoding   "encoding:broken_bytes" U+FFFD replacement characters: the model emitted byte-level
+                                         tokens that are no valid UTF-8 (never scored as normal text)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dpoflow.tasks.lang import detect_language
 from dpoflow.tasks.metrics.tokenize import PY_WHITESPACE, rouge_tokenize, word_counts
 
 FLAGS = ("flag_safety", "flag_pii", "flag_repetition", "flag_length", "flag_refusal", "flag_language",
-         "flag_empty")
+         "flag_empty", "flag_encoding")
 
 DEFAULT_BLOCKLIST = [
     "kill yourself", "how to make a bomb", "child sexual", "credit card dump",
@@ -114,6 +116,8 @@ class RulesConfig(Section):
     language_threshold: float = Field(0.3, ge=0, le=1, description="CJK share above which a text counts as Chinese")
     language_exempt_regex: str = Field(LANGUAGE_EXEMPT, description="prompts matching this RE2 regex (translation requests) skip the language rule")
     empty: bool = Field(True, description="flag empty / blank responses")
+    encoding: bool = Field(True, description="flag responses holding U+FFFD (broken byte sequences decoded from "
+                           "byte-level tokens)")
 
     @field_validator("blocklist_regexes", "refusal_patterns")
     @classmethod
@@ -285,6 +289,11 @@ def check(prompts, responses, cfg: RulesConfig | None = None, *, max_chars: int 
         if m.any():
             lp_l, lr_l = lp.to_pylist(), lr.to_pylist()
             reasons.add(m, {i: f"language:prompt={lp_l[i]},response={lr_l[i]}" for i in np.flatnonzero(m)})
+
+    if cfg.encoding:
+        m = _match(resp, r"\x{FFFD}")
+        flags["flag_encoding"] = m
+        reasons.add(m, "encoding:broken_bytes")
 
     cols = {f: pa.array(v, pa.bool_()) for f, v in flags.items()}
     cols["flag_reasons"] = reasons.column()

@@ -48,7 +48,7 @@ class AutoScoreConfig(Section):
         description="weights of components: bleu (scaled to 0-1), rouge1, rouge2, rougeL, reward, or an extra metric name")
     penalties: dict[str, float] = Field(
         default_factory=lambda: {"flag_safety": 1.0, "flag_pii": 0.5, "flag_repetition": 0.3, "flag_length": 0.1,
-                                 "flag_refusal": 0.3, "flag_language": 0.3, "flag_empty": 1.0},
+                                 "flag_refusal": 0.3, "flag_language": 0.3, "flag_empty": 1.0, "flag_encoding": 1.0},
         description="subtracted from auto_score when the flag is raised")
     reward_transform: str = Field("sigmoid", description="sigmoid | raw: how the reward enters the weighted mean")
 

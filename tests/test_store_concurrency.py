@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -239,3 +241,32 @@ def test_remove_litter_of_killed_writers(tmp_path):
     assert store.remove_litter(max_age_s=3600) == {"tmp": 1, "parquet": 1}
     assert not os.path.exists(stale_tmp) and not os.path.exists(orphan) and os.path.exists(fresh_tmp)
     assert store.read("prompts").num_rows == 3  # the committed files stay
+
+
+def _labels(path: Path, who: str) -> Path:
+    rows = [{"annotator": f"ann-{who}", "prompt_id": f"{who}-{i}", "a": f"{who}-x{i}", "b": f"{who}-y{i}",
+             "winner": "a"} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_two_concurrent_annotation_imports_keep_both_files(tmp_path):
+    """Two `dpoflow import annotations` processes at once, three rounds: each ends with its
+    labels in, or with a one-line conflict (no traceback) whose retry gets them in."""
+    from dpoflow.flows.workspace import Workspace
+
+    root = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "dpoflow", "import", "annotations"]
+    for rnd in range(3):
+        files = [_labels(tmp_path / f"{w}{rnd}.jsonl", f"{w}{rnd}") for w in ("a", "b")]
+        procs = [subprocess.Popen([*cmd, str(f), "--workspace", str(root)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for f in files]
+        for f, p in zip(files, procs, strict=True):
+            out, err = p.communicate(timeout=300)
+            if p.returncode != 0:
+                assert "conflict" in (out + err) and "Traceback" not in err, err
+                retry = subprocess.run([*cmd, str(f), "--workspace", str(root)], capture_output=True, text=True,
+                                       timeout=300)
+                assert retry.returncode == 0, retry.stderr
+    ann = Workspace.open(root).store.read("annotations", columns=["prompt_id"]).column(0).to_pylist()
+    assert {f"{w}{r}-{i}" for w in "ab" for r in range(3) for i in range(30)} <= set(ann)
