@@ -239,3 +239,30 @@ def test_bad_lines_in_an_event_import_are_rows_in_quarantine(ws, tmp_path, bad):
     (tmp_path / "e.jsonl").write_bytes(good.encode() + b"\n" + bad + b"\n")
     rep = import_dataset(ws, "feedback_events", tmp_path / "e.jsonl").report
     assert rep["accepted"] == 1 and sum(rep["quarantined"].values()) == 1 and rep["rows_in"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # a night of sampling and scoring on a busy 2-core machine
+def test_a_night_with_a_bad_byte_event_line_completes_and_quarantines_the_line(tmp_path):
+    """The nightly (without training) on the demo inbox, one event line holding byte 0xFF: the
+    night finishes, the line is in quarantine, and the rerun finishes too."""
+    import yaml
+
+    from dpoflow.flows.demo import _ensure_model, demo_config
+    from dpoflow.flows.nightly import nightly_direct
+    from dpoflow.tasks.demo_data import demo_night
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "dpoflow.yaml").write_text(yaml.safe_dump(demo_config(root)))
+    fast = ["sample.samplers=[{model: models@production, n: 1, max_new_tokens: 4, seed: 0}]", "nightly.train=false"]
+    _ensure_model(Workspace.open(root, fast))
+    demo_night(root / "inbox", 1)
+    events = sorted((root / "inbox" / "events").glob("*.jsonl"))[0]
+    events.write_bytes(events.read_bytes() + b'{"event_id": "bad-byte", "user_id": "\xff"}\n')
+    out = nightly_direct(str(root), fast)
+    assert {"feedback_events", "signals", "pairs", "dpo_train"} <= set(out)
+    ws = Workspace.open(root)
+    bad = [r for r in ws.store.read("quarantine").to_pylist() if r["reason"] == "malformed row: invalid UTF-8"]
+    assert len(bad) == 1 and "bad-byte" in bad[0]["raw"]
+    assert nightly_direct(str(root), fast)["feedback_events"] == out["feedback_events"]
