@@ -17,12 +17,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dpoflow.flows.train import train_flow
 
         result = train_flow(dpo_train=args.data, dpo_eval=args.eval, workspace=args.workspace,
-                            overrides=overrides or None, force=args.force, promote=not args.no_promote)
+                            overrides=overrides or None, force=args.force, promote=args.promote)
     else:
         from dpoflow.flows.train import train_pipeline
 
         ws = Workspace.open(args.workspace, overrides or None)
-        result = train_pipeline(ws, args.data, args.eval, force=args.force, promote=not args.no_promote).to_dict()
+        result = train_pipeline(ws, args.data, args.eval, force=args.force, promote=args.promote).to_dict()
     if args.json:
         print(json.dumps(result, indent=1, default=str, ensure_ascii=False))
         return 0
@@ -32,14 +32,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "promotions": "promote"}.get(name, name)
         print(f"{name:<16} {ref}{'  (reused)' if skipped.get(step) else ''}")
     print(f"model            {result.get('model_version')}")
+    for w in result.get("warnings") or []:
+        print(f"WARNING          {w}")
     ev = result.get("eval") or {}
     if ev:
         keys = ("reward_accuracy", "reward_margin", "eval_loss", "win_rate")
         print("eval             " + "  ".join(f"{k}={ev[k]:.4g}" for k in keys if isinstance(ev.get(k), int | float)))
     d = result.get("decision")
     if d:
+        asked = "asked with --promote" if args.promote else "manual run: production moves only with --promote"
         print(f"promotion        {'PROMOTED' if d['promoted'] else 'not promoted'} (production: "
-              f"{d['production'] or 'none'})")
+              f"{d['production'] or 'none'}; {asked})")
         for r in d["reasons"]:
             print(f"  - {r}")
     if result.get("report"):
@@ -72,7 +75,9 @@ def register(sub) -> None:
     s.add_argument("--eval", default="dpo_eval@latest",
                    help="held-out pairs (default dpo_eval@latest when it exists; 'none' to skip)")
     s.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
-    s.add_argument("--no-promote", action="store_true", help="register the model as candidate only")
+    s.add_argument("--promote", action="store_true",
+                   help="move production when the gate passes (without it a manual run only reports the decision)")
+    s.add_argument("--no-promote", action="store_true", help=argparse.SUPPRESS)  # the default now
     s.add_argument("--prefect", action="store_true", help="run as the Prefect `train` flow (UI, artifacts)")
     s.set_defaults(func=cmd_train)
     s = sub.add_parser("ref-logps", parents=parents, help="compute or reuse reference log-probs of a pairs version")

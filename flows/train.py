@@ -55,8 +55,9 @@ def ref_logps_for(ws: Workspace, pairs_ref: str, cfg: Any, *, model: ref_logps.M
 def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
     from dpoflow.flows.gpu_slots import gpu_slot
+    from dpoflow.tasks.generation import pick_device
 
-    return ref_logps_for(ws, pairs, ws.config.train, force=force, hold=gpu_slot)
+    return ref_logps_for(ws, pairs, ws.config.train, force=force, hold=lambda: gpu_slot(device=pick_device()))
 
 
 def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> list[StageRun]:
@@ -97,9 +98,14 @@ def _direct(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
-                   *, force: bool = False, promote: bool = True,
+                   *, force: bool = False, promote: bool = False,
                    runner: Callable[..., Any] = _direct) -> TrainOutcome:
     """ref_logps (train, eval) -> train -> evaluate -> promote, as versioned stages.
+
+    The promote step always runs the gate and records its decision; only with `promote`
+    (the nightly, or a manual run asked to) may it move `production`. A cycle on a dpo_train
+    version starts from the production model it started from the first time (see
+    promotion.cycle_production), so a rerun after its promotion reuses every step.
 
     `runner(name, fn, *args)` runs each step (directly, or as a Prefect subflow / task)."""
     cfg = ws.config.train
@@ -107,8 +113,9 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     train_ref = str(ws.store.resolve(dpo_train))
     eval_ref = optional_ref(ws, dpo_eval)
 
-    policy = ref_logps.resolve_model(ws.registry, cfg.model)
-    reference = ref_logps.resolve_model(ws.registry, cfg.ref_model) if cfg.ref_model else policy
+    policy = ref_logps.resolve_model(ws.registry, promotion.cycle_model_ref(ws.registry, cfg.model, train_ref))
+    reference = ref_logps.resolve_model(ws.registry, promotion.cycle_model_ref(ws.registry, cfg.ref_model, train_ref)
+                                        ) if cfg.ref_model else policy
     inputs: dict[str, str | None] = {"train": train_ref, "train_ref": None}
     cfg.check_pairs(ws.store.info(train_ref).rows, train_ref)  # before any reference log-probs
     eval_ref_logps = None
@@ -143,18 +150,20 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
 
     eval_run = None
     if eval_ref and cfg.eval.enabled:
-        prod = promotion.current_production(ws.registry)
+        prod = promotion.cycle_production(ws.registry, train_ref)
         baseline = ref_logps.resolve_model(ws.registry, f"models@{prod}") if prod else None
         if baseline is not None and baseline.version == out.model_version:
             baseline = None
 
         def eval_step() -> StageRun:
             from dpoflow.flows.gpu_slots import gpu_slot
+            from dpoflow.tasks.generation import pick_device
 
             return run_stage(ws, "evaluate", stage.make_eval_stage(cfg, baseline),
                              {"train_run": t.outputs["train_runs"], "eval": eval_ref, "eval_ref": eval_ref_logps},
                              stage.eval_key_config(cfg), force=force,
-                             key_extra={"baseline": baseline.version if baseline else None}, hold=gpu_slot)
+                             key_extra={"baseline": baseline.version if baseline else None},
+                             hold=lambda: gpu_slot(device=pick_device()))
 
         eval_run = runner("evaluate", eval_step)
         out.outputs["model_evals"] = eval_run.outputs["model_evals"]
@@ -163,20 +172,21 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
         out.eval_metrics = json.loads(row["metrics"]).get("metrics")
         out.report_path = row.get("report")
 
-    if promote:
-        def promote_step() -> StageRun:
-            return run_stage(ws, "promote", stage.make_promote_stage(cfg),
-                             {"train_run": t.outputs["train_runs"],
-                              "model_eval": eval_run.outputs["model_evals"] if eval_run else None},
-                             cfg.promote, force=force,
-                             key_extra={"production": promotion.current_production(ws.registry)})
+    # the gate always decides and records; `promote` says whether it may move production
+    def promote_step() -> StageRun:
+        return run_stage(ws, "promote", stage.make_promote_stage(cfg, allow_promote=promote),
+                         {"train_run": t.outputs["train_runs"],
+                          "model_eval": eval_run.outputs["model_evals"] if eval_run else None},
+                         cfg.promote, force=force,
+                         key_extra={"production": promotion.cycle_production(ws.registry, train_ref),
+                                    "allow_promote": promote})
 
-        p = runner("promote", promote_step)
-        out.outputs["promotions"] = p.outputs["promotions"]
-        out.skipped["promote"] = p.skipped
-        row = stage._row(ws.store.read(p.outputs["promotions"]))
-        out.decision = {k: row[k] for k in ("model_version", "passed", "promoted", "previous_production",
-                                            "production", "reasons")}
+    p = runner("promote", promote_step)
+    out.outputs["promotions"] = p.outputs["promotions"]
+    out.skipped["promote"] = p.skipped
+    row = stage._row(ws.store.read(p.outputs["promotions"]))
+    out.decision = {k: row[k] for k in ("model_version", "passed", "promoted", "previous_production",
+                                        "production", "reasons")}
     return out
 
 
@@ -244,8 +254,9 @@ def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Calla
 @flow(name="train")
 def train_flow(dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
                workspace: str | None = None, overrides: list[str] | None = None, force: bool = False,
-               promote: bool = True) -> dict[str, Any]:
-    """ref_logps -> DPO training -> evaluation on dpo_eval -> promotion gate."""
+               promote: bool = False) -> dict[str, Any]:
+    """ref_logps -> DPO training -> evaluation on dpo_eval -> promotion gate (moves production
+    only with promote=true; the nightly passes it)."""
     ws = Workspace.open(workspace, overrides)
     out = train_pipeline(ws, dpo_train, dpo_eval, force=force, promote=promote,
                          runner=_prefect_runner(str(ws.root), overrides))

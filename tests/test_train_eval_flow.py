@@ -20,12 +20,16 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     ws.store.write("dpo_train", make_pairs(8))
     ws.store.write("dpo_eval", make_pairs(4, offset=50))
     overrides = ["train.max_steps=2", "train.batch_size=4", "train.eval.n_prompts=2",
-                 "train.eval.max_new_tokens=4"]
-    state = train_flow(workspace=str(ws.root), overrides=overrides, return_state=True)
+                 "train.eval.max_new_tokens=4",
+                 # 2 compared prompts are no evidence: checks off so that the asked-for promotion happens
+                 "train.promote.min_win_rate=null", "train.promote.min_reward_accuracy=null",
+                 "train.promote.min_reward_margin=null", "train.promote.max_reward_accuracy_drop=null",
+                 "train.promote.max_flagged_increase=null"]
+    state = train_flow(workspace=str(ws.root), overrides=overrides, promote=True, return_state=True)
     out = state.result()
     assert out["model_version"] and out["model_version"] != base
     assert set(out["outputs"]) >= {"ref_logps", "eval_ref_logps", "train_runs", "model_evals", "promotions"}
-    assert out["decision"]["reasons"] and not out["skipped"]["ref_logps"]
+    assert out["decision"]["reasons"] and not out["skipped"]["ref_logps"] and out["decision"]["promoted"]
     # the ref_logps subflow says when it reused stored rows (the train summary reports it)
     from dpoflow.flows.train import ref_logps_flow
 
