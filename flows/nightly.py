@@ -36,7 +36,7 @@ TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Retry I/O hiccups, store write races and CUDA OOM; never bad data or bad config, and
+    """Retry I/O hiccups, a busy Prefect API, store write races and CUDA OOM; never bad data or bad config, and
     never a stage that ran past its own time limit (Prefect's FlowRunTimeoutError is a
     TimeoutError: retrying it would spend that whole limit again)."""
     if type(exc).__name__ == "FlowRunTimeoutError":
@@ -44,6 +44,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT):
         return True
     name = type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if name == "PrefectHTTPStatusError" and status in (429, 502, 503, 504):
+        return True  # the API was busy (a server's SQLite under load answers 503): the stage can run again
     return name in ("ConcurrentWriteError", "ConflictError", "OutOfMemoryError") or "out of memory" in str(exc).lower()
 
 

@@ -109,3 +109,22 @@ def test_nightly_run_is_named_after_its_date_in_the_configured_timezone(tmp_path
     days.add(f"nightly-{datetime.now(ZoneInfo('Pacific/Kiritimati')).date()}")
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).name in days
+
+
+def test_a_busy_prefect_api_is_a_transient_stage_error():
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from dpoflow.flows.nightly import is_transient
+
+    def api_error(status: int) -> PrefectHTTPStatusError:
+        request = httpx.Request("POST", "http://127.0.0.1:4291/api/task_runs/")
+        response = httpx.Response(status, request=request, json={"exception_message": "x"})
+        try:
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            return PrefectHTTPStatusError.from_httpx_error(exc)
+        raise AssertionError("no error")
+
+    assert is_transient(api_error(503)) and is_transient(api_error(429))  # SQLite busy, rate limit
+    assert not is_transient(api_error(422)) and not is_transient(api_error(404))  # a bad request stays one
