@@ -326,6 +326,8 @@ def main() -> None:
     for impl in impls:
         if impl.startswith("dpoflow"):
             print(f"{impl}: all pairs {runs[impl][-1]['all_pairs']:,}; dropped {runs[impl][-1]['dropped']}")
+    if "dpoflow" in sets and "dpoflow-before" in sets:
+        print(f"dpoflow vs dpoflow-before: same pair set = {sets['dpoflow'] == sets['dpoflow-before']}")
     for impl in impls:
         if impl != base:
             only_a, only_b = sets[impl] - sets[base], sets[base] - sets[impl]
