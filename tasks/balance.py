@@ -609,15 +609,15 @@ def _token_counts(tokenizer: Any, t: pa.Table) -> np.ndarray:
     return count(t.column("prompt")) + np.maximum(count(t.column("chosen")), count(t.column("rejected")))
 
 
-def load_tokenizer(name: str, workspace: Any = None) -> Any:
+def load_tokenizer(name: str, registry: Any = None) -> Any:
     """A tokenizer from a folder or the model registry (``models@production``); never the hub."""
     from transformers import AutoTokenizer
 
     path: str | Path = name
     if name.startswith("models@"):
-        if workspace is None:
-            raise ValueError(f"tokenizer {name!r} needs a workspace registry")
-        path = workspace.registry.local_path(name)
+        if registry is None:
+            raise ValueError(f"tokenizer {name!r} needs the model registry")
+        path = registry.local_path(name)
     if not Path(path).exists():
         raise FileNotFoundError(f"balance.tokenizer {name!r}: no such folder (tokenizers are loaded locally only)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
