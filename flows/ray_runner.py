@@ -148,6 +148,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
     from prefect_ray.context import remote_options
 
     runner = task_runner(cfg)
+    api = _api_for_workers(cfg)
     try:
         runner.__enter__()
     except Exception as exc:  # noqa: BLE001 - any failure to start or join is one line
@@ -155,7 +156,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
         raise RayUnavailable(f"ray.address {cfg.address!r}: cannot start or join Ray: {first}") from None
     pending: dict[Any, tuple[Any, Any]] = {}
     try:
-        with remote_options(**shard_options(cfg)):
+        with api, remote_options(**shard_options(cfg)):  # the settings travel with each task run
             for key, params in calls:
                 fut = runner.submit(task, params)
                 pending[fut.wrapped_future] = (key, fut)
@@ -169,6 +170,30 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
             ray.cancel(ref, force=True)
         runner.__exit__(None, None, None)
         _mark_cancelled([pending[ref][1].task_run_id for ref in running])
+
+
+def _api_for_workers(cfg: RayConfig) -> Any:
+    """Settings that give the workers this process's Prefect API. Each task run carries the
+    driver's settings; without an explicit URL (Prefect's temporary server) a worker would
+    start a server of its own, so the temporary server's address is set for the submissions.
+    A loopback address cannot serve a remote cluster: that is an error, not a lost UI."""
+    import contextlib
+    from urllib.parse import urlparse
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        with get_client(sync_client=True) as client:
+            url = str(client.api_url)
+    host = urlparse(url).hostname or ""
+    if cfg.address != "local" and (host in ("localhost", "::1") or host.startswith("127.")):
+        raise RayUnavailable(f"Ray workers on {cfg.address} cannot reach the Prefect API at {url}: set "
+                             "PREFECT_API_URL to a server they can reach")
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_API_URL: url})
 
 
 def _mark_cancelled(task_run_ids: list[Any]) -> None:

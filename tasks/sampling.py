@@ -574,7 +574,7 @@ def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, 
     grid_sizes = [len(sc.grid()) for sc in cfg.samplers]
     total = sum(s.n_prompts * grid_sizes[s.sampler] for s in specs) or 1
     done = [0]
-    finished = [0]
+    finished = 0  # prompt x grid points of the shards already gathered
     show = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
     from tqdm.auto import tqdm
 
@@ -588,8 +588,8 @@ def sample_stage(ctx: StageContext, *, shard_runner: ShardRunner | None = None, 
     t0 = time.perf_counter()
     try:
         for spec, info in runner(specs, advance):
-            finished[0] += spec.n_prompts * grid_sizes[spec.sampler]
-            advance(max(0, finished[0] - done[0]))  # reused, skipped or remote: no batch progress came
+            finished += spec.n_prompts * grid_sizes[spec.sampler]
+            advance(max(0, finished - done[0]))  # reused, skipped or remote: no batch progress came
             if not info.get("reused"):
                 ctx.logger.info("sample shard %s: %d tokens, %.1f tokens/s", spec.label,
                                 info.get("generated_tokens", 0),
