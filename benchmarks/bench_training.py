@@ -194,8 +194,12 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
-    return {"wall_s": wall, "cpu_s": cpu, "peak_tree_mb": peak[0], "out": json.loads(lines[-1]) if lines else {}}
+    try:
+        parsed = json.loads(out)  # `dpoflow ... --json` prints one indented document
+    except ValueError:
+        lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+        parsed = json.loads(lines[-1]) if lines else {}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_tree_mb": peak[0], "out": parsed}
 
 
 def run_trl(args) -> dict:
@@ -294,7 +298,7 @@ def main_e2e(args) -> None:
         rows: dict[tuple[str, str], list[dict]] = {}
         for r in range(rounds):
             for name, size in sizes.items():
-                order = ["trl", "dpoflow"] if r % 2 == 0 else ["dpoflow", "trl"]
+                order = ["dpoflow", "trl"] if r % 2 == 0 else ["trl", "dpoflow"]
                 for v in order:
                     if v == "trl":
                         m = measure(trl_cmd(paths, size, args.trl_precompute))

@@ -307,3 +307,17 @@ def test_training_hard_timeout_kills_the_process_group(trained_ws):
     assert _procs_mentioning(str(ws.root)) == []
     assert ws.registry.version_of("models@production")  # nothing registered or promoted
     assert len(ws.registry.list()) == 1
+
+
+def test_in_process_training_needs_no_second_interpreter(trained_ws):
+    """train.in_process: the same stage, run inside the calling process (no worker process)."""
+    from dpoflow.flows.train import train_pipeline
+
+    ws = Workspace.open(trained_ws.root, ["train.in_process=true", "train.max_steps=2", "train.batch_size=4"])
+    out = train_pipeline(ws, "dpo_train@0", None, promote=False)
+    run = ws.store.read(out.outputs["train_runs"]).to_pylist()[0]
+    summary = json.loads(run["summary"])
+    assert run["steps"] == 2 and summary["ref_logps"] == "computed in the trainer"
+    assert "worker_imports" not in summary["phases"] and summary["phases"]["loop"] > 0
+    assert not list(Path(ws.root).rglob("worker.log"))  # no child process was launched
+    assert "candidate" in ws.registry.get(out.model_version)["tags"]

@@ -89,3 +89,29 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     w0 = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max(float((a[k] - w0[k]).abs().max()) for k in a) > 1e-4
+
+
+def test_worker_watchdog_starts_before_torch_is_imported():
+    """A launcher killed while its worker is still importing torch leaves no worker behind: the
+    worker module imports only the standard library, and main() starts the watchdog first."""
+    import ast
+    from pathlib import Path
+
+    from dpoflow.tasks.training import worker
+
+    tree = ast.parse(Path(worker.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    modules = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0] for n in top for a in n.names}
+    assert modules <= set(sys.stdlib_module_names) | {"__future__"}, modules
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    first = main.body[0]
+    assert isinstance(first, ast.Expr) and first.value.func.id == "watch_launcher"
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    env = {**os.environ, worker.PARENT_ENV: str(launcher.pid)}
+    proc = subprocess.Popen([sys.executable, "-m", "dpoflow.tasks.training.worker", "/nonexistent/spec.json"],
+                            env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # stopped by its watchdog, not by the missing spec

@@ -117,6 +117,10 @@ class TrainConfig(Section):
 
     # --- processes -----------------------------------------------------------------------
     devices: int = Field(1, ge=1, description="processes per node (GPUs, or CPU processes on gloo)")
+    in_process: bool = Field(
+        False, description="one device: train inside the flow's own process instead of one child process "
+        "(no second interpreter: less start-up time and memory); launch_timeout_s then stops training at "
+        "the next step boundary, and a killed flow process takes training with it")
     nnodes: int = Field(1, ge=1, description="nodes; >1 needs master_addr and node_rank on each node")
     node_rank: int = Field(0, ge=0, description="this node's rank (multi-node)")
     master_addr: str = Field("127.0.0.1", description="rendezvous host (multi-node)")

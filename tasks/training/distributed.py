@@ -19,6 +19,7 @@ Public API (stable):
         rank 0 (same files as a single-process run), so resume works across both.
     torchrun_command(cfg, spec_path, port) -> list[str]
     worker_command(spec_path) -> list[str]
+    child_device() -> "cuda" | "cpu"   what the training process will use, without importing torch.
 
 A failed worker leaves ``error-<rank>.json`` with its exception's first line; the TrainingError
 raised here starts with that line (not with torchrun's ChildFailedError), the log path after it.
@@ -56,6 +57,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_device() -> str:
+    """"cuda" when the training process will see a GPU, else "cpu", without importing torch here.
+
+    Why: the launching (flow) process only needs to know whether to take a GPU slot; importing
+    torch for `torch.cuda.is_available()` cost it seconds and ~180 MB of RSS for a process that
+    never computes. Without torch loaded, a GPU counts as visible when NVIDIA device nodes (or
+    WSL's /dev/dxg) exist and CUDA_VISIBLE_DEVICES does not hide them all; a CPU-only torch
+    build on a GPU machine then takes a slot it did not need, which is harmless.
+    """
+    if "torch" in sys.modules:
+        return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return "cpu"
+    return "cuda" if any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/dxg")) else "cpu"
 
 
 def worker_command(spec_path: Path) -> list[str]:

@@ -37,7 +37,7 @@ from dpoflow.tasks.training.ref_logps import ModelRef, model_path
 # Settings that do not change the trained weights (left out of the train step's content key).
 RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
                   "dist_timeout_s", "master_addr", "master_port", "node_rank", "eval_batch_size", "eval",
-                  "promote", "max_truncated_share", "report_to"}
+                  "promote", "max_truncated_share", "report_to", "in_process"}
 
 
 def _now() -> dt.datetime:
@@ -88,10 +88,13 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
         run_dir = ctx.scratch / run_id
         path = model_path(ctx.registry, policy)
         ctx.logger.info("train: %s from %s (run folder %s)", ctx.inputs["train"], policy.version, run_dir)
-        # Always a child process group (one worker, or torchrun for several devices): a hard timeout
-        # and a cancelled flow run then kill every trainer process, and a rerun resumes from checkpoints.
-        res = launch(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger,
-                     on_progress=progress() if progress else None)
+        if cfg.in_process and cfg.world_size == 1:
+            res = _train_in_process(cfg, table, path, run_dir, ref, ctx, progress() if progress else None)
+        else:
+            # A child process group (one worker, or torchrun for several devices): a hard timeout and
+            # a cancelled flow run kill every trainer process, and a rerun resumes from checkpoints.
+            res = launch(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger,
+                         on_progress=progress() if progress else None)
         curves = plot_training_curves(res.metrics, ctx.artifacts / f"{run_id}-curves.png")
         summary = {**res.summary, "tokenize": res.tokenize_stats}
         parents = [ctx.inputs["train"]] + ([ctx.inputs["train_ref"]] if ctx.has("train_ref") else [])
@@ -122,6 +125,30 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
         return StageResult(outputs={"train_runs": pa.table(row)}, report=report)
 
     return train_stage
+
+
+def _train_in_process(cfg: Any, table: pa.Table, path, run_dir, ref: pa.Table | None, ctx: StageContext,
+                      on_progress: Callable[[float], None] | None):
+    """train.in_process: the trainer in this process (no second interpreter importing torch and
+    loading the model). launch_timeout_s stops it at the next step boundary, with a checkpoint."""
+    import threading
+
+    from dpoflow.tasks.training.results import Phases, TrainingCancelled, TrainingError
+    from dpoflow.tasks.training.trainer import train
+
+    stop = threading.Event()
+    timer = threading.Timer(cfg.launch_timeout_s, stop.set)
+    timer.daemon = True
+    timer.start()
+    on_step = (lambda row: on_progress(row["step"] / row["total_steps"])) if on_progress else None
+    try:
+        return train(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger, stop=stop,
+                     on_step=on_step, phases=Phases())
+    except TrainingCancelled:
+        raise TrainingError(f"training exceeded launch_timeout_s={cfg.launch_timeout_s}; stopped at a "
+                            "checkpoint, a rerun resumes") from None
+    finally:
+        timer.cancel()
 
 
 def make_eval_stage(cfg: Any, baseline: ModelRef | None) -> Callable:

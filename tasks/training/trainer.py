@@ -84,7 +84,7 @@ _ROOT_PREFIX = "model."  # SequenceLogps holds the causal LM as `.model`: FQNs u
 # Fields that do not change the trained weights: a resume may change them.
 _RUNTIME_FIELDS = {"checkpoint_every", "keep_checkpoints", "max_nan_steps", "log_every", "launch_timeout_s",
                    "dist_timeout_s", "master_addr", "master_port", "node_rank", "eval_batch_size", "eval", "promote",
-                   "max_truncated_share", "report_to", "ref_logps_in_trainer",
+                   "max_truncated_share", "report_to", "ref_logps_in_trainer", "in_process",
                    "model"}  # `model` is a reference string; the resolved path is fingerprinted
 
 
