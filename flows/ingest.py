@@ -11,11 +11,10 @@ from typing import Any
 from prefect import flow
 
 from dpoflow.flows.reporting import publish_table
-from dpoflow.flows.runner import StageRun, config_dict, run_stage
+from dpoflow.flows.runner import StageRun, run_stage, stage_key
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks import annotations as annot
 from dpoflow.tasks import feedback
-from dpoflow.tasks.code_version import code_version
 
 
 def _optional(ws: Workspace, ref: str | None) -> str | None:
@@ -35,8 +34,7 @@ def record_rerun_key(ws: Workspace, stage: str, fn: Callable[..., Any], inputs: 
     reproduce its input, so the outputs just written are also the outputs of that rerun: with
     them recorded under its key, the content key alone skips it, and any other write to the
     dataset (or new source data) changes the key and runs the stage."""
-    pinned = {role: str(ws.store.resolve(ref)) for role, ref in inputs.items() if ref}
-    key = ws.store.content_key(stage, {**pinned, **key_extra}, config_dict(config), code_version(fn.__module__))
+    pinned, _, _, key = stage_key(ws, stage, fn, inputs, config, key_extra)
     ws.store.record_outputs(key, stage, pinned, outputs)
 
 

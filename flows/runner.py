@@ -54,6 +54,16 @@ def report_rows(stage: str, run: StageRun, rows_in: dict[str, int], rows_out: di
     return rows
 
 
+def stage_key(ws: Workspace, stage: str, fn: Callable[[StageContext], StageResult], inputs: dict[str, str | None],
+              config: Any, key_extra: dict[str, Any] | None = None) -> tuple[dict[str, str], Any, str, str]:
+    """(pinned inputs, config as data, code version, content key) of a run of `fn` on `inputs`:
+    the one recipe of the key that decides whether a stage has run already."""
+    pinned = {role: str(ws.store.resolve(ref)) for role, ref in inputs.items() if ref}
+    cfg = config_dict(config)
+    cv = code_version(fn.__module__)
+    return pinned, cfg, cv, ws.store.content_key(stage, {**pinned, **(key_extra or {})}, cfg, cv)
+
+
 def run_stage(
     ws: Workspace,
     stage: str,
@@ -75,14 +85,11 @@ def run_stage(
     stage function runs (e.g. a GPU slot); a skipped stage never waits for it. `options`
     are settings from outside the stage's section that it may read (``ctx.options``).
     The code version is derived from the imports of the module that defines `fn`
-    (see flows/code_version.py).
+    (see tasks/code_version.py).
     """
     t0 = time.perf_counter()
     store = ws.store
-    pinned = {role: str(store.resolve(ref)) for role, ref in inputs.items() if ref}
-    cfg = config_dict(config)
-    cv = code_version(fn.__module__)
-    key = store.content_key(stage, {**pinned, **(key_extra or {})}, cfg, cv)
+    pinned, cfg, cv, key = stage_key(ws, stage, fn, inputs, config, key_extra)
     logger = stage_logger(stage)
     if not force:
         found = store.find_outputs(key)
