@@ -20,7 +20,7 @@ def test_train_flow_publishes_artifacts(prefect_harness, tmp_path, tiny_model_di
     ws.store.write("dpo_train", make_pairs(8))
     ws.store.write("dpo_eval", make_pairs(4, offset=50))
     overrides = ["train.max_steps=2", "train.batch_size=4", "train.eval.n_prompts=2",
-                 "train.eval.max_new_tokens=4",
+                 "train.eval.max_new_tokens=4", "train.ref_logps_in_trainer=false",  # the ref_logps subflow runs
                  # 2 compared prompts are no evidence: checks off so that the asked-for promotion happens
                  "train.promote.min_win_rate=null", "train.promote.min_reward_accuracy=null",
                  "train.promote.min_reward_margin=null", "train.promote.max_reward_accuracy_drop=null",
