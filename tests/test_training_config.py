@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.results import TrainingError
 from dpoflow.tasks.training.tokenization import TokenizeStats
 
 
@@ -54,7 +55,7 @@ def test_max_prompt_length_defaults_to_half_of_max_length():
 def test_batch_larger_than_the_data_is_refused_with_the_numbers():
     cfg = TrainConfig(batch_size=8, grad_accum=4)
     cfg.check_pairs(32)
-    with pytest.raises(ValueError, match=r"dpo_train@3 has 31 pairs, fewer than one global batch of 32 "
+    with pytest.raises(TrainingError, match=r"dpo_train@3 has 31 pairs, fewer than one global batch of 32 "
                                          r"\(batch_size 8 x grad_accum 4 x 1 processes\)"):
         cfg.check_pairs(31, "dpo_train@3")
 
