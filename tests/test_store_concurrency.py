@@ -135,7 +135,7 @@ def test_two_processes_read_modify_write_one_conflicts_and_a_retry_has_both(tmp_
     assert "Traceback" not in loser.stderr
     assert store.latest("prompts") == 1
     # the loser's retry recomputes from the newer version: nothing of either is lost
-    me = "a" if "a" in loser.args[3] else "b"
+    me = loser.args[4]  # [python, -c, code, root, me, other, mode]
     base = store.latest("prompts")
     mine = pa.table({"prompt_id": [f"{me}-{i}" for i in range(30)], "prompt": [f"label {i}" for i in range(30)]})
     old = store.read(f"prompts@{base}", columns=["prompt_id", "prompt"])
