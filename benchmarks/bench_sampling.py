@@ -6,12 +6,18 @@ max_new_tokens); tokens = generated tokens including the end-of-sequence token.
     python benchmarks/bench_sampling.py            # 64 prompts x 4 candidates, tiny model, CPU
     python benchmarks/bench_sampling.py --quick    # seconds
     python benchmarks/bench_sampling.py --shape qwen0.5b --device cuda   # on a GPU
+    python benchmarks/bench_sampling.py --runner ray   # the stage inline vs on 1 and 2 Ray workers
 
 Rows: `naive` calls `model.generate` once per prompt and candidate (batch of one, HF's own
 sampling); `batched` is tasks.generation.generate_responses (token-budget batches over
 length-sorted prompts, num_return_sequences, left padding); `stage` is the whole `sample`
 stage through run_stage on a fresh workspace (prompt checks, shards committed to the
 store, dedup, candidates written), wall clock including model load.
+
+With `--runner ray` the rows are the `sample` stage run inline, then as the Prefect flow with
+`sample.runner=ray` on a private local Ray cluster of 1 and 2 worker CPUs (each shard a Prefect
+task run on a Ray worker; every worker loads the model once). The cluster is started before
+the run, so its start-up (ray.init + first worker) is its own row and not in the stage rows.
 """
 
 from __future__ import annotations
@@ -106,6 +112,87 @@ def stage(model_dir: Path, prompts: list[str], p: gen.GenParams, device: str, bu
         return run.report["generated_tokens"], time.perf_counter() - t0, run.report
 
 
+def _stage_ws(root: Path, model_dir: Path, prompts: list[str], p: gen.GenParams, device: str, budget: int,
+              shard_size: int, extra: list[str]):
+    from dpoflow.flows.workspace import Workspace
+
+    overrides = [f"sample.samplers=[{{model: '{model_dir}', n: {p.n}, max_new_tokens: {p.max_new_tokens}, "
+                 f"temperature: {p.temperature}, top_p: {p.top_p}, seed: {p.seed}}}]",
+                 f"sample.device={device}", f"sample.token_budget={budget}", "sample.progress_bar=false",
+                 f"sample.shard_size={shard_size}", "sample.cpu_threads=1", *extra]
+    ws = Workspace.open(root, overrides)
+    ws.store.write("prompts", pa.table({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts}))
+    return ws, overrides
+
+
+def _tokens(ws) -> tuple[int, int]:
+    shards = [n for n in ws.store.list() if n.startswith("shard_sample_")]
+    tokens = sum(int(ws.store.info(n).extra.get("generated_tokens", 0)) for n in shards)
+    return tokens, len(shards)
+
+
+def ray_rows(model_dir: Path, prompts: list[str], p: gen.GenParams, budget: int, shard_size: int,
+             workers: list[int]) -> list[tuple[str, int, int, float, int]]:
+    """(row, shards, tokens, seconds, workers) for inline and each Ray cluster size, plus start-ups."""
+    import ray
+
+    from dpoflow.flows.local_server import flow_run_settings
+    from dpoflow.flows.sample import sample, sample_flow
+    from dpoflow.tasks import sampling
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        ws, _ = _stage_ws(Path(d) / "inline", model_dir, prompts, p, "cpu", budget, shard_size, [])
+        sampling._MODEL_CACHE.clear()
+        t0 = time.perf_counter()
+        sample(ws)
+        wall = time.perf_counter() - t0
+        tokens, shards = _tokens(ws)
+        rows.append(("inline (this process, shards one after the other)", shards, tokens, wall, 1))
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # a busy machine
+        with flow_run_settings():
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:  # the temporary server is up before any timing
+                client.hello()
+            for k in workers:
+                t0 = time.perf_counter()
+                ray.init(address="local", num_cpus=k, include_dashboard=False, object_store_memory=100 * 2**20,
+                         log_to_driver=False)
+                ray.get(ray.remote(lambda: 0).remote())  # a worker process is up
+                rows.append((f"Ray start-up ({k} CPUs: ray.init + first task)", 0, 0, time.perf_counter() - t0, k))
+                try:
+                    ws, overrides = _stage_ws(Path(d) / f"ray{k}", model_dir, prompts, p, "cpu", budget, shard_size,
+                                              ["sample.runner=ray", f"ray.num_cpus={k}"])
+                    t0 = time.perf_counter()
+                    out = sample_flow(workspace=str(ws.root), overrides=overrides)
+                    wall = time.perf_counter() - t0
+                finally:
+                    ray.shutdown()
+                assert out["candidates"]
+                tokens, shards = _tokens(ws)
+                rows.append((f"Ray runner, {k} worker{'s' if k > 1 else ''} (Prefect task run per shard)",
+                             shards, tokens, wall, k))
+    return rows
+
+
+def main_ray(a: argparse.Namespace) -> int:
+    prompts = make_prompts(a.prompts)
+    p = gen.GenParams(n=a.n, temperature=1.0, top_p=0.95, max_new_tokens=a.max_new_tokens, seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = build_model(a.shape, Path(d) / "model")
+        rows = ray_rows(model_dir, prompts, p, a.token_budget, a.shard_size, a.workers)
+    print(f"\nshape={a.shape} device=cpu prompts={a.prompts} n={a.n} max_new_tokens={a.max_new_tokens} "
+          f"shard_size={a.shard_size} (1 torch thread per shard)")
+    print("| path | shards | tokens | seconds | shards/s | tokens/s |\n|---|---:|---:|---:|---:|---:|")
+    for name, shards, tokens, secs, _k in rows:
+        rate = (f"{shards / secs:.2f} | {tokens / secs:.0f}") if shards else "- | -"
+        print(f"| {name} | {shards or '-'} | {tokens or '-'} | {secs:.2f} | {rate} |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -117,9 +204,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--naive-prompts", type=int, default=0, help="run the naive loop on fewer prompts (0 = all)")
     ap.add_argument("--quick", action="store_true", help="16 prompts x 2 candidates x 16 tokens")
+    ap.add_argument("--runner", choices=["inline", "ray"], default="inline",
+                    help="ray: the stage inline vs on a local Ray cluster of --workers CPUs")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray cluster sizes (CPUs)")
+    ap.add_argument("--shard-size", type=int, default=8, help="prompts per shard (--runner ray)")
     a = ap.parse_args()
     if a.quick:
         a.prompts, a.n, a.max_new_tokens = 16, 2, 16
+    if a.runner == "ray":
+        return main_ray(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = gen.pick_device(a.device)
