@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.storage.schemas import SCORES
+from dpoflow.tasks.contract import Section, StageResult
 from dpoflow.tasks.metrics import fast
 from dpoflow.tasks.reward import RewardConfig, score_rewards
 from dpoflow.tasks.rules import FLAGS, RulesConfig, check
