@@ -139,7 +139,7 @@ class SequenceLogps(nn.Module):
         h = hs.reshape(-1, hs.shape[-1]).index_select(0, batch.target_pos)
         head = lm.get_output_embeddings()
         tok_logp = linear_logp(h, head.weight, getattr(head, "bias", None), batch.target_ids, self.chunk)
-        return torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=tok_logp.device).index_add(
+        return torch.zeros(2 * batch.n_pairs, dtype=tok_logp.dtype, device=tok_logp.device).index_add(
             0, batch.target_row, tok_logp)
 
 
