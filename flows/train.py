@@ -70,9 +70,9 @@ def _while_training(devices: int) -> Iterator[None]:
     """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
     artifacts are posted then (see flows.stage.batched_artifacts)."""
     from dpoflow.flows.gpu_slots import gpu_slot
-    from dpoflow.tasks.generation import pick_device
+    from dpoflow.tasks.training.distributed import child_device  # no torch import in this process
 
-    with gpu_slot(occupy=devices, device=pick_device()), artifacts_posted_meanwhile():
+    with gpu_slot(occupy=devices, device=child_device()), artifacts_posted_meanwhile():
         yield
 
 
