@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dpoflow.tasks.training.checkpoint import load_checkpoint
 from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.trainer import train
 from tests.test_training_core import pairs_table
 
@@ -34,7 +35,7 @@ def test_fsdp_two_process_gloo_equals_one_process_and_resumes(tiny_model_dir, tm
     one = train(TrainConfig(batch_size=4, devices=1, **BASE), table, tiny_model_dir, tmp_path / "one")
     # same global batch (4 pairs), split over 2 sharded processes x 2 accumulated micro-batches
     fcfg = TrainConfig(batch_size=1, grad_accum=2, devices=2, strategy="fsdp", **BASE)
-    two = train(fcfg, table, tiny_model_dir, tmp_path / "two")
+    two = launch(fcfg, table, tiny_model_dir, tmp_path / "two")
     assert len(two.metrics) == 3
     assert "fsdp: sharded 2 LlamaDecoderLayer blocks and the root over 2 cpu processes" in (
         tmp_path / "two" / "launch" / "torchrun.log").read_text()
@@ -62,7 +63,7 @@ def test_fsdp_two_process_gloo_equals_one_process_and_resumes(tiny_model_dir, tm
     res_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two" / "checkpoints" / "step-00000002",
                     res_dir / "checkpoints" / "step-00000002")
-    resumed = train(fcfg, table, tiny_model_dir, res_dir)
+    resumed = launch(fcfg, table, tiny_model_dir, res_dir)
     assert "resumed from" in (res_dir / "launch" / "torchrun.log").read_text()
     new_rows = [json.loads(line) for line in (res_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in new_rows] == [3]  # only the step after the checkpoint was run

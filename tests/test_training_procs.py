@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.trainer import train
 from tests.test_training_core import pairs_table
 
@@ -23,6 +24,7 @@ import json, logging, sys, torch
 logging.basicConfig(level=logging.INFO)
 import pyarrow.parquet as pq
 from dpoflow.tasks.training.config import TrainConfig
+from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.trainer import train
 torch.set_num_threads(1)
 cfg = TrainConfig.model_validate(json.loads(sys.argv[1]))
@@ -77,7 +79,7 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     base = dict(lr=1e-3, max_steps=3, warmup_steps=0, checkpoint_every=2, rpo_alpha=0.2, launch_timeout_s=300,
                 packing=False)  # padded rows: the same float sums however pairs are split
     one = train(TrainConfig(batch_size=4, devices=1, **base), table, tiny_model_dir, tmp_path / "one")
-    two = train(TrainConfig(batch_size=2, devices=2, **base), table, tiny_model_dir, tmp_path / "two")
+    two = launch(TrainConfig(batch_size=2, devices=2, **base), table, tiny_model_dir, tmp_path / "two")
     assert (tmp_path / "two" / "launch" / "torchrun.log").exists()
     assert len(two.metrics) == 3
     for m1, m2 in zip(one.metrics, two.metrics, strict=True):

@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpoflow.tasks.processes import terminate
-from dpoflow.tasks.training.results import TrainingCancelled, TrainingError, TrainResult
-from dpoflow.tasks.training.worker import RESULT
+from dpoflow.tasks.training.commands import torchrun_command, worker_command
+from dpoflow.tasks.training.results import RESULT, TrainingCancelled, TrainingError, TrainResult
 
 log = logging.getLogger("dpoflow.train")
 
@@ -74,22 +74,6 @@ def child_device() -> str:
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return "cpu"
     return "cuda" if any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/dxg")) else "cpu"
-
-
-def worker_command(spec_path: Path) -> list[str]:
-    return [sys.executable, "-m", "dpoflow.tasks.training.worker", str(spec_path)]
-
-
-def torchrun_command(cfg, spec_path: Path, port: int, env=None) -> list[str]:
-    """torchrun reads PET_<FLAG> for a flag it is not given: where a launcher set them (Kubeflow
-    Trainer's torch-distributed runtime, a batch scheduler) the node layout is theirs, so only
-    the flags without a PET_* variable in `env` (default: os.environ) are passed."""
-    env = os.environ if env is None else env
-    flags = {"nproc_per_node": cfg.devices, "nnodes": cfg.nnodes, "node_rank": cfg.node_rank,
-             "master_addr": cfg.master_addr, "master_port": port}
-    return [sys.executable, "-m", "torch.distributed.run",
-            *(f"--{k}={v}" for k, v in flags.items() if not env.get(f"PET_{k.upper()}")),
-            "-m", "dpoflow.tasks.training.worker", str(spec_path)]
 
 
 PROGRESS_EVERY_S = 5.0  # how often the launcher reads rank 0's metrics for `on_progress`

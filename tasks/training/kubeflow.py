@@ -93,7 +93,7 @@ def node_gpus(cfg: Any) -> int:
 def node_command(cfg: Any, spec_path: Path) -> list[str]:
     """torchrun in a node pod: the runtime's PET_* variables give the node layout. GPU nodes
     run one process per GPU (the runtime's count); CPU nodes run train.devices processes."""
-    from dpoflow.tasks.training.distributed import torchrun_command
+    from dpoflow.tasks.training.commands import torchrun_command
 
     pet = [k for k in RUNTIME_PET if node_gpus(cfg) or k != "PET_NPROC_PER_NODE"]
     cmd = torchrun_command(cfg, spec_path, 0, env={k: "from the runtime" for k in pet})
@@ -231,8 +231,7 @@ def launched_result(work: Path, run_dir: Path, t_start: float, on_progress: Any 
     import json
     import time
 
-    from dpoflow.tasks.training.results import TrainResult
-    from dpoflow.tasks.training.worker import RESULT
+    from dpoflow.tasks.training.results import RESULT, TrainResult
 
     if not (work / RESULT).exists():
         raise TrainingError(f"the TrainJob completed but wrote no {work / RESULT}: is the run folder on the "

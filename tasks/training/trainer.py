@@ -63,7 +63,6 @@ import torch.distributed as dist
 from dpoflow.tasks.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dpoflow.tasks.training.config import TrainConfig
 from dpoflow.tasks.training.data import Batch, epoch_batches, make_batch, split_batch
-from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.logprobs import (
     SequenceLogps,
     align_ref_logps,
@@ -451,8 +450,8 @@ def train(cfg: TrainConfig, train_table: pa.Table, model_path: str | os.PathLike
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        return launch(cfg, train_table, model_path, run_dir, ref_logps=ref_logps, ref_model_path=ref_model_path,
-                      resume=resume, stop=stop, logger=logger)
+        raise TrainingError(f"{cfg.world_size} processes are configured: start them with "
+                            "dpoflow.tasks.training.distributed.launch (this process runs one rank)")
     phases = phases or Phases()
     rank, world, local_rank = _dist_info()
     if world != cfg.world_size:

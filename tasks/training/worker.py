@@ -22,8 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-PARENT_ENV = "DPOFLOW_LAUNCHER_PID"
-RESULT = "result.json"
+from dpoflow.tasks.training.results import PARENT_ENV, RESULT  # torch-free: the watchdog starts first
 
 
 def error_file(work: Path, rank: int) -> Path:
