@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from dpoflow.flows.workspace import Workspace  # noqa: E402
+from tests.builders import BUCKET, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -43,3 +44,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A real S3 API (moto server) on a loopback port, with a fresh bucket."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """(root, env) for a fresh store: a temp folder, or a fresh prefix in the moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store"), {}
+    env = request.getfixturevalue("s3_env")
+    return f"s3://{BUCKET}/{tmp_path.name}", env

@@ -14,7 +14,8 @@ import pytest
 
 from dpoflow.flows.workspace import Workspace
 from dpoflow.storage.registry import UnsafeWeightsError, check_weights
-from tests.test_promotion_gate import GOOD, distinct_model
+from tests.builders import GATE_GOOD as GOOD
+from tests.builders import distinct_model
 
 # A child that registers a model and runs the gate, SIGKILLing itself right after `point`.
 CHILD = textwrap.dedent("""

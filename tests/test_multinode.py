@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dpoflow.tasks.training.config import TrainConfig
 from dpoflow.tasks.training.distributed import torchrun_command
-from tests.test_training_core import pairs_table
+from tests.builders import pairs_table
 
 BASE = dict(loss="simpo", lr=1e-3, max_steps=3, warmup_steps=0, checkpoint_every=0, batch_size=2, packing=False,
             seed=3)  # reference-free: both layouts train from the same inputs alone

@@ -7,28 +7,11 @@ import pytest
 
 from dpoflow.storage.schemas import PAIRS, conform
 from dpoflow.tasks.pairs import PairsConfig, build_pairs
+from tests.builders import candidates_table as candidates
+from tests.builders import judgements_table as judgements
+from tests.builders import scores_table as scores
 
 # --- builders (also used by test_balance*) ----------------------------------------------------
-
-
-def candidates(spec: dict[str, list[str]], prompt_text: dict[str, str] | None = None,
-               responses: dict[str, str] | None = None) -> pa.Table:
-    rows = []
-    for p, cids in spec.items():
-        for c in cids:
-            rows.append({"candidate_id": c, "prompt_id": p, "prompt": (prompt_text or {}).get(p, f"question {p}?"),
-                         "response": (responses or {}).get(c, f"answer from {c}"), "origin": "sampled",
-                         "model_version": "m1", "dup_count": 1})
-    return conform("candidates", pa.Table.from_pylist(rows))
-
-
-def scores(metric: dict[str, float | None] | None = None, reward: dict[str, float | None] | None = None,
-           unsafe: set[str] = frozenset(), pii: set[str] = frozenset()) -> pa.Table:
-    ids = sorted(set(metric or {}) | set(reward or {}) | set(unsafe) | set(pii))
-    rows = [{"candidate_id": c, "prompt_id": "?", "auto_score": (metric or {}).get(c), "reward": (reward or {}).get(c),
-             "flag_safety": c in unsafe, "flag_pii": c in pii, "flag_repetition": False, "flag_length": False,
-             "flag_refusal": False, "flag_language": False, "flag_empty": False, "flag_reasons": []} for c in ids]
-    return conform("scores", pa.Table.from_pylist(rows))
 
 
 def signals(values: dict[str, float], confidence: float = 1.0) -> pa.Table:
@@ -42,10 +25,6 @@ def judgement(kind: str, items: list[str], winner: str | None = None, ranks: lis
     return {"judgement_id": jid or f"j-{kind}-{'-'.join(items)}-{winner}", "kind": kind, "prompt_id": None,
             "item_ids": items, "winner": winner, "ranks": ranks, "rating": rating, "strength": strength,
             "n_annotators": 1, "agreement": None, "annotators": ["ann"]}
-
-
-def judgements(*rows: dict) -> pa.Table:
-    return conform("judgements", pa.Table.from_pylist(list(rows)))
 
 
 def pairs_of(table: pa.Table) -> list[tuple[str, str]]:

@@ -6,21 +6,7 @@ import pyarrow.parquet as pq
 
 from dpoflow.flows.balance import run_balance
 from dpoflow.flows.pairs import run_pairs
-from tests.test_pairs import candidates, judgements, scores
-
-
-def _seed(ws, n_prompts: int = 30) -> None:
-    spec = {f"p{i}": [f"p{i}c{k}" for k in range(4)] for i in range(n_prompts)}
-    texts = {p: (f"问题 {i}：请解释第{i}个概念" if i % 2 else f"question {i}: explain concept number {i}")
-             for i, p in enumerate(spec)}
-    resp = {c: ("详细的回答 " * (int(c[-1]) + 1) if int(c[1:].split("c")[0]) % 2 else "answer " * (int(c[-1]) + 1))
-            + c for cs in spec.values() for c in cs}
-    ws.store.write("candidates", candidates(spec, texts, resp))
-    ws.store.write("scores", scores({c: float(c[-1]) for cs in spec.values() for c in cs}, unsafe={"p0c3"}))
-    ws.store.write("judgements", judgements({"judgement_id": "j1", "kind": "pairwise", "prompt_id": "p1",
-                                             "item_ids": ["p1c0", "p1c1"], "winner": "p1c0", "ranks": None,
-                                             "rating": None, "strength": 0.9, "n_annotators": 2, "agreement": 1.0,
-                                             "annotators": ["x", "y"]}))
+from tests.builders import seed_pairs_inputs as _seed
 
 
 def test_pairs_then_balance_in_the_store_is_idempotent(ws, tmp_path):

@@ -3,9 +3,6 @@ confidence bound, no regression on held-out reward accuracy or on the rule check
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from dpoflow.flows.workspace import Workspace
@@ -18,24 +15,8 @@ from dpoflow.tasks.training.promotion import (
     gate,
     wilson_lower,
 )
-
-
-def distinct_model(src: Path, dst: Path, k: int) -> Path:
-    """A copy of `src` with different weights (one tensor nudged by `k`): another model version."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    w = load_file(str(dst / "model.safetensors"))
-    name = sorted(w)[0]
-    w[name] = w[name] + 1e-3 * k
-    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    assert torch.is_tensor(w[name])
-    return dst
-
-
-GOOD = {"reward_accuracy": 0.8, "reward_margin": 0.3, "baseline_reward_accuracy": 0.5,
-        "wins": 33, "ties": 5, "losses": 2, "n_compared": 40, "flagged_share": 0.0, "baseline_flagged_share": 0.1}
+from tests.builders import GATE_GOOD as GOOD
+from tests.builders import distinct_model
 
 
 def test_wilson_lower_bound():

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dpoflow.flows.cli import main
-from tests.test_pairs_flow import _seed
+from tests.builders import seed_pairs_inputs as _seed
 
 
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,42 +16,7 @@ import pytest
 from dpoflow.storage.registry import ModelRegistry
 from dpoflow.storage.schemas import DatasetNameError, SchemaError
 from dpoflow.storage.store import DatasetStore, StoreError
-
-BUCKET = "dpoflow-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_env():
-    """A real S3 API (moto server) on a loopback port, with a fresh bucket."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-
-
-@pytest.fixture(params=["local", "s3"])
-def store_root(request, tmp_path):
-    """(root, env) for a fresh store: a temp folder, or a fresh prefix in the moto bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store"), {}
-    env = request.getfixturevalue("s3_env")
-    return f"s3://{BUCKET}/{tmp_path.name}", env
+from tests.builders import prompts_table as prompts
 
 
 @pytest.fixture
@@ -61,11 +25,6 @@ def store(store_root, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return DatasetStore(root)
-
-
-def prompts(n: int, offset: int = 0) -> pa.Table:
-    return pa.table({"prompt_id": [f"p{i}" for i in range(offset, offset + n)],
-                     "prompt": [f"prompt {i} 你好" for i in range(offset, offset + n)]})
 
 
 def test_write_read_time_travel_and_tags(store):

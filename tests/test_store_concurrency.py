@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 from dpoflow.storage.store import ConflictError, DatasetStore, StoreError, python_rows
-from tests.test_store import prompts, s3_env, store_root  # noqa: F401  (fixtures: local and S3 roots)
+from tests.builders import prompts_table as prompts
 
 
 @pytest.fixture

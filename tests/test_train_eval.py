@@ -12,23 +12,7 @@ import pyarrow as pa
 import pytest
 
 from dpoflow.flows.workspace import Workspace
-
-_GOOD = ["A clear and correct answer.", "清楚、正确、简洁的回答。", "Python lists are ordered collections.",
-         "Binary search halves the range every step.", "北京是中国的首都。", "Drink water and sleep well."]
-_BAD = ["no", "不知道", "I cannot help.", "blah blah", "随便", "whatever"]
-
-
-def make_pairs(n: int, offset: int = 0) -> pa.Table:
-    """n preference pairs with distinct prompts (English / Chinese mixed)."""
-    idx = np.arange(offset, offset + n)
-    prompts = [f"Question {i}: explain item {i}. 问题 {i}" for i in idx]
-    chosen = [_GOOD[i % len(_GOOD)] + f" ({i})" for i in idx]
-    rejected = [_BAD[i % len(_BAD)] for i in idx]
-    return pa.table({
-        "pair_id": [f"p{i:04d}" for i in idx], "prompt_id": [f"q{i:04d}" for i in idx], "prompt": prompts,
-        "chosen": chosen, "rejected": rejected, "chosen_id": [f"c{i}" for i in idx],
-        "rejected_id": [f"r{i}" for i in idx], "source": ["imported"] * n, "strategy": ["imported"] * n,
-    })
+from tests.builders import make_pairs
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dpoflow.flows.workspace import Workspace
-from tests.test_train_eval import make_pairs
+from tests.builders import make_pairs
 
 
 @pytest.mark.slow

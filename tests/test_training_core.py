@@ -20,23 +20,7 @@ from dpoflow.tasks.training.logprobs import (
 )
 from dpoflow.tasks.training.tokenization import tokenize_pairs
 from dpoflow.tasks.training.trainer import TrainingError, train
-
-GOOD = ["Thank you, here is a helpful reply about {t}.", "A good answer about {t} is clear and short.",
-        "Here is a clear and correct answer on {t}.", "关于{t}，这是一个有帮助的回答。"]
-BAD = ["no.", "I cannot help with {t}.", "whatever {t} {t} {t}", "对不起，我不能帮助你。"]
-TOPICS = ["weather", "python", "math", "food", "travel", "music", "sport", "books", "天气", "机器学习"]
-
-
-def pairs_table(n: int = 32, seed: int = 0) -> pa.Table:
-    """A small separable preference set: chosen always in the helpful style, rejected not."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        t = TOPICS[i % len(TOPICS)]
-        rows.append({"pair_id": f"p{i:03d}", "prompt": f"Tell me about {t}, please ({i}).",
-                     "chosen": GOOD[rng.integers(len(GOOD))].format(t=t),
-                     "rejected": BAD[rng.integers(len(BAD))].format(t=t)})
-    return pa.Table.from_pylist(rows)
+from tests.builders import pairs_table
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dpoflow.tasks.training.checkpoint import load_checkpoint
 from dpoflow.tasks.training.config import TrainConfig
 from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.trainer import train
-from tests.test_training_core import pairs_table
+from tests.builders import pairs_table
 
 BASE = dict(lr=1e-3, max_steps=3, warmup_steps=0, checkpoint_every=2, rpo_alpha=0.2, launch_timeout_s=300,
             packing=False)  # padded rows: the same float sums however pairs are split

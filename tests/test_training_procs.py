@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dpoflow.tasks.training.config import TrainConfig
 from dpoflow.tasks.training.distributed import launch
 from dpoflow.tasks.training.trainer import train
-from tests.test_training_core import pairs_table
+from tests.builders import pairs_table
 
 RUNNER = """
 import json, logging, sys, torch
