@@ -92,8 +92,10 @@ def import_annotations(ws: Workspace, path: str | Path, *, force: bool = False) 
         raise annot.AnnotationFormatError(f"{p} does not exist or is not a file")
     config = {"file": str(p.resolve()), "annotations": ws.config.annotations.model_dump(mode="json")}
     key_extra = {"file": importing.fingerprint([p])}
-    # candidates: Label Studio pairwise tasks that show texts are matched to them
-    inputs = {"annotations": _latest(ws, "annotations"), "candidates": _latest(ws, "candidates")}
+    # candidates: Label Studio pairwise tasks that show texts are matched to them (only such
+    # files read candidates, so a new night's candidates do not re-import a JSONL / CSV file)
+    inputs = {"annotations": _latest(ws, "annotations"),
+              "candidates": _latest(ws, "candidates") if annot.matches_candidate_texts(p) else None}
     run = run_stage(ws, "import:annotations", annot.import_stage, inputs, config, force=force, key_extra=key_extra)
     if not run.skipped:
         record_rerun_key(ws, "import:annotations", annot.import_stage,

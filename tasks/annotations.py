@@ -297,6 +297,17 @@ def _label_studio_rows(tasks: list[Any], texts: CandidateTexts | None = None) ->
     return out
 
 
+def matches_candidate_texts(path: str | Path) -> bool:
+    """Whether reading `path` may match tasks to candidates by text (a Label Studio JSON
+    export): only then is `candidates` an input of its import, so that sampling new
+    candidates does not re-import an unchanged JSONL / CSV file."""
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        return False
+    with open(p, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
 def read_annotations(path: str | Path, cfg: AnnotationsConfig | None = None,
                      texts: CandidateTexts | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """(annotations rows, quarantine rows, report) from a JSONL / CSV / Label Studio JSON file;
