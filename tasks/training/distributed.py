@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 
 from dpoflow.tasks.processes import terminate
 from dpoflow.tasks.training.commands import torchrun_command, worker_command
-from dpoflow.tasks.training.results import RESULT, TrainingCancelled, TrainingError, TrainResult
+from dpoflow.tasks.training.results import TrainingCancelled, TrainingError, TrainResult
+from dpoflow.tasks.training.worker import RESULT
 
 log = logging.getLogger("dpoflow.train")
 

@@ -231,7 +231,8 @@ def launched_result(work: Path, run_dir: Path, t_start: float, on_progress: Any 
     import json
     import time
 
-    from dpoflow.tasks.training.results import RESULT, TrainResult
+    from dpoflow.tasks.training.results import TrainResult
+    from dpoflow.tasks.training.worker import RESULT
 
     if not (work / RESULT).exists():
         raise TrainingError(f"the TrainJob completed but wrote no {work / RESULT}: is the run folder on the "

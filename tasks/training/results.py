@@ -16,9 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PARENT_ENV = "DPOFLOW_LAUNCHER_PID"  # the launcher's pid, watched by the worker's watchdog
-RESULT = "result.json"  # what rank 0 writes in the work folder when training ends
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, incompatible checkpoint, bad data)."""

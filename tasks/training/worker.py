@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from dpoflow.tasks.training.results import PARENT_ENV, RESULT  # torch-free: the watchdog starts first
+PARENT_ENV = "DPOFLOW_LAUNCHER_PID"  # the launcher's pid, watched by the watchdog
+RESULT = "result.json"  # what rank 0 writes in the work folder when training ends
 
 
 def error_file(work: Path, rank: int) -> Path:
