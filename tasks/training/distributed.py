@@ -120,7 +120,7 @@ def launch(cfg, train_table: pa.Table, model_path, run_dir, *, ref_logps: pa.Tab
         from dpoflow.tasks.training.kubeflow import launched_result, run_trainjob
 
         run_trainjob(cfg, spec_path, run_dir, model_path=model_path, logger=logger, stop=stop)
-        return launched_result(work, run_dir, t_start, on_progress)
+        return launched_result(work / RESULT, run_dir, t_start, on_progress)
     cmd = torchrun_command(cfg, spec_path, cfg.master_port or _free_port()) if grouped else worker_command(spec_path)
     logger.info("launching %s", " ".join(cmd))
     env = dict(os.environ)

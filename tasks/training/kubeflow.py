@@ -226,20 +226,20 @@ def _follow(client: Any, name: str, logger: logging.Logger) -> None:
         logger.warning("stopped following TrainJob %s logs: %s", name, exc)
 
 
-def launched_result(work: Path, run_dir: Path, t_start: float, on_progress: Any = None) -> Any:
-    """The result rank 0 wrote to the shared run folder, as distributed.launch returns it."""
+def launched_result(result: Path, run_dir: Path, t_start: float, on_progress: Any = None) -> Any:
+    """The result rank 0 wrote to the shared run folder (`result`), as distributed.launch
+    returns it."""
     import json
     import time
 
     from dpoflow.tasks.training.results import TrainResult
-    from dpoflow.tasks.training.worker import RESULT
 
-    if not (work / RESULT).exists():
-        raise TrainingError(f"the TrainJob completed but wrote no {work / RESULT}: is the run folder on the "
+    if not result.exists():
+        raise TrainingError(f"the TrainJob completed but wrote no {result}: is the run folder on the "
                             "shared volume (train.kubeflow.volume_claim / mount_path)?")
     if on_progress is not None:
         on_progress(1.0)
-    res = json.loads((work / RESULT).read_text())
+    res = json.loads(result.read_text())
     summary = res["summary"]
     summary.setdefault("phases", {})["launch_total"] = round(time.perf_counter() - t_start, 3)
     return TrainResult(output_dir=Path(res["output_dir"]), run_dir=run_dir, metrics=res["metrics"],
