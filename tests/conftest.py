@@ -72,3 +72,13 @@ def store_root(request, tmp_path):
         return str(tmp_path / "store"), {}
     env = request.getfixturevalue("s3_env")
     return f"s3://{BUCKET}/{tmp_path.name}", env
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """Give back torch's thread count: a sampling stage sets cpu_threads in this process."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

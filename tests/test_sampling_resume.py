@@ -11,7 +11,6 @@ import textwrap
 
 import pyarrow as pa
 import pytest
-import torch
 
 from dpoflow.flows.sample import sample, sample_flow
 from dpoflow.flows.workspace import Workspace
@@ -51,11 +50,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)  # the stage sets cpu_threads=1 in this process
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")  # the stage sets cpu_threads=1 here
 
 
 def test_rerun_after_sigkill_redoes_only_unfinished_shards_and_matches(tmp_path, tiny_model_dir):

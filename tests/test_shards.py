@@ -12,7 +12,6 @@ import textwrap
 
 import pyarrow as pa
 import pytest
-import torch
 
 from dpoflow.flows.sample import sample
 from dpoflow.flows.workspace import Workspace
@@ -21,11 +20,7 @@ from dpoflow.tasks import shards
 ORDER = [("_row", "ascending"), ("_grid", "ascending"), ("_ret", "ascending")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)  # the stage sets cpu_threads=1 in this process
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")  # the stage sets cpu_threads=1 here
 
 
 def test_spec_pickles_and_a_fresh_process_reproduces_the_shard(tmp_path, tiny_model_dir):
