@@ -111,14 +111,18 @@ def _signals(ws: Workspace) -> dict[str, dict]:
 
 def test_one_skewed_clock_cannot_erase_the_other_signals(tmp_path):
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)  # at the test, not at import: "ahead" must stay ahead
+
+    def ago(hours: float) -> str:  # relative to the test's own now: the suite may run long after import
+        return (now - dt.timedelta(hours=hours)).isoformat()
+
     honest = [{"event_id": f"h{i}", "user_id": f"h{i}", "response_id": "c1" if i < 6 else "c2",
-               "event_type": "like", "ts": ts(1 + i / 10)} for i in range(10)]
+               "event_type": "like", "ts": ago(1 + i / 10)} for i in range(10)]
     skewed = {  # one client, any timestamp
         "s-2031": ("2031-01-01T00:00:00Z", "future ts"),
         "s-1h-ahead": ((now + dt.timedelta(hours=1)).isoformat(), "future ts"),
         "s-10min-ahead": ((now + dt.timedelta(minutes=10)).isoformat(), "future ts"),
         "s-year-1": ("0001-01-01T00:00:00Z", "stale ts"),
-        "s-2y-ago": (ts(2 * 366 * 24), "stale ts"),
+        "s-2y-ago": (ago(2 * 366 * 24), "stale ts"),
         "s-2min-ahead": ((now + dt.timedelta(minutes=2)).isoformat(), None),  # inside max_clock_skew
     }
     bad = [{"event_id": k, "user_id": "skew", "response_id": "c3", "event_type": "like", "ts": t}
