@@ -3,9 +3,12 @@
     pip install -r benchmarks/requirements-training.txt
     python benchmarks/trl_reference.py            # rewrites tests/data/trl_dpo_reference.json
 
-The tiny model of tasks/tiny_model.py (seed 0, lm head untied: see untied_tiny_model), pairs() below as plain text (no chat template),
-batch 4 in the table's order (a SequentialSampler instead of TRL's shuffling), linear decay
-without warm-up, AdamW (0.9, 0.999), clipping at 1.0, fp32 on CPU. The completions start with
+The tiny model of tasks/tiny_model.py (seed 0), pairs() below as plain text (no chat template),
+batch 4 in the table's order (a SequentialSampler instead of TRL's shuffling), 30 steps, linear
+decay without warm-up, AdamW (0.9, 0.999), clipping at 1.0, fp32 on CPU: `bf16=False` is set
+explicitly, because TRL 1.16's configs default to bf16 mixed precision even with `use_cpu=True`
+(CPU bf16 autocast: a step-1 gradient 0.2% off the fp32 one, and losses that drift ~1e-4 from
+an fp32 trainer by step 3). The completions start with
 a space, so tokenizing prompt + completion in one piece (TRL) and apart (dpoflow) gives the
 same ids; the script checks that no row differs and stores the per-step losses at full
 precision (TRL's own log rounds them to 4 digits).
@@ -19,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "trl_dpo_reference.json"
-STEPS, BATCH, LR, BETA = 12, 4, 1e-3, 0.1
+STEPS, BATCH, LR, BETA = 30, 4, 1e-3, 0.1
 
 _GOOD = [" The answer is clear and correct.", " Here is a short, helpful reply.", " 这是一个清楚的回答。",
          " Python lists keep their order.", " Binary search halves the range.", " 北京是中国的首都。"]
@@ -32,26 +35,6 @@ def pairs() -> list[dict]:
              "rejected": _BAD[(i * 5) % len(_BAD)]} for i in range(STEPS * BATCH)]
 
 
-def untied_tiny_model(out: Path) -> Path:
-    """The tiny model (seed 0) with its lm head as a separate copy of the embedding matrix.
-
-    Why: with tied weights, TRL's fused lm head (1.16) yields a slightly different gradient
-    (step-1 norm 1.794 against 1.797 from plain full logits, which dpoflow matches); untied, the
-    two computations are the same function and the comparison tests the DPO step itself."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpoflow.tasks.tiny_model import build_tiny_model
-
-    src = build_tiny_model(out.with_name(out.name + "-tied"))
-    model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(src, local_files_only=True).save_pretrained(out)
-    return out
-
-
 def main() -> None:
     import torch
     import transformers
@@ -62,6 +45,7 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dpoflow.tasks.tiny_model import build_tiny_model
     from dpoflow.tasks.training.config import TrainConfig
     from dpoflow.tasks.training.tokenization import tokenize_pairs
 
@@ -78,7 +62,7 @@ def main() -> None:
             return (loss, out) if return_outputs else loss
 
     with tempfile.TemporaryDirectory() as d:
-        model_dir = untied_tiny_model(Path(d) / "model")
+        model_dir = build_tiny_model(Path(d) / "model")
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
         ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -86,7 +70,7 @@ def main() -> None:
                          learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, beta=BETA,
                          max_length=None, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                          disable_tqdm=True, seed=0, max_grad_norm=1.0, weight_decay=0.0, adam_beta1=0.9,
-                         adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch")
+                         adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", bf16=False)
         trainer = Recording(model=model, args=args, train_dataset=ds, processing_class=tok)
         import pyarrow as pa
 
@@ -102,7 +86,7 @@ def main() -> None:
         "note": "written by benchmarks/trl_reference.py; TRL DPOTrainer, sequential order, fp32 CPU",
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "config": {"steps": STEPS, "batch": BATCH, "lr": LR, "beta": BETA, "scheduler": "linear", "warmup_steps": 0,
-                   "adam_betas": [0.9, 0.999], "max_grad_norm": 1.0},
+                   "adam_betas": [0.9, 0.999], "max_grad_norm": 1.0, "precision": "fp32 (bf16=False)"},
         "token_rows_differ": 0, "losses": losses}, indent=1))
     print(f"wrote {OUT}: {len(losses)} losses, first {losses[0]:.8f}, last {losses[-1]:.8f}")
 
