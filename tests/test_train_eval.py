@@ -194,8 +194,8 @@ def test_train_computes_its_reference_in_process_and_reports(trained_ws, capsys)
     run = ws.store.read("train_runs@latest").to_pylist()[0]
     summary = json.loads(run["summary"])
     assert run["ref_logps"] is None and summary["ref_logps"] == "computed in the trainer"
-    assert {"worker_imports", "load_model", "tokenize", "ref_logps", "setup", "loop", "save",
-            "launch_total"} <= set(summary["phases"])
+    assert {"imports", "load_model", "tokenize", "ref_logps", "setup", "loop", "save",
+            "launch_total"} <= set(summary["phases"])  # trained in this process (train.in_process default)
     assert summary["tokenize"]["affected_share"] > 0.2 and summary["warnings"]
     assert summary["phases"]["launch_total"] >= summary["phases"]["loop"] > 0
 
@@ -212,18 +212,20 @@ def test_batch_larger_than_the_data_fails_before_reference_log_probs(trained_ws,
     assert not ws.store.exists("ref_logps") and not ws.store.exists("train_runs")
 
 
-def test_a_failure_in_the_training_process_is_reported_by_its_cause(trained_ws):
-    """12 of 16 pairs have identical completions (dropped at tokenization): the training process
-    fails, and the error names that cause, not just an exit code."""
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_failure_in_the_training_process_is_reported_by_its_cause(trained_ws, in_process):
+    """12 of 16 pairs have identical completions (dropped at tokenization): training fails, and
+    the error names that cause, not just an exit code (the worker's log path with it)."""
     from dpoflow.flows.train import train_pipeline
     from dpoflow.tasks.training.trainer import TrainingError
 
     pairs = make_pairs(16, offset=200)
     same = pa.array(pairs.column("chosen").to_pylist()[:12] + pairs.column("rejected").to_pylist()[12:])
     trained_ws.store.write("dpo_train", pairs.set_column(pairs.schema.get_field_index("rejected"), "rejected", same))
-    ws = Workspace.open(trained_ws.root, ["train.batch_size=8"])
+    ws = Workspace.open(trained_ws.root, ["train.batch_size=8", f"train.in_process={str(in_process).lower()}"])
+    tail = "" if in_process else r" .*\(exit code 1; log .*worker.log\)$"
     with pytest.raises(TrainingError, match=r"^dpo_train after tokenization has 4 pairs, fewer than one global "
-                                            r"batch of 8 .*\(exit code 1; log .*worker.log\)$"):
+                                            r"batch of 8" + tail):
         train_pipeline(ws, "dpo_train@1", None, promote=False)
 
 
@@ -252,13 +254,15 @@ LAUNCHER = """
 import sys
 from dpoflow.flows.train import train_pipeline
 from dpoflow.flows.workspace import Workspace
-ws = Workspace.open(sys.argv[1], ["train.max_steps=100000", "train.batch_size=4", "train.checkpoint_every=0"])
+ws = Workspace.open(sys.argv[1], ["train.max_steps=100000", "train.batch_size=4", "train.checkpoint_every=0",
+                                 "train.in_process=false"])
 train_pipeline(ws, "dpo_train@0", None, promote=False)
 """
 
 
 def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
-    """SIGKILL of the flow process (or a cancelled run) must not leave training orphaned."""
+    """SIGKILL of the flow process (or a cancelled run) must not leave training orphaned (the
+    child worker, train.in_process=false; in-process training dies with the process)."""
     import signal
     import subprocess
     import sys
@@ -279,13 +283,16 @@ def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
     assert _procs_mentioning(str(trained_ws.root)) == []
 
 
-def test_training_hard_timeout_kills_the_process_group(trained_ws):
-    """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process."""
+@pytest.mark.parametrize("in_process", [False, True])
+def test_training_hard_timeout_kills_the_process_group(trained_ws, in_process):
+    """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process:
+    the worker is killed; in-process training stops at the next step boundary."""
     from dpoflow.flows.train import train_pipeline
     from dpoflow.tasks.training.trainer import TrainingError
 
     ws = Workspace.open(trained_ws.root, ["train.max_steps=100000", "train.batch_size=4",
-                                          "train.launch_timeout_s=6", "train.checkpoint_every=0"])
+                                          "train.launch_timeout_s=6", "train.checkpoint_every=0",
+                                          f"train.in_process={str(in_process).lower()}"])
     with pytest.raises(TrainingError, match="launch_timeout_s"):
         train_pipeline(ws, "dpo_train@0", None, promote=False)
     assert _procs_mentioning(str(ws.root)) == []
@@ -294,14 +301,17 @@ def test_training_hard_timeout_kills_the_process_group(trained_ws):
 
 
 def test_in_process_training_needs_no_second_interpreter(trained_ws):
-    """train.in_process: the same stage, run inside the calling process (no worker process)."""
+    """One local device trains inside the calling process by default (train.in_process): no
+    worker process, no second interpreter with torch (the process tree's peak RSS)."""
     from dpoflow.flows.train import train_pipeline
 
-    ws = Workspace.open(trained_ws.root, ["train.in_process=true", "train.max_steps=2", "train.batch_size=4"])
+    ws = Workspace.open(trained_ws.root, ["train.max_steps=2", "train.batch_size=4"])
+    assert ws.config.train.in_process
     out = train_pipeline(ws, "dpo_train@0", None, promote=False)
     run = ws.store.read(out.outputs["train_runs"]).to_pylist()[0]
     summary = json.loads(run["summary"])
     assert run["steps"] == 2 and summary["ref_logps"] == "computed in the trainer"
     assert "worker_imports" not in summary["phases"] and summary["phases"]["loop"] > 0
+    assert summary["phases"]["launch_total"] >= summary["phases"]["imports"]
     assert not list(Path(ws.root).rglob("worker.log"))  # no child process was launched
     assert "candidate" in ws.registry.get(out.model_version)["tags"]

@@ -118,9 +118,12 @@ class TrainConfig(Section):
     # --- processes -----------------------------------------------------------------------
     devices: int = Field(1, ge=1, description="processes per node (GPUs, or CPU processes on gloo)")
     in_process: bool = Field(
-        False, description="one device: train inside the flow's own process instead of one child process "
-        "(no second interpreter: less start-up time and memory); launch_timeout_s then stops training at "
-        "the next step boundary, and a killed flow process takes training with it")
+        True, description="one process on this machine (devices x nnodes = 1, launcher local): train inside "
+        "the flow's own process (one interpreter, one model load: less start-up time and memory); "
+        "launch_timeout_s then stops training at the next step boundary, with a checkpoint, and a killed flow "
+        "process takes training with it. false = one child worker process in its own session (isolated, "
+        "killed hard on timeout or cancellation) at the cost of a second interpreter with torch. Several "
+        "processes always run under torchrun")
     nnodes: int = Field(1, ge=1, description="nodes; >1 needs master_addr and node_rank on each node")
     node_rank: int = Field(0, ge=0, description="this node's rank (multi-node)")
     master_addr: str = Field("127.0.0.1", description="rendezvous host (multi-node)")

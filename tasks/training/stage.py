@@ -6,9 +6,10 @@ Public API:
     ref_in_trainer(cfg, policy, reference) -> bool   whether training computes dpo_train's
         reference log-probs itself (then the flow runs no ref_logps stage for dpo_train).
     make_train_stage(cfg, policy, reference) -> fn  roles: train (dpo_train), train_ref (ref_logps,
-        optional for reference-free losses and when ref_in_trainer). Runs the trainer as a separate process group with a
-        hard timeout (tasks.training.distributed.launch: killed with its children on timeout,
-        error or cancellation), registers the checkpoint as `candidate` with its lineage, draws
+        optional for reference-free losses and when ref_in_trainer). Runs the trainer in this
+        process for one local device (train.in_process, the default: one interpreter, one model
+        load), else as a separate process group with a hard timeout (tasks.training.distributed.launch:
+        killed with its children on timeout, error or cancellation), registers the checkpoint as `candidate` with its lineage, draws
         the training curves; output `train_runs` (one row; its summary holds the phase timings,
         the truncated / dropped share and warnings).
     make_eval_stage(cfg, baseline) -> fn   roles: train_run, eval (dpo_eval), eval_ref; output
@@ -69,6 +70,12 @@ def ref_in_trainer(cfg: Any, policy: ModelRef, reference: ModelRef) -> bool:
                 and reference.version == policy.version)
 
 
+def in_process(cfg: Any) -> bool:
+    """Whether the train stage trains inside this process: asked for (the default), one process,
+    launched here (a Kubeflow TrainJob or torchrun for several devices never is)."""
+    return bool(cfg.in_process and cfg.world_size == 1 and getattr(cfg, "launcher", "local") == "local")
+
+
 def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
                      progress: Callable[[], Callable[[float], None] | None] | None = None) -> Callable:
     """The train stage function; `progress()` (called when training really starts) may give a
@@ -88,7 +95,7 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
         run_dir = ctx.scratch / run_id
         path = model_path(ctx.registry, policy)
         ctx.logger.info("train: %s from %s (run folder %s)", ctx.inputs["train"], policy.version, run_dir)
-        if cfg.in_process and cfg.world_size == 1:
+        if in_process(cfg):
             res = _train_in_process(cfg, table, path, run_dir, ref, ctx, progress() if progress else None)
         else:
             # A child process group (one worker, or torchrun for several devices): a hard timeout and
@@ -130,25 +137,53 @@ def make_train_stage(cfg: Any, policy: ModelRef, reference: ModelRef,
 def _train_in_process(cfg: Any, table: pa.Table, path, run_dir, ref: pa.Table | None, ctx: StageContext,
                       on_progress: Callable[[float], None] | None):
     """train.in_process: the trainer in this process (no second interpreter importing torch and
-    loading the model). launch_timeout_s stops it at the next step boundary, with a checkpoint."""
+    loading the model). launch_timeout_s stops it at the next step boundary, with a checkpoint.
+    Phases: `imports` (torch, transformers, the trainer) and `launch_total` (imports to the saved
+    model), as the worker reports `worker_imports` and the launcher `launch_total`. CPU threads
+    as the worker gets them (OMP_NUM_THREADS, else every core), restored afterwards: a sample
+    stage earlier in the same process may have left torch at one thread."""
+    import os
     import threading
+    import time
+
+    t0 = time.perf_counter()
+    import torch
 
     from dpoflow.tasks.training.results import Phases, TrainingCancelled, TrainingError
     from dpoflow.tasks.training.trainer import train
 
+    phases = Phases({"imports": time.perf_counter() - t0})
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
     stop = threading.Event()
     timer = threading.Timer(cfg.launch_timeout_s, stop.set)
     timer.daemon = True
     timer.start()
     on_step = (lambda row: on_progress(row["step"] / row["total_steps"])) if on_progress else None
     try:
-        return train(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger, stop=stop,
-                     on_step=on_step, phases=Phases())
+        res = train(cfg, table, path, run_dir, ref_logps=ref, resume=True, logger=ctx.logger, stop=stop,
+                    on_step=on_step, phases=phases)
     except TrainingCancelled:
         raise TrainingError(f"training exceeded launch_timeout_s={cfg.launch_timeout_s}; stopped at a "
                             "checkpoint, a rerun resumes") from None
     finally:
         timer.cancel()
+        torch.set_num_threads(threads_before)
+        _release_memory()
+    res.summary.setdefault("phases", {})["launch_total"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _release_memory() -> None:
+    """The model, optimizer and activations are garbage once train() returns; give their pages
+    (and cached CUDA blocks) back before the rest of the flow runs in this process."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def make_eval_stage(cfg: Any, baseline: ModelRef | None) -> Callable:
