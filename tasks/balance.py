@@ -37,8 +37,10 @@ from pydantic import Field, field_validator
 from dpoflow.storage.schemas import DPO_SPLIT, PAIRS, conform
 from dpoflow.tasks import text_codes
 from dpoflow.tasks.contract import Section, StageContext, StageResult
+from dpoflow.tasks.pair_kernels import first_and_inverse
 from dpoflow.tasks.text import stable_hash64, unit_interval, units
 from dpoflow.tasks.text_codes import hash_strings
+from dpoflow.tasks.text_keys import text_keys
 
 MIX_DIMENSIONS = ("source", "category", "language")
 
@@ -229,15 +231,15 @@ class _Texts:
     lr: np.ndarray
 
 
-def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """The distinct texts of the columns (one representative row each) and, for the rows of the
-    columns one after the other, the index of their text.
+def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """The distinct texts of the columns (one representative row each), their raw hashes and,
+    for the rows of the columns one after the other, the index of their text.
 
     Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
     texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
     arrs = [pc.fill_null(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c, "") for c in cols]
     h = np.concatenate([hash_strings(a) for a in arrs])
-    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    first, inv = first_and_inverse(h)
     parts, lo = [], 0
     for a in arrs:  # representatives taken from each column (a take per plain array, no concatenation)
         mine = first[(first >= lo) & (first < lo + len(a))]
@@ -246,20 +248,24 @@ def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     col = np.searchsorted(np.cumsum([len(a) for a in arrs]), first, side="right")
     pos = np.empty(len(first), np.int64)  # position of each distinct text in the concatenated parts
     pos[np.argsort(col, kind="stable")] = np.arange(len(first))
-    return pa.concat_arrays(parts), pos[inv.ravel()]
+    hashes = np.empty(len(first), np.uint64)
+    hashes[pos] = h[first]
+    return pa.concat_arrays(parts), hashes, pos[inv]
 
 
 def _profile_texts(t: pa.Table, cfg: BalanceConfig) -> _Texts:
-    """Profile each distinct text once (responses repeat across pairs): identity hash (normalised
-    or raw), emptiness after normalisation and CJK-aware unit length."""
+    """Profile each distinct text once (responses repeat across pairs): identity key, emptiness
+    after normalisation and CJK-aware unit length. The identity key is the raw hash
+    (identity: raw) or `text_keys`' key, which equal normalised texts share (identity:
+    normalized); either way the steps confirm on the texts before they drop a row."""
     n = t.num_rows
-    uniq, inv = _distinct(t.column("chosen"), t.column("rejected"))
-    prof = text_codes.profile(uniq)
-    puniq, pinv = _distinct(t.column("prompt"))
+    uniq, uh, inv = _distinct(t.column("chosen"), t.column("rejected"))
+    prof = text_keys(uniq)
+    puniq, ph, pinv = _distinct(t.column("prompt"))
     if cfg.identity == "raw":
-        rh, ph = hash_strings(uniq)[inv], hash_strings(puniq)[pinv]
+        rh, ph = uh[inv], ph[pinv]
     else:
-        rh, ph = prof.norm_hash[inv], text_codes.profile(puniq).norm_hash[pinv]
+        rh, ph = prof.key[inv], text_keys(puniq).key[pinv]
     emp = prof.empty[inv]
     units = prof.units[inv]
     return _Texts(ph, rh[:n], rh[n:], emp[:n] | emp[n:], units[:n], units[n:])

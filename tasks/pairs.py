@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 from dpoflow.storage.schemas import PAIRS, QUARANTINE, conform
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
-from dpoflow.tasks.lang import detect_language
+from dpoflow.tasks.pair_kernels import first_and_inverse, guess_language, lookup, pair_ids
 from dpoflow.tasks.text import unit_interval
 from dpoflow.tasks.text_codes import hash_strings
 
@@ -353,7 +353,8 @@ def _order_candidates(candidates: pa.Table, dropped: dict[str, int]) -> _Candida
     ids = candidates.select(["candidate_id", "prompt_id"])
     rows = np.arange(ids.num_rows)
     cid = ids.column("candidate_id").combine_chunks()
-    if ids.num_rows and len(np.unique(hash_strings(cid))) < ids.num_rows:  # distinct hashes: distinct ids
+    hs = np.sort(hash_strings(cid))
+    if ids.num_rows and (hs[1:] == hs[:-1]).any():  # distinct hashes: distinct ids
         first = ids.select(["candidate_id"]).append_column("__i", pa.array(rows)).group_by(
             "candidate_id", use_threads=False).aggregate([("__i", "min")])
         if first.num_rows < ids.num_rows:
@@ -385,7 +386,7 @@ def _gather_evidence(c: _Candidates, cfg: PairsConfig, scores: pa.Table | None, 
     unsafe = np.zeros(n, bool)
     reward, metric, behaviour = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     if scores is not None and scores.num_rows:
-        si = _lookup(c.cid, scores.column("candidate_id"))
+        si = lookup(c.cid, scores.column("candidate_id"))
         has = si >= 0
         take = pa.array(np.where(has, si, 0))
         for col, dst in ((cfg.reward_column, reward), (cfg.metric_column, metric)):
@@ -397,7 +398,7 @@ def _gather_evidence(c: _Candidates, cfg: PairsConfig, scores: pa.Table | None, 
                 raise ValueError(f"scores has no flag column {flag!r} (pairs.unsafe_flags)")
             unsafe |= has & _np(pc.take(scores.column(flag), take))
     if signals is not None and signals.num_rows:
-        si = _lookup(c.cid, signals.column("candidate_id"))
+        si = lookup(c.cid, signals.column("candidate_id"))
         has = si >= 0
         take = pa.array(np.where(has, si, 0))
         conf = _np(pc.take(signals.column("confidence"), take))
@@ -620,7 +621,7 @@ def _gather(candidates: pa.Table, c: _Candidates, k: _Kept, cfg: PairsConfig) ->
     # a take is then a plain gather (on many chunks it is ~5x slower)
     strategy = pa.array([cfg.strategy, "pairwise"]).take(pa.array(k.only_pairwise[kidx].astype(np.int8)))
     return pa.table({
-        "pair_id": stable_id(prompt_id, ch_id, rj_id),
+        "pair_id": pair_ids(prompt_id, ch_id, rj_id),
         "prompt_id": prompt_id,
         "prompt": prompt.take(ch_row),
         "chosen": response.take(ch_row),
@@ -744,8 +745,8 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
     lang_col = t.column("language")
     if lang_col.null_count:
         prompt = t.column("prompt").combine_chunks()
-        _, first, inv = np.unique(hash_strings(prompt), return_index=True, return_inverse=True)
-        guessed = detect_language(prompt.take(pa.array(first))).take(pa.array(inv.ravel()))  # once per prompt
+        first, inv = first_and_inverse(hash_strings(prompt))
+        guessed = guess_language(prompt.take(pa.array(first))).take(pa.array(inv))  # once per prompt
         t = t.set_column(t.schema.get_field_index("language"), "language", pc.coalesce(lang_col, guessed))
     return t
 

@@ -233,3 +233,65 @@ def test_candidate_order_keys_sort_like_arrow(values, offset):
     keys = _sort_words(arr)
     got = [values[i] for i in np.lexsort(keys)]
     assert got == [values[i] for i in np.asarray(pa.compute.sort_indices(arr))]
+
+
+# --- the identity keys and the columnar helpers against their plain forms ------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(TEXT, st.text(max_size=12)), min_size=1, max_size=30))
+def test_text_keys_never_separate_equal_normalised_texts(texts):
+    """Equal normalised texts share a key; units and emptiness equal the Arrow / reference forms."""
+    from dpoflow.tasks.text_keys import text_keys
+
+    keys = text_keys(pa.array(texts + [None]))
+    ref = [ref_normalize(t or "") for t in texts] + [""]
+    assert keys.units.tolist() == unit_length(pa.array(texts + [None])).tolist()
+    assert keys.empty.tolist() == [r == "" for r in ref]
+    assert [int(k) & 0xFFFFFFFF for k in keys.key] == [len(r) - r.count(" ") for r in ref]
+    for i in range(len(ref)):
+        for j in range(len(ref)):
+            if ref[i] == ref[j]:
+                assert keys.key[i] == keys.key[j]
+
+
+def test_text_keys_on_long_mixed_texts_across_slices(monkeypatch):
+    import dpoflow.tasks.text_keys as tk
+
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 64)
+    texts = ["请用简单的话解释，二分查找！\n\n" * 3, "Explain  binary\tsearch " * 4, "ＡＢＣ　１２３ done", "café au lait",
+             "", "   ", "a\vb", "x", "", "Ａ１b２ 中文"]
+    keys = tk.text_keys(pa.array(texts))
+    assert keys.units.tolist() == [ref_units(t) for t in texts]
+    assert [int(k) & 0xFFFFFFFF for k in keys.key] == [len(ref_normalize(t)) - ref_normalize(t).count(" ") for t in texts]
+
+
+IDS = st.text(alphabet=["a", "b", "-", "1", "é", "你", "\x1f"], max_size=6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), IDS), IDS, IDS), max_size=20))
+def test_pair_ids_equal_stable_id(rows):
+    from dpoflow.tasks.ids import stable_id
+    from dpoflow.tasks.pair_kernels import pair_ids
+
+    cols = [pa.array([r[i] for r in rows], pa.string()) for i in range(3)]
+    assert pair_ids(*cols).to_pylist() == stable_id(*cols).to_pylist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(IDS, max_size=20), st.lists(IDS, max_size=20))
+def test_lookup_equals_index_in(keys, values):
+    from dpoflow.tasks.pair_kernels import lookup
+
+    got = lookup(pa.array(keys, pa.string()), pa.array(values, pa.string()))
+    assert got.tolist() == [values.index(k) if k in values else -1 for k in keys]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), TEXT, st.text(max_size=12)), max_size=20))
+def test_guess_language_equals_detect_language(texts):
+    from dpoflow.tasks.lang import detect_language
+    from dpoflow.tasks.pair_kernels import guess_language
+
+    arr = pa.array(texts, pa.string())
+    assert guess_language(arr).to_pylist() == detect_language(arr).to_pylist()
