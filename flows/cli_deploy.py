@@ -53,11 +53,25 @@ def cmd_deploy_apply(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"dpoflow deploy apply: error: {exc}", file=sys.stderr)
         return 2
+    done += _offer_versions(args.workspace)
     if args.json:
         print(json.dumps({"file": str(path), "cron": cron, "timezone": timezone, "done": done}, indent=1))
     else:
         print("\n".join(done))
     return 0
+
+
+def _offer_versions(workspace: str | None) -> list[str]:
+    """The workspace's stored versions as choices in the new deployments' run forms."""
+    from dpoflow.flows.version_choices import refresh_version_choices
+    from dpoflow.flows.workspace import Workspace, WorkspaceError
+
+    try:
+        ws = Workspace.open(workspace, create=False)
+    except WorkspaceError:
+        return []  # no workspace here yet: the forms get their lists after the first run
+    n = refresh_version_choices(ws.store, str(ws.root))
+    return [f"listed the stored dataset versions in {n} deployment form(s)"] if n else []
 
 
 def cmd_deploy_check(args: argparse.Namespace) -> int:

@@ -102,15 +102,36 @@ def build_deployments(workspace: str | os.PathLike[str] | None = None, *, cron: 
         if overrides and "overrides" in fl.parameters.properties:
             params["overrides"] = list(overrides)
         kind = "gpu" if name in GPU_STAGES else "cpu"
-        deployments.append(fl.to_deployment(
+        dep = fl.to_deployment(
             name=SERVE_ROUTE,
             parameters=params,
             schedules=schedules if name == "nightly" else None,
             tags=["dpoflow", kind, SERVE_ROUTE] + (["nightly"] if name == "nightly" else ["stage"]),
             description=(fl.description or "").strip() or None,
             entrypoint_type=EntrypointType.MODULE_PATH,
-        ))
+        )
+        _offer_versions(dep, name, ws)
+        deployments.append(dep)
     return deployments, missing
+
+
+def _offer_versions(dep: Any, flow_name: str, workspace: str) -> None:
+    """The stored versions as choices in the deployment's custom-run form (when the workspace
+    exists; opening it here must not create it)."""
+    from prefect.utilities.callables import ParameterSchema
+
+    from dpoflow.flows.version_choices import with_version_choices
+    from dpoflow.flows.workspace import Workspace
+
+    if not Path(workspace).is_dir():
+        return
+    schema = dep._parameter_openapi_schema.model_dump(mode="json")  # Prefect keeps the form schema here
+    try:
+        schema = with_version_choices(flow_name, schema, Workspace.open(workspace, create=False).store)
+    except Exception as exc:  # noqa: BLE001 - an unreadable store leaves free-text fields, not a failed serve
+        print(f"dpoflow: no version choices for {flow_name}: {exc}", file=sys.stderr)
+        return
+    dep._parameter_openapi_schema = ParameterSchema.model_validate(schema)
 
 
 def owned_by_a_pool(deployments: list[Any]) -> list[str]:

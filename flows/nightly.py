@@ -123,11 +123,23 @@ _STAGE_RUNS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.
                                                                                             default=None)
 
 
-def nightly_run_name() -> str:
-    """`nightly-2026-11-29`: the night's date (its scheduled start, in nightly.timezone)."""
+def night_of(timezone: str, start: Any = None) -> str:
+    """The night's date: its (scheduled) start, default now, in `timezone` (nightly.timezone)."""
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
+    return (start or datetime.now(ZoneInfo("UTC"))).astimezone(ZoneInfo(timezone)).date().isoformat()
+
+
+def _this_night(ws: Workspace) -> str:
+    """The date of the running night: the flow run's scheduled start inside Prefect, else now."""
+    from prefect.runtime import flow_run
+
+    return night_of(ws.config.nightly.timezone, flow_run.scheduled_start_time if flow_run.id else None)
+
+
+def nightly_run_name() -> str:
+    """`nightly-2026-11-29`: the night's date (its scheduled start, in nightly.timezone)."""
     from prefect.runtime import flow_run
 
     tz = "UTC"
@@ -138,8 +150,7 @@ def nightly_run_name() -> str:
         tz = nightly_schedule(params.get("workspace"), params.get("overrides"))[1]
     except Exception:  # noqa: BLE001 - a name never fails a night
         pass
-    start = flow_run.scheduled_start_time or datetime.now(ZoneInfo("UTC"))
-    return f"nightly-{start.astimezone(ZoneInfo(tz)).date().isoformat()}"
+    return f"nightly-{night_of(tz, flow_run.scheduled_start_time)}"
 
 
 def _present(ws: Workspace, name: str) -> str | None:
@@ -171,15 +182,27 @@ def import_inbox(ws: Workspace, force: bool = False) -> dict[str, str]:
 def run_pipeline(ws: Workspace, call: Callable[[str, dict[str, Any]], Any],
                  call_pair: Callable[[tuple[str, dict], tuple[str, dict]], tuple[Any, Any]],
                  common: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    """The nightly DAG. `call(stage, params)` runs a stage; `call_pair` runs two side by side."""
+    """The nightly DAG. `call(stage, params)` runs a stage; `call_pair` runs two side by side.
+
+    One night is one cycle: when this night (its date and sample inputs) already promoted a
+    model (a rerun after a kill past the tag move), sampling uses the model the night started
+    from, so every stage reuses its output and the promotion is not done twice. New prompts
+    the same day (a second demo night) are a new cycle, sampled with the new model."""
+    from dpoflow.tasks.training.promotion import night_start_production
+
     cfg = ws.config.nightly
     out: dict[str, Any] = dict(import_inbox(ws, force=force))
     if not ws.store.exists("prompts"):
         raise ValueError("no prompts: import some (dpoflow import prompts FILE) or set nightly.inbox.prompts")
     prompts = out.get("prompts") or str(ws.store.resolve("prompts"))
+    served = out.get("served") or _present(ws, "served")
+    # the night: its date and what it samples (new prompts the same day start a new cycle)
+    night = " ".join([_this_night(ws), str(ws.store.resolve(prompts)), str(ws.store.resolve(served)) if served else ""]
+                     ).strip()
     if cfg.sample:
-        served = out.get("served") or _present(ws, "served")
-        out.update(call("sample", {"prompts": prompts, "served": served, **common}))
+        started_from = night_start_production(ws.registry, night)
+        pin = {"production": started_from} if started_from else {}
+        out.update(call("sample", {"prompts": prompts, "served": served, **pin, **common}))
     candidates = out.get("candidates") or _present(ws, "candidates")
     if candidates is None:
         raise ValueError("no candidates: enable nightly.sample or import served responses")
@@ -197,7 +220,7 @@ def run_pipeline(ws: Workspace, call: Callable[[str, dict[str, Any]], Any],
     out.update(b)
     if cfg.train:
         out["train"] = call("train", {"dpo_train": b["dpo_train"], "dpo_eval": b.get("dpo_eval"),
-                                      "promote": True, **common})  # only the nightly auto-promotes
+                                      "promote": True, "night": night, **common})  # only the nightly promotes
     return out
 
 
@@ -245,6 +268,9 @@ def nightly_flow(workspace: str | None = None, overrides: list[str] | None = Non
         with batched_artifacts():  # stage reports are posted in batches (see flows.reporting)
             out = run_pipeline(ws, call, call_pair, common, force)
             _report(ws, out, _STAGE_RUNS.get() or [], time.perf_counter() - t0)
+        from dpoflow.flows.version_choices import refresh_after_run
+
+        refresh_after_run(ws.store, str(ws.root))  # tonight's versions in tomorrow's custom-run forms
     finally:
         _STAGE_RUNS.reset(token)
     return out

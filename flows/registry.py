@@ -35,6 +35,7 @@ class Stage:
     flow: the Prefect flow with the same inputs as parameters.
     pool: the work pool its deployment runs on; `gpu` stages take a GPU slot when their
         resolved device is CUDA.
+    options: keyword parameters of the runner and flow beyond the inputs (set by the nightly).
     """
 
     name: str
@@ -45,6 +46,7 @@ class Stage:
     inputs: tuple[Input, ...]
     outputs: tuple[str, ...]
     pool: Literal["cpu", "gpu"] = "cpu"
+    options: tuple[str, ...] = ()
 
     @property
     def core_module(self) -> str:
@@ -64,7 +66,8 @@ _T, _F = "dpoflow.tasks", "dpoflow.flows"
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sample", f"{_T}.sampling:make_sample_stage", f"{_T}.sampling:SampleConfig",
           f"{_F}.sample:sample", f"{_F}.sample:sample_flow",
-          (Input("prompts", "prompts"), Input("served", "served", True)), ("candidates",), pool="gpu"),
+          (Input("prompts", "prompts"), Input("served", "served", True)), ("candidates",), pool="gpu",
+          options=("production",)),
     Stage("score", f"{_T}.scoring:score", f"{_T}.scoring:ScoreConfig",
           f"{_F}.score:run_score", f"{_F}.score:score_flow",
           (Input("candidates", "candidates"), Input("prompts", "prompts", True)), ("scores",)),
@@ -82,7 +85,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train", f"{_T}.training.stage:make_train_stage", f"{_T}.training.config:TrainConfig",
           f"{_F}.train:train_pipeline", f"{_F}.train:train_flow",
           (Input("dpo_train", "dpo_train"), Input("dpo_eval", "dpo_eval", True)),
-          ("ref_logps", "train_runs", "model_evals", "promotions"), pool="gpu"),
+          ("ref_logps", "train_runs", "model_evals", "promotions"), pool="gpu", options=("promote", "night")),
 )}
 
 
@@ -105,6 +108,6 @@ def run_direct(ws: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run a stage without Prefect: the same functions the flows call; returns its outputs."""
     s = stage(name)
     kw = {role: params.get(role) or None for role in s.input_roles() if role in params}
-    extra = {"promote": params["promote"]} if "promote" in params else {}  # train: the nightly promotes
+    extra = {k: params[k] for k in s.options if k in params}  # e.g. train: the nightly promotes
     res = s.load("run")(ws, **kw, force=params.get("force", False), **extra)
     return res.to_dict() if hasattr(res, "to_dict") else res.outputs

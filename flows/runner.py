@@ -75,6 +75,7 @@ def run_stage(
     key_extra: dict[str, Any] | None = None,
     hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     options: dict[str, Any] | None = None,
+    registry: Any | None = None,
 ) -> StageRun:
     """Run one stage with versioned inputs and outputs; skip it when nothing changed.
 
@@ -83,7 +84,8 @@ def run_stage(
     `key_extra` adds things the key must cover that are not dataset versions (e.g. the
     fingerprint of an external file being imported). `hold` is a resource to hold while the
     stage function runs (e.g. a GPU slot); a skipped stage never waits for it. `options`
-    are settings from outside the stage's section that it may read (``ctx.options``).
+    are settings from outside the stage's section that it may read (``ctx.options``);
+    `registry` replaces the workspace's model registry (e.g. a view with pinned tags).
     The code version is derived from the imports of the module that defines `fn`
     (see tasks/code_version.py).
     """
@@ -101,7 +103,7 @@ def run_stage(
             stage_finished(store, run, pinned, {})
             return run
     run_id = flow_run_id()
-    ctx = StageContext(stage, pinned, config, logger, store=ws.store, registry=ws.registry,
+    ctx = StageContext(stage, pinned, config, logger, store=ws.store, registry=registry or ws.registry,
                        scratch_root=ws.scratch, artifacts_root=ws.artifacts, flow_run_id=run_id,
                        options=options or {})
     with hold() if hold else contextlib.nullcontext():
@@ -136,4 +138,8 @@ def run_stage(
                 {k: v for k, v in result.report.items() if k in ("dropped", "quarantined")})
     publish_table(f"{stage}-report", report_rows(stage, run, rows_in, rows_out), f"{stage}: rows in / out")
     stage_finished(store, run, pinned, rows_out)
+    if run_id:  # new versions: offer them in the deployments' custom-run forms
+        from dpoflow.flows.version_choices import refresh_after_run
+
+        refresh_after_run(store, str(ws.root))
     return run

@@ -48,12 +48,13 @@ def shard_runner_for(ws: Workspace) -> tuple[ShardRunner | None, str | None]:
 
 
 def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = None, *,
-           force: bool = False, shard_runner: ShardRunner | None = None) -> StageRun:
+           force: bool = False, shard_runner: ShardRunner | None = None, production: str | None = None) -> StageRun:
     """Run the stage (with or without Prefect); unchanged inputs/config/code/models reuse the
     output. The key covers the model each sampler resolves to now, so promoting a new
     production model resamples even though the config still says `models@production`.
     Inside a flow run (the `sample` or `nightly` flow) each shard is a Prefect task; with
-    `sample.runner: ray` each shard is a task run on a Ray worker."""
+    `sample.runner: ray` each shard is a task run on a Ray worker. `production` pins the model
+    ``models@production`` means (the nightly's rerun of a night that already promoted)."""
     from dpoflow.flows.gpu_slots import gpu_slot
     from dpoflow.tasks.generation import pick_device
 
@@ -66,14 +67,17 @@ def sample(ws: Workspace, prompts: str = "prompts@latest", served: str | None = 
     stage = sampling.make_sample_stage(
         shard_runner, reuse_shards=not force, device=device,
         progress=lambda: progress_reporter("sample-progress", "sample: prompts done"))
+    registry = ws.registry.with_tags({"production": production}) if production else ws.registry
     return run_stage(ws, "sample", stage, {"prompts": prompts, "served": served}, ws.config.sample, force=force,
-                     key_extra={"models": sampling.model_keys(ws.config.sample, ws.registry)},
-                     hold=lambda: gpu_slot(device=here))
+                     key_extra={"models": sampling.model_keys(ws.config.sample, registry)},
+                     hold=lambda: gpu_slot(device=here), registry=registry)
 
 
 @flow(name="sample")
 def sample_flow(prompts: str = "prompts@latest", served: str | None = None, workspace: str | None = None,
-                overrides: list[str] | None = None, force: bool = False) -> dict[str, str]:
-    """Sample candidate responses for `prompts` (and add `served` responses, when given)."""
+                overrides: list[str] | None = None, force: bool = False,
+                production: str | None = None) -> dict[str, str]:
+    """Sample candidate responses for `prompts` (and add `served` responses, when given);
+    `production` pins the model version `models@production` stands for."""
     ws = Workspace.open(workspace, overrides)
-    return sample(ws, prompts, served, force=force).outputs
+    return sample(ws, prompts, served, force=force, production=production).outputs

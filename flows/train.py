@@ -52,17 +52,21 @@ def ref_logps_for(ws: Workspace, pairs_ref: str, cfg: Any, *, model: ref_logps.M
                      key_extra={"ref_model": model.version})
 
 
-def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False) -> StageRun:
+def ref_logps_step(ws: Workspace, pairs: str, *, force: bool = False,
+                   model: ref_logps.ModelRef | None = None) -> StageRun:
     """Reference log-probs of one pairs version (reused when stored for the same reference)."""
     from dpoflow.flows.gpu_slots import gpu_slot
     from dpoflow.tasks.generation import pick_device
 
-    return ref_logps_for(ws, pairs, ws.config.train, force=force, hold=lambda: gpu_slot(device=pick_device()))
+    return ref_logps_for(ws, pairs, ws.config.train, model=model, force=force,
+                         hold=lambda: gpu_slot(device=pick_device()))
 
 
-def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False) -> list[StageRun]:
-    """Reference log-probs of several pairs versions (the train and the eval set), in order."""
-    return [ref_logps_step(ws, p, force=force) for p in pairs]
+def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False,
+                    model: ref_logps.ModelRef | None = None) -> list[StageRun]:
+    """Reference log-probs of several pairs versions (the train and the eval set), in order,
+    under `model` (default: the configured reference as the registry resolves it now)."""
+    return [ref_logps_step(ws, p, force=force, model=model) for p in pairs]
 
 
 @contextlib.contextmanager
@@ -98,14 +102,15 @@ def _direct(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
-                   *, force: bool = False, promote: bool = False,
+                   *, force: bool = False, promote: bool = False, night: str | None = None,
                    runner: Callable[..., Any] = _direct) -> TrainOutcome:
     """ref_logps (train, eval) -> train -> evaluate -> promote, as versioned stages.
 
     The promote step always runs the gate and records its decision; only with `promote`
     (the nightly, or a manual run asked to) may it move `production`. A cycle on a dpo_train
     version starts from the production model it started from the first time (see
-    promotion.cycle_production), so a rerun after its promotion reuses every step.
+    promotion.cycle_production), so a rerun after its promotion reuses every step. `night`
+    (the nightly's id: its date and sample inputs) is recorded with a promotion.
 
     `runner(name, fn, *args)` runs each step (directly, or as a Prefect subflow / task)."""
     cfg = ws.config.train
@@ -122,7 +127,8 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
     if cfg.needs_reference:
         in_trainer = stage.ref_in_trainer(cfg, policy, reference)  # the training process computes them
         sets = ([] if in_trainer else [train_ref]) + ([eval_ref] if eval_ref and cfg.eval.enabled else [])
-        runs = runner("ref_logps", ref_logps_steps, ws, sets, force=force) if sets else []
+        # the cycle's reference (the model the cycle started from), not where the tag is now
+        runs = runner("ref_logps", ref_logps_steps, ws, sets, force=force, model=reference) if sets else []
         if not in_trainer:
             inputs["train_ref"] = out.outputs["ref_logps"] = runs[0].outputs["ref_logps"]
             out.skipped["ref_logps"] = runs[0].skipped
@@ -174,7 +180,7 @@ def train_pipeline(ws: Workspace, dpo_train: str = "dpo_train@latest", dpo_eval:
 
     # the gate always decides and records; `promote` says whether it may move production
     def promote_step() -> StageRun:
-        return run_stage(ws, "promote", stage.make_promote_stage(cfg, allow_promote=promote),
+        return run_stage(ws, "promote", stage.make_promote_stage(cfg, allow_promote=promote, night=night),
                          {"train_run": t.outputs["train_runs"],
                           "model_eval": eval_run.outputs["model_evals"] if eval_run else None},
                          cfg.promote, force=force,
@@ -224,14 +230,16 @@ def publish_outcome(ws: Workspace, out: TrainOutcome) -> None:
 
 @flow(name="ref_logps")
 def ref_logps_flow(pairs: list[str] | None = None, workspace: str | None = None,
-                   overrides: list[str] | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
-    """Reference log-probs of each pairs version (default: dpo_train@latest) with the configured
-    reference model, stored once per pairs version and reference model version. Returns pairs
-    version -> {"ref_logps": version, "skipped": whether stored rows were reused}."""
+                   overrides: list[str] | None = None, force: bool = False,
+                   model: str | None = None) -> dict[str, dict[str, Any]]:
+    """Reference log-probs of each pairs version (default: dpo_train@latest) with `model` (default:
+    the configured reference model), stored once per pairs version and reference model version.
+    Returns pairs version -> {"ref_logps": version, "skipped": whether stored rows were reused}."""
     ws = Workspace.open(workspace, overrides)
     refs = pairs or ["dpo_train@latest"]
+    pinned = ref_logps.resolve_model(ws.registry, model) if model else None
     return {p: {"ref_logps": r.outputs["ref_logps"], "skipped": r.skipped}
-            for p, r in zip(refs, ref_logps_steps(ws, refs, force=force), strict=True)}
+            for p, r in zip(refs, ref_logps_steps(ws, refs, force=force, model=pinned), strict=True)}
 
 
 @task(name="train-step", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
@@ -242,8 +250,9 @@ def _step_task(name: str, fn: Callable[[], StageRun]) -> StageRun:
 def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Callable[..., Any]:
     def runner(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         if name == "ref_logps":  # one subflow for the train and the eval set
-            pairs = args[1]
-            out = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False))
+            pairs, model = args[1], kw.get("model")
+            out = ref_logps_flow(pairs=pairs, workspace=workspace, overrides=overrides, force=kw.get("force", False),
+                                 model=model.ref if model else None)
             return [StageRun("ref_logps", {"ref_logps": out[p]["ref_logps"]}, out[p]["skipped"], "", {}, 0.0)
                     for p in pairs]
         return _step_task(name, lambda: fn(*args, **kw))
@@ -254,11 +263,11 @@ def _prefect_runner(workspace: str | None, overrides: list[str] | None) -> Calla
 @flow(name="train")
 def train_flow(dpo_train: str = "dpo_train@latest", dpo_eval: str | None = "dpo_eval@latest",
                workspace: str | None = None, overrides: list[str] | None = None, force: bool = False,
-               promote: bool = False) -> dict[str, Any]:
+               promote: bool = False, night: str | None = None) -> dict[str, Any]:
     """ref_logps -> DPO training -> evaluation on dpo_eval -> promotion gate (moves production
-    only with promote=true; the nightly passes it)."""
+    only with promote=true; the nightly passes it, and the night's id)."""
     ws = Workspace.open(workspace, overrides)
-    out = train_pipeline(ws, dpo_train, dpo_eval, force=force, promote=promote,
+    out = train_pipeline(ws, dpo_train, dpo_eval, force=force, promote=promote, night=night,
                          runner=_prefect_runner(str(ws.root), overrides))
     publish_outcome(ws, out)
     return out.to_dict()

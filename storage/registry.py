@@ -15,6 +15,7 @@ the loaders call `check_weights` so the same rule holds at load time.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -75,6 +76,18 @@ class ModelRegistry:
     def __init__(self, store: DatasetStore, cache_dir: str | os.PathLike[str] | None = None):
         self.store = store
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._pins: dict[str, str] = {}
+
+    def with_tags(self, pins: dict[str, str]) -> ModelRegistry:
+        """A read-only view in which `pins` (tag -> version) override the stored tags: a night
+        that resumes after its promotion samples with the model it started from."""
+        view = copy.copy(self)
+        view._pins = {**self._pins, **pins}
+        return view
+
+    def _writable(self) -> None:
+        if self._pins:
+            raise StoreError(f"this registry view pins tags {self._pins} and is read-only")
 
     def _tags_path(self) -> str:
         return self.store._meta_path("model_tags.json")
@@ -97,6 +110,7 @@ class ModelRegistry:
         Idempotent: keyed by the weights' content hash, so a rerun (e.g. after a kill right
         after the first registration) finds the existing version instead of adding a
         duplicate; two concurrent registrations never take the same number."""
+        self._writable()
         local_dir = Path(local_dir)
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         if not any(p.suffix == ".safetensors" for p in files):
@@ -175,11 +189,15 @@ class ModelRegistry:
         raise StoreError(f"model {version!r} is not registered")
 
     def tags(self) -> dict[str, str]:
+        return {**self._stored_tags(), **self._pins}
+
+    def _stored_tags(self) -> dict[str, str]:
         return self.store._read_json(self._tags_path(), {})
 
     def tag(self, version: str, tag: str, *, expected: str | None | object = ANY) -> None:
         """Point `tag` at a version; `expected` (compare-and-set): the version the caller saw
         the tag at (None: unset), else ConflictError and the tag stays put."""
+        self._writable()
         version = self.version_of(version)
 
         def move(tags: dict[str, str]) -> dict[str, str]:
@@ -200,11 +218,12 @@ class ModelRegistry:
         before the tag moves, so after a kill between the two a rerun finds the record and
         finishes the move (`recorded_promotion`); after a kill past both it finds the move
         done. Nobody ever sees a moved tag without its record."""
+        self._writable()
         version = self.version_of(version)
         entry = {**record, "model_version": version, "tag": tag, "previous": expected,
                  "at": dt.datetime.now(dt.UTC).isoformat()}
         with self.store._locked(self._tags_path()):
-            current = self.tags().get(tag)
+            current = self._stored_tags().get(tag)
             if current != expected and current != version:
                 raise ConflictError(f"conflict: {tag!r} was expected at {expected}, but another writer moved it "
                                     f"to {current}; not promoting {version}")
@@ -212,7 +231,7 @@ class ModelRegistry:
             if not any(e.get("model_version") == version and e.get("tag") == tag and e.get("previous") == expected
                        for e in log):
                 self.store._write_json(self.store._meta_path(PROMOTIONS_LOG), [*log, entry])
-            self.store._write_json(self._tags_path(), {**self.tags(), tag: version})
+            self.store._write_json(self._tags_path(), {**self._stored_tags(), tag: version})
 
     def recorded_promotion(self, version: str, tag: str) -> dict[str, Any] | None:
         """The newest record of `version` being promoted to `tag`, if any."""

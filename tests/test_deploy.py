@@ -409,3 +409,32 @@ def test_k8s_template_named_in_prefect_yaml_exists():
 
     named = set(re.findall(r"deploy/(k8s-[\w.-]+)", REPO_PREFECT_YAML.read_text()))
     assert named == {"k8s-gpu-job-template.json"} and all((DEPLOY_DIR / n).exists() for n in named)
+
+
+def test_run_forms_list_the_stored_versions_and_still_take_any_ref(tmp_path):
+    import jsonschema
+
+    from dpoflow.flows.version_choices import OTHER, with_version_choices
+    from dpoflow.flows.workspace import Workspace
+    from tests.builders import candidates
+
+    ws = Workspace.open(tmp_path / "ws")
+    for ids in (("c1",), ("c1", "c2"), ("c1", "c2", "c3")):
+        candidates(ws, ids)
+    ws.store.tag("candidates@1", "golden")
+    by_name = {d.flow_name: d for d in build_deployments(ws.root)[0]}
+    schema = by_name["pairs"]._parameter_openapi_schema.model_dump(mode="json")
+    listed, other = schema["properties"]["candidates"]["anyOf"]
+    assert listed["enum"] == ["candidates@latest", "candidates@2", "candidates@1", "candidates@0", "candidates@golden"]
+    assert other == {"type": "string", "title": OTHER}  # a version written since the form was built
+    scores = schema["properties"]["scores"]  # optional input, no version yet: a plain free-text field
+    assert "enum" not in json.dumps(scores) and {"type": "null"} in scores["anyOf"]
+    for ok in ({"candidates": "candidates@1"}, {"candidates": "candidates@7"}, {"scores": None}):
+        jsonschema.validate(ok, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"candidates": 3}, schema)
+    assert with_version_choices("pairs", schema, ws.store) == schema  # a refresh without news changes nothing
+    assert "enum" not in json.dumps(by_name["nightly"]._parameter_openapi_schema.model_dump(mode="json"))
+    ws.store.gc(keep_last=1)
+    assert with_version_choices("pairs", schema, ws.store)["properties"]["candidates"]["anyOf"][0]["enum"] == [
+        "candidates@latest", "candidates@2", "candidates@1", "candidates@golden"]  # gc kept the tagged one

@@ -261,6 +261,10 @@ def test_both_routes_on_a_real_server_crash_rerun_and_ui(tmp_path):
                 done = _killed_night(client, "nightly/workers", worker_log)
                 _killed_night(client, "nightly/serve", serve_log)
                 _finished_night(client, "nightly/workers", ws, done, [worker_log, serve_log])
+                deps = _deployments(client)  # the night's versions are offered in both routes' run forms
+                for route in ("workers", "serve"):
+                    listed = deps[f"pairs/{route}"].parameter_openapi_schema["properties"]["candidates"]["anyOf"][0]
+                    assert f"candidates@{ws.store.latest('candidates')}" in listed["enum"], (route, listed)
 
                 pinned = [f"prompts@{ws.store.latest('prompts')}", f"served@{ws.store.latest('served')}"]
                 _rerun_stage(env, ws, "sample", "workers", pinned)

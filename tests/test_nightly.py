@@ -162,6 +162,55 @@ def test_killed_run_restarts_without_redoing_finished_stages(tmp_path, prefect_h
     assert len(events) == len(set(events)), "duplicate events after the restart"
 
 
+# The gate passes on any evidence, so the night promotes; the child dies right after the tag move.
+PROMOTING = [*FAST, "train.promote.auto_promote=true", "train.promote.min_reward_accuracy=null",
+             "train.promote.max_reward_accuracy_drop=null", "train.promote.min_reward_margin=null",
+             "train.promote.min_win_rate=null", "train.promote.max_flagged_increase=null"]
+NIGHT_KILLED_AFTER_TAG_MOVE = """
+import os, signal, sys
+from dpoflow.storage.store import DatasetStore
+from dpoflow.flows.nightly import nightly_direct
+write_json = DatasetStore._write_json
+def killing(self, path, obj):
+    write_json(self, path, obj)
+    if sys.argv[1] == "kill" and str(path).endswith("model_tags.json") and obj.get("production") != sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+DatasetStore._write_json = killing
+nightly_direct(sys.argv[3], sys.argv[4:])
+"""
+
+
+def _night(mode: str, ws: Workspace) -> subprocess.CompletedProcess:
+    prod = ws.registry.version_of("models@production")
+    return subprocess.run([sys.executable, "-c", NIGHT_KILLED_AFTER_TAG_MOVE, mode, prod, str(ws.root), *PROMOTING],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_night_killed_after_the_tag_move_reruns_to_the_same_night(tmp_path):
+    """Killed right after `production` moved, the rerun of that night samples with the model
+    the night started from, so it reuses every stage, promotes nothing a second time, and
+    writes only what the killed night had left: the promote stage's output. (Compared once
+    with an uninterrupted night on a copy of the workspace: the same datasets, models, tags
+    and promotion record.)"""
+    ws = _demo_workspace(tmp_path / "ws")
+    start = ws.registry.version_of("models@production")
+    killed = _night("kill", ws)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # really killed at the tag move
+    ws = Workspace.open(ws.root)
+    (rec,) = ws.registry.promotions_log()
+    new = ws.registry.version_of("models@production")
+    assert rec["previous"] == start != new == rec["model_version"], "the kill came after the move"
+    before, models = _versions(ws), ws.registry.list()
+    assert "promotions" not in before  # ... and before the promote stage wrote its output
+    rerun = _night("run", ws)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ws = Workspace.open(ws.root)
+    assert _versions(ws) == {**before, "promotions": 0}, "the rerun redid a stage (sampled with the new model?)"
+    assert ws.registry.list() == models and ws.registry.promotions_log() == [rec]
+    assert ws.store.read("promotions").to_pylist()[0]["production"] == new
+
+
 def test_config_errors_name_key_and_line(tmp_path):
     p = tmp_path / "dpoflow.yaml"
     p.write_text("storage:\n  root: null\ntrain:\n  beta: 0.2\n  betta: 0.3\n")

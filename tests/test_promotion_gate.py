@@ -13,6 +13,7 @@ from dpoflow.tasks.training.promotion import (
     cycle_production,
     decide_and_apply,
     gate,
+    night_start_production,
     wilson_lower,
 )
 from tests.builders import GATE_GOOD as GOOD
@@ -111,3 +112,20 @@ def test_cycle_production_is_the_model_the_cycle_started_from(reg_models):
     assert cycle_model_ref(reg, None, "dpo_train@0") == f"models@{base}"
     assert cycle_model_ref(reg, "models@production", "dpo_train@1") == "models@production"
     assert cycle_model_ref(reg, "/some/folder", "dpo_train@0") == "/some/folder"
+
+
+def test_a_night_that_promoted_restarts_from_the_model_it_started_with(reg_models):
+    from dpoflow.storage.store import StoreError
+
+    reg, base, (_, good) = reg_models
+    assert night_start_production(reg, "2026-11-29") is None  # nothing promoted yet: the current model
+    decide_and_apply(reg, good, GOOD, PromoteConfig(), night="2026-11-29")
+    assert reg.promotions_log()[-1]["night"] == "2026-11-29"
+    assert night_start_production(reg, "2026-11-29") == base  # the same night: where it started
+    assert night_start_production(reg, "2026-11-30") is None  # the next night starts from `good`
+    assert night_start_production(reg, None) is None
+    view = reg.with_tags({"production": base})  # what the rerun of the night samples with
+    assert view.version_of("models@production") == base and reg.version_of("models@production") == good
+    with pytest.raises(StoreError, match="read-only"):
+        view.tag(good, "production")
+    assert reg.tags()["production"] == good

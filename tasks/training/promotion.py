@@ -237,14 +237,28 @@ def cycle_model_ref(registry: Any, ref: str | None, train_data: str | None) -> s
     return f"models@{prod}" if prod and prod != current_production(registry) else ref
 
 
+def night_start_production(registry: Any, night: str | None) -> str | None:
+    """The production model `night` started from, when that night already promoted the
+    current one (a rerun after a kill past the tag move); else None (use the current one)."""
+    prod = current_production(registry)
+    if not night or prod is None:
+        return None
+    rec = registry.recorded_promotion(prod, PRODUCTION)
+    if rec is None or rec.get("night") != night or not rec.get("previous"):
+        return None
+    return rec["previous"]
+
+
 def decide_and_apply(registry: Any, model_version: str, metrics: dict[str, Any], cfg: PromoteConfig,
-                     *, allow_promote: bool = True) -> PromotionDecision:
+                     *, allow_promote: bool = True, night: str | None = None) -> PromotionDecision:
     """Run the gate for `model_version` and move `production` to it only when it passes.
 
     `allow_promote` False (a manual run not asked to promote) reports the decision only.
     A promotion is recorded before the tag moves (registry.promote); a rerun that finds the
     record returns the recorded decision (finishing the tag move if a kill came between),
-    so a killed and rerun promotion equals an uninterrupted one."""
+    so a killed and rerun promotion equals an uninterrupted one. `night` (the nightly's id:
+    its date and sample inputs) is kept in the record, so a rerun of that night starts from the same model
+    (`night_start_production`) instead of beginning a second cycle."""
     previous = current_production(registry)
     rec = registry.recorded_promotion(model_version, PRODUCTION)
     if rec is not None and previous in (model_version, rec.get("previous")):
@@ -266,8 +280,8 @@ def decide_and_apply(registry: Any, model_version: str, metrics: dict[str, Any],
     if promoted:
         reasons.append(f"production: {previous or 'none'} -> {model_version}")
         registry.promote(model_version, PRODUCTION, expected=previous,
-                         record={"reasons": reasons, "metrics": {k: v for k, v in metrics.items()
-                                                                 if isinstance(v, int | float | str | None)}})
+                         record={"reasons": reasons, "night": night,
+                                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)}})
     else:
         reasons.append(f"production stays {previous or 'unset'}")
     return PromotionDecision(model_version, passed, promoted, reasons, previous,

@@ -251,8 +251,9 @@ def gate_metrics(run: dict[str, Any], model_eval: dict[str, Any] | None) -> dict
     return m
 
 
-def make_promote_stage(cfg: Any, allow_promote: bool = True) -> Callable:
-    """`allow_promote` False: a manual run not asked to promote records the decision only."""
+def make_promote_stage(cfg: Any, allow_promote: bool = True, night: str | None = None) -> Callable:
+    """`allow_promote` False: a manual run not asked to promote records the decision only;
+    `night` (the nightly's id) goes into a promotion's record."""
 
     def promote_stage(ctx: StageContext) -> StageResult:
         from dpoflow.tasks.training.promotion import decide_and_apply
@@ -260,7 +261,7 @@ def make_promote_stage(cfg: Any, allow_promote: bool = True) -> Callable:
         run = _row(ctx.read("train_run"))
         model_eval = _row(ctx.read("model_eval")) if ctx.has("model_eval") else None
         decision = decide_and_apply(ctx.registry, run["model_version"], gate_metrics(run, model_eval),
-                                    cfg.promote, allow_promote=allow_promote)
+                                    cfg.promote, allow_promote=allow_promote, night=night)
         ctx.logger.info("promote %s: %s", run["model_version"], "; ".join(decision.reasons))
         row = {"model_version": [decision.model_version], "passed": [decision.passed],
                "promoted": [decision.promoted], "previous_production": [decision.previous_production],
