@@ -34,12 +34,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from dpoflow.storage.schemas import DPO_SPLIT, PAIRS, conform
+from dpoflow.storage.schemas import DPO_SPLIT, PAIRS
 from dpoflow.tasks import text_codes
 from dpoflow.tasks.contract import Section, StageContext, StageResult
-from dpoflow.tasks.pair_kernels import first_and_inverse
+from dpoflow.tasks.pair_kernels import (
+    as_views,
+    conform_views,
+    first_and_inverse,
+    take_text,
+    take_views,
+    text_hashes,
+)
 from dpoflow.tasks.text import stable_hash64, unit_interval, units
-from dpoflow.tasks.text_codes import hash_strings
 from dpoflow.tasks.text_keys import text_keys
 
 MIX_DIMENSIONS = ("source", "category", "language")
@@ -237,13 +243,13 @@ def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]
 
     Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
     texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
-    arrs = [pc.fill_null(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c, "") for c in cols]
-    h = np.concatenate([hash_strings(a) for a in arrs])
+    arrs = [as_views(c) for c in cols]  # views: the representatives share the texts' buffers
+    h = np.concatenate([text_hashes(a) for a in arrs])
     first, inv = first_and_inverse(h)
     parts, lo = [], 0
-    for a in arrs:  # representatives taken from each column (a take per plain array, no concatenation)
+    for a in arrs:  # representatives taken from each column (a take per array, no concatenation)
         mine = first[(first >= lo) & (first < lo + len(a))]
-        parts.append(a.take(pa.array(mine - lo)))
+        parts.append(take_views(a, mine - lo))
         lo += len(a)
     col = np.searchsorted(np.cumsum([len(a) for a in arrs]), first, side="right")
     pos = np.empty(len(first), np.int64)  # position of each distinct text in the concatenated parts
@@ -278,8 +284,8 @@ def _same_texts(t: pa.Table, rows_a: np.ndarray, rows_b: np.ndarray, cols: tuple
     if not len(rows_a):
         return same
     for ca, cb in cols:
-        xa = pc.fill_null(t.column(ca).take(pa.array(rows_a)), "")
-        xb = pc.fill_null(t.column(cb).take(pa.array(rows_b)), "")
+        xa = pc.fill_null(take_text(t.column(ca), rows_a), "")
+        xb = pc.fill_null(take_text(t.column(cb), rows_b), "")
         if cfg.identity != "raw":
             xa, xb = text_codes.normalized(xa), text_codes.normalized(xb)
         same &= np.asarray(pc.equal(xa, xb).to_numpy(zero_copy_only=False), bool)
@@ -356,7 +362,7 @@ def _step_duplicate(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) ->
     mask = np.zeros(len(i), bool)
     if len(cand):
         r = i[cand]
-        texts = {c: pc.fill_null(t.column(c).take(pa.array(r)), "") for c in ("prompt", "chosen", "rejected")}
+        texts = {c: pc.fill_null(take_text(t.column(c), r), "") for c in ("prompt", "chosen", "rejected")}
         if cfg.identity != "raw":
             texts = {c: text_codes.normalized(v) for c, v in texts.items()}
         codes = [_dense(texts[c]) for c in ("prompt", "chosen", "rejected")]
@@ -372,7 +378,8 @@ def _step_token_budget(rows: _Rows, t: pa.Table, cfg: BalanceConfig, tokenizer: 
                        ) -> tuple[_Rows, StepCount] | None:
     """Prompt + longer side over max_tokens (only with a tokenizer)."""
     if tokenizer is not None and cfg.max_tokens is not None and len(rows.idx):
-        ntok = _token_counts(tokenizer, t.select(["prompt", "chosen", "rejected"]).take(pa.array(rows.idx)))
+        ntok = _token_counts(tokenizer, pa.table({c: take_text(t.column(c), rows.idx) for c in ("prompt", "chosen",
+                                                                                                  "rejected")}))
         report["tokens_max_before"] = int(ntok.max())
         return _drop(rows, "token_budget", ntok > cfg.max_tokens, "over_token_budget")
     if cfg.max_tokens is not None:
@@ -399,7 +406,7 @@ def _prompt_groups(rows: _Rows, t: pa.Table, cfg: BalanceConfig, report: dict) -
     group_of_code = up_ids
     cluster_of = pid_codes
     if cfg.near_dup and len(rows.idx):
-        ptexts = text_codes.normalized(t.column("prompt").take(pa.array(rows.idx[uniq_first])))
+        ptexts = text_codes.normalized(take_text(t.column("prompt"), rows.idx[uniq_first]))
         lab = cluster_prompts(ptexts, cfg)  # per unique prompt code
         comp_of_code = np.empty(pid_codes.max() + 1, np.int64)
         comp_of_code[ucodes] = lab
@@ -546,13 +553,15 @@ def _split(t: pa.Table, rows: _Rows, g: _Groups, cfg: BalanceConfig) -> tuple[pa
     picks = [np.flatnonzero(~is_eval), np.flatnonzero(is_eval)]
     cols: list[dict[str, Any]] = [{}, {}]
     for name in t.column_names:  # one column at a time, as one chunk: a take is then a plain gather
-        col = t.column(name).combine_chunks()
+        col = t.column(name)
+        view = pa.types.is_string_view(col.type)
+        col = as_views(col) if view else col.combine_chunks()
         for part, pick in zip(cols, picks, strict=True):
-            part[name] = col.take(pa.array(rows.idx[pick]))
+            part[name] = take_views(col, rows.idx[pick]) if view else col.take(pa.array(rows.idx[pick]))
         del col
     train, evals = (pa.table({**part, "group_id": gid.take(pa.array(pick))}) for part, pick in zip(cols, picks,
                                                                                                      strict=True))
-    return conform("dpo_train", train, DPO_SPLIT), conform("dpo_eval", evals, DPO_SPLIT)
+    return conform_views("dpo_train", train, DPO_SPLIT), conform_views("dpo_eval", evals, DPO_SPLIT)
 
 
 def balance_pairs(pairs: pa.Table, config: BalanceConfig | None = None, tokenizer: Any = None
@@ -562,7 +571,7 @@ def balance_pairs(pairs: pa.Table, config: BalanceConfig | None = None, tokenize
     Steps (each returns its count): empty, identical, duplicate, token budget, caps, mixes,
     length band; then the split."""
     cfg = config or BalanceConfig()
-    t = conform("pairs", pairs)
+    t = conform_views("pairs", pairs)
     report: dict[str, Any] = {"input_pairs": t.num_rows}
     tx = _profile_texts(t, cfg)
     rows = _Rows(np.arange(t.num_rows), tx.lc, tx.lr)

@@ -92,3 +92,72 @@ def guess_language(texts: pa.Array | pa.ChunkedArray, threshold: float = 0.3) ->
     out = pl.select(pl.when(s.is_null()).then(None).when(share >= threshold).then(pl.lit("zh"))
                     .when(latin > 0).then(pl.lit("en")).otherwise(pl.lit("und"))).to_series()
     return out.to_arrow().cast(pa.string())
+
+
+# --- texts as string views ---------------------------------------------------------------------
+#
+# The pairs and split tables repeat the candidates' texts (a response is the chosen side of some
+# pairs and the rejected side of others). As Arrow string views they point into the candidates'
+# own buffers: a gather moves 16 bytes per row, not the text, and no table holds a second copy.
+# The contracts accept string views for string columns (the store writes them as strings).
+
+def as_views(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One string-view array over the column's chunks (no character data is copied)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    views = [c if pa.types.is_string_view(c.type) else c.cast(pa.string()).cast(pa.string_view()) for c in chunks]
+    return pa.concat_arrays(views) if len(views) != 1 else views[0]
+
+
+def take_views(arr: pa.Array, idx: np.ndarray) -> pa.Array:
+    """`arr.take(idx)` for a string-view array (Arrow has no take kernel for views): the 16-byte
+    views are gathered with numpy, the character buffers are shared."""
+    idx = np.asarray(idx, np.int64)
+    bufs = arr.buffers()
+    views = np.frombuffer(bufs[1], np.uint64).reshape(-1, 2)[arr.offset:arr.offset + len(arr)]
+    validity = None
+    if arr.null_count:
+        valid = np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), bool)[idx]
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.string_view(), len(idx), [validity, pa.py_buffer(np.ascontiguousarray(views[idx]))]
+                                 + bufs[2:])
+
+
+def take_text(col: pa.Array | pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
+    """Rows `idx` of a text column as plain strings (for the few rows a step looks at again)."""
+    if isinstance(col, pa.ChunkedArray):
+        if not any(pa.types.is_string_view(c.type) for c in col.chunks):
+            return col.take(pa.array(np.asarray(idx, np.int64))).combine_chunks()
+        col = as_views(col)
+    if pa.types.is_string_view(col.type):
+        return take_views(col, idx).cast(pa.string())
+    return col.take(pa.array(np.asarray(idx, np.int64)))
+
+
+def text_hashes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """`text_codes.hash_strings` for plain or view strings (null hashes as "")."""
+    return pl.Series(arr).fill_null("").hash(seed=0).to_numpy().copy()
+
+
+def conform_views(name: str, table: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
+    """`storage.schemas.conform`, except that string-view columns of string fields stay views
+    (conform would cast them to strings, copying every text); their nulls are checked the same."""
+    from dpoflow.storage.schemas import SchemaError, conform, schema_for
+
+    schema = schema if schema is not None else schema_for(name)
+    views = [f.name for f in schema if pa.types.is_string(f.type) and f.name in table.column_names
+             and pa.types.is_string_view(table.schema.field(f.name).type)]
+    if not views:
+        return conform(name, table, schema)
+    rest = conform(name, table.drop_columns(views), pa.schema([f for f in schema if f.name not in views]))
+    cols, fields = [], []
+    for f in schema:
+        if f.name in views:
+            col = table.column(f.name)
+            if not f.nullable and col.null_count:
+                raise SchemaError(name, f.name, f"{col.null_count} null value(s) in a required column")
+            cols.append(col)
+            fields.append(pa.field(f.name, pa.string_view(), f.nullable))
+        else:
+            cols.append(rest.column(f.name))
+            fields.append(f)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))

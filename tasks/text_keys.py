@@ -133,10 +133,29 @@ def _scan(b: np.ndarray, starts: np.ndarray, n: int, scratch: _Scratch
     return extra + _sums(first, starts, nonempty, n), spaces + _sums(ws, starts, nonempty, n), three, slow
 
 
+VIEW_BATCH_BYTES = 1 << 24  # string views are copied to plain strings this many bytes at a time
+
+
 def text_keys(texts: pa.Array | pa.ChunkedArray) -> TextKeys:
-    """Identity key, emptiness and unit length of each text (null = empty text)."""
+    """Identity key, emptiness and unit length of each text (null = empty text).
+
+    String views (texts shared with another table) are read in batches of VIEW_BATCH_BYTES,
+    so the scan never holds a second copy of all the texts."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
+    if not pa.types.is_string_view(texts.type):
+        return _keys(texts)
+    lens = np.frombuffer(texts.buffers()[1], np.int32).reshape(-1, 4)[texts.offset:texts.offset + len(texts), 0]
+    bounds = np.searchsorted(np.cumsum(lens, dtype=np.int64), np.arange(VIEW_BATCH_BYTES, int(lens.sum()) + 1,
+                                                                          VIEW_BATCH_BYTES))
+    edges = np.unique(np.concatenate([[0], bounds + 1, [len(texts)]]).clip(0, len(texts)))
+    parts = [_keys(texts.slice(lo, hi - lo).cast(pa.string())) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    if not parts:
+        return _keys(pa.array([], pa.string()))
+    return TextKeys(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("key", "empty", "units")))
+
+
+def _keys(texts: pa.Array) -> TextKeys:
     texts = pc.fill_null(texts.cast(pa.string()), "")
     data, starts, lens = _buffers(texts)
     n = len(lens)
