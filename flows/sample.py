@@ -18,7 +18,8 @@ from dpoflow.flows.reporting import flow_run_id, progress_reporter
 from dpoflow.flows.runner import StageRun, run_stage
 from dpoflow.flows.workspace import Workspace
 from dpoflow.tasks import sampling
-from dpoflow.tasks.shards import ShardRunner, ShardSpec, run_shard_spec
+from dpoflow.tasks.sampling import run_shard_spec
+from dpoflow.tasks.shards import ShardRunner, ShardSpec
 
 
 @task(name="sample-shard", task_run_name="sample-shard-{label}", cache_policy=NO_CACHE, persist_result=False)

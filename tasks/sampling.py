@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,10 +48,11 @@ from pydantic import Field, field_validator
 from dpoflow.storage.registry import is_registry_ref
 from dpoflow.storage.schemas import CANDIDATES, QUARANTINE
 from dpoflow.tasks import generation as gen
+from dpoflow.tasks import shards
 from dpoflow.tasks.code_version import code_version
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
-from dpoflow.tasks.shards import ShardRunner, ShardSpec, inline_runner, travelling_options
+from dpoflow.tasks.shards import ShardRunner, ShardSpec, travelling_options
 
 log = logging.getLogger("dpoflow.sample")
 
@@ -435,6 +436,50 @@ def run_shard(shard: Shard, good: pa.Table, cfg: SampleConfig, spec: ModelSpec, 
                 cols["skip_reason"].append(res.skipped)
                 cols["truncated"].append(res.truncated)
     return pa.table(cols, schema=SHARD), stats
+
+
+def run_shard_spec(spec: ShardSpec, on_batch: Callable[[int], None] | None = None,
+                   before_generate: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The worker entry point: reuse the committed shard or generate and commit it.
+    Returns a small dict (the dataset ref, counters, where it ran), never the rows."""
+    from dpoflow.storage.store import ConflictError
+
+    store = shards.open_store(spec)
+    if spec.reuse and store.exists(spec.name):
+        return _reused(store, spec)
+    cfg = SampleConfig.model_validate(spec.config)
+    if spec.device == "cpu" and cfg.cpu_threads:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
+    prompts = shards.shard_prompts(store, spec)
+    shard = Shard(spec.label, spec.name, spec.sampler, np.arange(prompts.num_rows))
+    table, stats = run_shard(shard, prompts, cfg, shards.resolved_model(spec, store), spec.device,
+                             on_batch=on_batch, before_generate=before_generate)
+    extra = {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
+             "oom_splits": stats.oom_splits, "label": spec.label, **shards.worker_identity()}
+    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
+    try:
+        info = store.write(spec.name, table, schema=SHARD, parents=[spec.prompts_ref], stage="sample",
+                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
+    except ConflictError:  # a duplicate run of this shard committed first: keep that one
+        return _reused(store, spec)
+    return {"ref": info.ref, "reused": False, **extra}
+
+
+def _reused(store: Any, spec: ShardSpec) -> dict[str, Any]:
+    info = store.info(spec.name)
+    return {**info.extra, "ref": info.ref, "reused": True, **shards.worker_identity()}
+
+
+def inline_runner(before_generate: Callable[[int], None] | None = None) -> ShardRunner:
+    """One shard after the other in this process (the model stays loaded between shards)."""
+
+    def run(specs: Sequence[ShardSpec], on_batch: Callable[[int], None]) -> Iterator[tuple[ShardSpec, dict]]:
+        for spec in specs:
+            yield spec, run_shard_spec(spec, on_batch=on_batch, before_generate=before_generate)
+
+    return run
 
 
 # --- merging -----------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Sampling shards that travel: a small picklable spec and the worker entry point that runs it.
+"""Sampling shards that travel: a small picklable spec and what a worker needs to open it
+(its store, its prompts, its model). The entry point that runs one, `sampling.run_shard_spec`,
+lives with the stage, which imports this module and never the other way round.
 
 Why a spec and not a closure: a shard may run in this process, in a Prefect task, or on a
 Ray worker on another machine. Everything a worker needs is named, not captured: the store
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,7 +85,7 @@ def shard_prompts(store: DatasetStore, spec: ShardSpec) -> pa.Table:
     return found.take(pos).append_column("_row", pa.array(np.asarray(spec.rows, dtype=np.int64)))
 
 
-def _resolved_model(spec: ShardSpec, store: DatasetStore) -> ModelSpec:
+def resolved_model(spec: ShardSpec, store: DatasetStore) -> ModelSpec:
     """The model folder on this machine: the driver's path when it is visible here (shared
     disk), else the pinned registry version downloaded to the worker's cache."""
     from dataclasses import replace
@@ -101,41 +103,6 @@ def worker_identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
-def run_shard_spec(spec: ShardSpec, on_batch: Callable[[int], None] | None = None,
-                   before_generate: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The worker entry point: reuse the committed shard or generate and commit it.
-    Returns a small dict (the dataset ref, counters, where it ran), never the rows."""
-    from dpoflow.storage.store import ConflictError
-    from dpoflow.tasks import sampling
-
-    store = open_store(spec)
-    if spec.reuse and store.exists(spec.name):
-        return _reused(store, spec)
-    cfg = sampling.SampleConfig.model_validate(spec.config)
-    if spec.device == "cpu" and cfg.cpu_threads:
-        import torch
-
-        torch.set_num_threads(cfg.cpu_threads)
-    prompts = shard_prompts(store, spec)
-    shard = sampling.Shard(spec.label, spec.name, spec.sampler, np.arange(prompts.num_rows))
-    table, stats = sampling.run_shard(shard, prompts, cfg, _resolved_model(spec, store), spec.device,
-                                      on_batch=on_batch, before_generate=before_generate)
-    extra = {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
-             "oom_splits": stats.oom_splits, "label": spec.label, **worker_identity()}
-    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
-    try:
-        info = store.write(spec.name, table, schema=sampling.SHARD, parents=[spec.prompts_ref], stage="sample",
-                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
-    except ConflictError:  # a duplicate run of this shard committed first: keep that one
-        return _reused(store, spec)
-    return {"ref": info.ref, "reused": False, **extra}
-
-
-def _reused(store: DatasetStore, spec: ShardSpec) -> dict[str, Any]:
-    info = store.info(spec.name)
-    return {**info.extra, "ref": info.ref, "reused": True, **worker_identity()}
-
-
 # --- runners -----------------------------------------------------------------------------------
 
 class ShardRunner(Protocol):
@@ -145,13 +112,3 @@ class ShardRunner(Protocol):
 
     def __call__(self, specs: Sequence[ShardSpec], on_batch: Callable[[int], None]
                  ) -> Iterable[tuple[ShardSpec, dict[str, Any]]]: ...
-
-
-def inline_runner(before_generate: Callable[[int], None] | None = None) -> ShardRunner:
-    """One shard after the other in this process (the model stays loaded between shards)."""
-
-    def run(specs: Sequence[ShardSpec], on_batch: Callable[[int], None]) -> Iterator[tuple[ShardSpec, dict]]:
-        for spec in specs:
-            yield spec, run_shard_spec(spec, on_batch=on_batch, before_generate=before_generate)
-
-    return run

@@ -15,7 +15,7 @@ import pytest
 
 from dpoflow.flows.sample import sample
 from dpoflow.flows.workspace import Workspace
-from dpoflow.tasks import shards
+from dpoflow.tasks import sampling, shards
 
 ORDER = [("_row", "ascending"), ("_grid", "ascending"), ("_ret", "ascending")]
 
@@ -34,7 +34,7 @@ def test_spec_pickles_and_a_fresh_process_reproduces_the_shard(tmp_path, tiny_mo
 
     def recording(specs, on_batch):
         seen.extend(specs)
-        yield from shards.inline_runner()(specs, on_batch)
+        yield from sampling.inline_runner()(specs, on_batch)
 
     run = sample(ws, shard_runner=recording)
     assert run.report["shards"] == 3 and [s.n_prompts for s in seen] == [3, 3, 1]
@@ -46,7 +46,7 @@ def test_spec_pickles_and_a_fresh_process_reproduces_the_shard(tmp_path, tiny_mo
     (tmp_path / "spec.pkl").write_bytes(blob)
     script = textwrap.dedent("""
         import json, pickle, sys
-        from dpoflow.tasks.shards import run_shard_spec
+        from dpoflow.tasks.sampling import run_shard_spec
         spec = pickle.load(open(sys.argv[1], "rb"))
         print(json.dumps(run_shard_spec(spec)))
     """)
@@ -64,6 +64,6 @@ def test_spec_pickles_and_a_fresh_process_reproduces_the_shard(tmp_path, tiny_mo
     assert there.equals(here)
 
     # a second run of the same spec finds the committed shard: it is never written twice
-    again = shards.run_shard_spec(spec)
+    again = sampling.run_shard_spec(spec)
     assert again["reused"] is True and again["ref"] == info["ref"]
     assert ws.store.latest(spec.name) == 0
