@@ -143,6 +143,14 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def default_base_time() -> dt.datetime:
+    """Night 1 of the demo: UTC midnight 60 days ago. Relative to today, so the demo's events
+    stay inside the ingest window (no "stale ts" a year on, no "future ts" after 60 nights),
+    and the same all day, so files written twice on one day are equal."""
+    today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - dt.timedelta(days=60)
+
+
 def demo_night(out_dir: str | Path, night: int, *, base_time: dt.datetime | None = None,
                extra_response_ids: list[str] | None = None) -> dict[str, Path]:
     """Write one night's input files into `out_dir`; return {kind: path}.
@@ -151,7 +159,7 @@ def demo_night(out_dir: str | Path, night: int, *, base_time: dt.datetime | None
     """
     out = Path(out_dir)
     rng = random.Random(1000 + night)
-    t0 = (base_time or dt.datetime(2026, 11, 1, tzinfo=dt.UTC)) + dt.timedelta(days=night - 1)
+    t0 = (base_time or default_base_time()) + dt.timedelta(days=night - 1)
     items = demo_items()
     n_en = len(ITEMS_EN) + len(_families()[0])
     prompts, served, events, annotations = [], [], [], []
