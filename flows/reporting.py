@@ -292,14 +292,16 @@ def progress_markdown(card: dict[str, Any]) -> str:
 
 def training_progress(metrics_root: str | Path, *, stream: Any = None,
                       clock: Callable[[], float] = time.monotonic, report_to: str = "none",
-                      tracking_dir: str | Path | None = None) -> Callable[[float], None]:
+                      tracking_dir: str | Path | None = None, every_s: float = 5.0) -> Callable[[float], None]:
     """A callback for the training launcher's `on_progress(fraction)`: reads the newest row of
     the metrics.jsonl under `metrics_root` (the trainer writes one per logged step) and shows
     it as a progress artifact, a markdown card updated in place (`train-live`) and a line on
     the terminal (redrawn in place on a tty). Outside a flow run only the terminal line.
     `report_to` (tensorboard / mlflow) also streams every new row to that tracker (TensorBoard
     event files under `tracking_dir`/<run>); a missing package is a ValueError here, before
-    any training step."""
+    any training step. The artifacts are updated at most every `every_s` seconds (and at the
+    end): an in-process trainer reports every step, and each update costs the API server CPU
+    that the training shares on a small machine."""
     import importlib.util
 
     from dpoflow.flows.tracking import TRACKERS, Tracker, read_rows
@@ -341,20 +343,26 @@ def training_progress(metrics_root: str | Path, *, stream: Any = None,
         if done:
             tracker.pop().close()
 
+    posted = [float("-inf")]
+
     def on_progress(fraction: float) -> None:
+        now = clock()
+        due = fraction >= 1.0 or now - posted[0] >= every_s
+        if due:
+            posted[0] = now
         path = newest()
         row = last_metrics_row(path) if path else None
-        if bar is not None:
+        if bar is not None and due:
             bar(fraction)
         if report_to != "none" and path is not None:
             track(path, fraction >= 1.0)
         if row is None:
             return
-        card = progress_card(row, clock() - t0, fraction)
+        card = progress_card(row, now - t0, fraction)
         tty = getattr(stream, "isatty", lambda: False)()
         print(("\r" if tty else "") + progress_line(card), end="" if tty and fraction < 1 else "\n",
               file=stream, flush=True)
-        if run_ids is not None:
+        if run_ids is not None and due:
             post(progress_markdown(card))
 
     return on_progress

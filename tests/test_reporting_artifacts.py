@@ -84,6 +84,30 @@ def test_live_progress_artifacts_in_a_flow_run(tmp_path, prefect_harness):
     assert "data:image/png;base64," in by_key["train-curves-image"].data
 
 
+def test_live_artifacts_are_updated_at_most_every_few_seconds(tmp_path, prefect_harness, monkeypatch):
+    """An in-process trainer reports every step; the API sees one update per `every_s` and the end."""
+    from prefect import flow
+
+    posts: list[int] = []
+    call_soon = reporting._POSTER.call_soon
+    monkeypatch.setattr(reporting._POSTER, "call_soon", lambda fn: posts.append(1) or call_soon(fn))
+    ticks = iter([0.0, 0.0, 0.5, 1.0, 4.9, 5.0, 5.1, 5.2])
+
+    @flow
+    def fake_training() -> None:
+        cb = reporting.training_progress(tmp_path / "train", stream=io.StringIO(), clock=lambda: next(ticks))
+        _metrics(tmp_path / "train", HISTORY[:3])
+        posts.clear()  # the progress artifact's creation
+        for fraction in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):  # at 0.0, 0.5, 1.0, 4.9, 5.0, 5.1 s
+            cb(fraction)
+        assert len(posts) == 2 * 2  # bar + card at 0.0 s and at 5.0 s
+        cb(1.0)  # the end is always posted
+        assert len(posts) == 3 * 2
+        reporting._POSTER.wait()
+
+    fake_training()
+
+
 def test_report_to_tensorboard_streams_every_metrics_row(tmp_path):
     import importlib.util
 
