@@ -21,19 +21,28 @@ from dpoflow.tasks.text_codes import hash_strings
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
+ID_BATCH = 1 << 17  # pair ids are hashed this many rows at a time (bounded Python lists)
+
+
 def pair_ids(prompt_id: pa.Array, chosen_id: pa.Array, rejected_id: pa.Array) -> pa.Array:
     """`tasks.ids.stable_id(prompt_id, chosen_id, rejected_id)`, the same 16 hex characters.
 
     The ids are joined in Arrow; the loop only calls blake2b on bytes, and the digests become
-    hex with numpy (one fixed-width string buffer), not per row in Python."""
+    hex with numpy (one fixed-width string buffer), not per row in Python. Batches of
+    ID_BATCH rows keep the Python objects few (a million byte strings are ~0.2 GB)."""
     parts = [pc.fill_null(pc.cast(c, pa.string()), "") for c in (prompt_id, chosen_id, rejected_id)]
     joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary())
+    if isinstance(joined, pa.ChunkedArray):
+        joined = joined.combine_chunks()
+    n = len(joined)
+    raw = np.empty(8 * n, np.uint8)
     blake = hashlib.blake2b
-    digests = b"".join([blake(s, digest_size=16).digest()[:8] for s in joined.to_pylist()])
-    raw = np.frombuffer(digests, np.uint8)
+    for lo in range(0, n, ID_BATCH):
+        chunk = joined.slice(lo, ID_BATCH).to_pylist()
+        raw[8 * lo:8 * (lo + len(chunk))] = np.frombuffer(
+            b"".join([blake(s, digest_size=16).digest()[:8] for s in chunk]), np.uint8)
     hexed = np.empty(2 * len(raw), np.uint8)
     hexed[0::2], hexed[1::2] = _HEX[raw >> 4], _HEX[raw & 15]
-    n = len(joined)
     offsets = np.arange(0, 16 * n + 1, 16, dtype=np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(hexed))
 

@@ -271,11 +271,17 @@ IDS = st.text(alphabet=["a", "b", "-", "1", "é", "你", "\x1f"], max_size=6)
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.one_of(st.none(), IDS), IDS, IDS), max_size=20))
 def test_pair_ids_equal_stable_id(rows):
+    import dpoflow.tasks.pair_kernels as pk
     from dpoflow.tasks.ids import stable_id
     from dpoflow.tasks.pair_kernels import pair_ids
 
     cols = [pa.array([r[i] for r in rows], pa.string()) for i in range(3)]
     assert pair_ids(*cols).to_pylist() == stable_id(*cols).to_pylist()
+    batch, pk.ID_BATCH = pk.ID_BATCH, 3  # several batches
+    try:
+        assert pair_ids(*cols).to_pylist() == stable_id(*cols).to_pylist()
+    finally:
+        pk.ID_BATCH = batch
 
 
 @settings(max_examples=100, deadline=None)
