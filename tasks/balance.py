@@ -286,9 +286,12 @@ def _same_texts(t: pa.Table, rows_a: np.ndarray, rows_b: np.ndarray, cols: tuple
     for ca, cb in cols:
         xa = pc.fill_null(take_text(t.column(ca), rows_a), "")
         xb = pc.fill_null(take_text(t.column(cb), rows_b), "")
-        if cfg.identity != "raw":
-            xa, xb = text_codes.normalized(xa), text_codes.normalized(xb)
-        same &= np.asarray(pc.equal(xa, xb).to_numpy(zero_copy_only=False), bool)
+        eq = np.asarray(pc.equal(xa, xb).to_numpy(zero_copy_only=False), bool)
+        if cfg.identity != "raw" and not eq.all():  # equal raw texts are equal normalised: the
+            rest = pa.array(np.flatnonzero(~eq))  # others only are normalised
+            eq[~eq] = np.asarray(pc.equal(text_codes.normalized(xa.take(rest)), text_codes.normalized(
+                xb.take(rest))).to_numpy(zero_copy_only=False), bool)
+        same &= eq
     return same
 
 
@@ -362,16 +365,37 @@ def _step_duplicate(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) ->
     mask = np.zeros(len(i), bool)
     if len(cand):
         r = i[cand]
-        texts = {c: pc.fill_null(take_text(t.column(c), r), "") for c in ("prompt", "chosen", "rejected")}
-        if cfg.identity != "raw":
-            texts = {c: text_codes.normalized(v) for c, v in texts.items()}
-        codes = [_dense(texts[c]) for c in ("prompt", "chosen", "rejected")]
-        o = np.lexsort((_id_order(t, r, cfg), codes[2], codes[1], codes[0]))
+        kgroup = np.empty(len(i), np.int64)  # the key group of each row
+        kgroup[order] = np.cumsum(~same_prev)
+        kg = kgroup[cand]
+        cols = ("prompt", "chosen", "rejected")
+        texts = {c: pc.fill_null(take_text(t.column(c), r), "") for c in cols}
+        codes = [_dense(texts[c]) for c in cols]
+        if cfg.identity != "raw":  # a key group with one raw triple is one normalised group; only
+            # the rows of groups holding different raw triples are normalised
+            o = np.lexsort((*codes[::-1], kg))
+            new_triple = np.ones(len(o), bool)
+            new_triple[1:] = _differs(o, [kg, *codes])
+            groups, n_triples = np.unique(kg[o[new_triple]], return_counts=True)
+            mixed = np.isin(kg, groups[n_triples > 1])
+            for k, c in enumerate(cols):
+                codes[k] = np.where(mixed, 0, codes[k])
+                if mixed.any():
+                    codes[k][mixed] = _dense(text_codes.normalized(texts[c].take(pa.array(np.flatnonzero(mixed)))))
+        o = np.lexsort((_id_order(t, r, cfg), *codes[::-1], kg))
         dup = np.zeros(len(r), bool)
-        dup[o[1:]] = (codes[0][o[1:]] == codes[0][o[:-1]]) & (codes[1][o[1:]] == codes[1][o[:-1]]) & \
-            (codes[2][o[1:]] == codes[2][o[:-1]])
+        dup[o[1:]] = ~_differs(o, [kg, *codes])
         mask[cand[dup]] = True
     return _drop(rows, "duplicate", mask)
+
+
+def _differs(order: np.ndarray, keys: list[np.ndarray]) -> np.ndarray:
+    """For rows in `order` (from the second on): whether any key differs from the row before."""
+    out = np.zeros(max(len(order) - 1, 0), bool)
+    for k in keys:
+        ks = k[order]
+        out |= ks[1:] != ks[:-1]
+    return out
 
 
 def _step_token_budget(rows: _Rows, t: pa.Table, cfg: BalanceConfig, tokenizer: Any, report: dict

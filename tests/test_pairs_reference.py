@@ -28,6 +28,9 @@ from dpoflow.tasks.text_codes import hash_strings, normalized, profile
 PIECES = ["a", "b", "A", "Ａ", "１", "1", " ", "  ", "\n", "\t", "\u3000", "你", "好", "，", ",", "。", "é", "e\u0301",
           "\v", "…", "x y", "２０２４"]
 TEXT = st.lists(st.sampled_from(PIECES), min_size=0, max_size=6).map("".join)
+# random texts of assigned code points: on unassigned ones Arrow's NFKC (utf8proc, a newer Unicode)
+# and Python's unicodedata (Unicode 14) differ, e.g. U+058B -> U+056B in Arrow only
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs", "Cn")), max_size=12)
 SCORE = st.sampled_from([None, 0.0, 0.5, 1.0, 1.5, 2.0, 3.25])
 
 
@@ -199,7 +202,7 @@ def test_pairs_and_balance_equal_the_reference(w):
 # --- the text kernel against the Arrow path of tasks.text ----------------------------------------
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(TEXT, st.text(max_size=12)), min_size=1, max_size=30))
+@given(st.lists(st.one_of(TEXT, ANY_TEXT), min_size=1, max_size=30))
 def test_text_profile_equals_normalize_and_unit_length(texts):
     arr = pa.array(texts + [None])
     prof = profile(arr)
@@ -238,7 +241,7 @@ def test_candidate_order_keys_sort_like_arrow(values, offset):
 # --- the identity keys and the columnar helpers against their plain forms ------------------------
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(TEXT, st.text(max_size=12)), min_size=1, max_size=30))
+@given(st.lists(st.one_of(TEXT, ANY_TEXT), min_size=1, max_size=30))
 def test_text_keys_never_separate_equal_normalised_texts(texts):
     """Equal normalised texts share a key; units and emptiness equal the Arrow / reference forms."""
     from dpoflow.tasks.text_keys import text_keys
