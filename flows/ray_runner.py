@@ -91,15 +91,28 @@ def shard_options(cfg: RayConfig) -> dict[str, Any]:
     return opts
 
 
-def worker_device(device: str, cfg: RayConfig) -> str:
+def worker_device(device: str, cfg: RayConfig, setting: str = "sample.device") -> str:
     """The device shards run on: what the Ray tasks ask for, not what this process sees."""
+    runner = setting.split(".", 1)[0] + ".runner"
     if cfg.gpus_per_shard > 0:
         if device == "cpu":
-            raise ValueError("sample.device=cpu contradicts ray.gpus_per_shard > 0")
+            raise ValueError(f"{setting}=cpu contradicts ray.gpus_per_shard > 0")
         return "cuda"
     if device.startswith("cuda"):
-        raise ValueError(f"sample.device={device} needs ray.gpus_per_shard > 0 with sample.runner=ray")
+        raise ValueError(f"{setting}={device} needs ray.gpus_per_shard > 0 with {runner}=ray")
     return "cpu"
+
+
+def check_vllm(specs: Sequence[Any], cfg: RayConfig) -> None:
+    """vLLM on Ray is one engine per GPU worker (kept by the reused worker process across its
+    shards): an engine takes most of its GPU's memory (gpu_memory_utilization), so two on one
+    GPU (a fractional gpus_per_shard) or one on a CPU worker cannot work; say so before the
+    cluster starts instead of silently sampling with transformers on CPU workers."""
+    backends = {s.config["samplers"][s.sampler].get("backend") for s in specs
+                if isinstance(getattr(s, "config", None), dict) and "samplers" in s.config}
+    if "vllm" in backends and (cfg.gpus_per_shard < 1 or cfg.gpus_per_shard != int(cfg.gpus_per_shard)):
+        raise ValueError(f"backend: vllm with sample.runner=ray needs a whole number of GPUs per shard "
+                         f"(ray.gpus_per_shard >= 1, not {cfg.gpus_per_shard}): one vLLM engine per GPU worker")
 
 
 def _flush_prefect(timeout_s: float = 15.0) -> None:
@@ -134,7 +147,7 @@ def task_runner(cfg: RayConfig) -> Any:
     try:
         runner_class = _flushing_runner_class()
     except ImportError as exc:
-        raise RayUnavailable("sample.runner=ray needs Ray: pip install 'dpoflow[ray]'") from exc
+        raise RayUnavailable("runner=ray needs Ray: pip install 'dpoflow[ray]'") from exc
     check_address(cfg)
     return runner_class(address=cfg.address, init_kwargs=init_kwargs(cfg))
 
@@ -154,6 +167,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
     except Exception as exc:  # noqa: BLE001 - any failure to start or join is one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RayUnavailable(f"ray.address {cfg.address!r}: cannot start or join Ray: {first}") from None
+    _keep_python_sigterm()
     pending: dict[Any, tuple[Any, Any]] = {}
     try:
         with api, remote_options(**shard_options(cfg)):  # the settings travel with each task run
@@ -163,13 +177,35 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             key, fut = pending.pop(ready[0])
-            yield key, fut.result()
+            try:
+                result = fut.result()
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.LocalRayletDiedError) as exc:
+                # its worker died past ray.retries: the task run can never report again
+                _mark_final([fut.task_run_id], "Crashed", f"the Ray worker died: {type(exc).__name__}")
+                raise
+            yield key, result
     finally:
         running = ray.wait(list(pending), num_returns=len(pending), timeout=0)[1] if pending else []
         for ref in running:
             ray.cancel(ref, force=True)
         runner.__exit__(None, None, None)
-        _mark_cancelled([pending[ref][1].task_run_id for ref in running])
+        _mark_final([pending[ref][1].task_run_id for ref in running], "Cancelled", "the flow run stopped")
+
+
+def _keep_python_sigterm() -> None:
+    """Give SIGTERM back to Python. Ray's driver installs abseil's failure signal handler for
+    it (below Python's, at the C level), which logs and then aborts the process: a terminated
+    run would die with SIGABRT, possibly before its atexit handlers (the stop of Prefect's
+    temporary server) ran. The CLI's handler exits through the normal path instead."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is not None:  # None: set outside Python, nothing of ours to restore
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _api_for_workers(cfg: RayConfig) -> Any:
@@ -196,26 +232,28 @@ def _api_for_workers(cfg: RayConfig) -> Any:
     return temporary_settings(updates={PREFECT_API_URL: url})
 
 
-def _mark_cancelled(task_run_ids: list[Any]) -> None:
-    """Task runs whose workers were stopped never report again: record them as Cancelled so
-    none stays Running in the UI (one that never started has no run to mark)."""
+def _mark_final(task_run_ids: list[Any], state: str, message: str) -> None:
+    """Task runs whose workers were stopped or died never report again: record them as
+    Cancelled / Crashed so none stays Running in the UI (one that never started has no run)."""
     if not task_run_ids:
         return
+    from prefect import states
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled
 
     with get_client(sync_client=True) as client:
         for run_id in task_run_ids:
             try:
-                client.set_task_run_state(run_id, Cancelled(message="the sample flow stopped"), force=True)
+                client.set_task_run_state(run_id, getattr(states, state)(message=message), force=True)
             except Exception:  # noqa: BLE001, S112 - not created yet on the server: nothing to mark
                 continue
 
 
 def ray_shard_runner(cfg: RayConfig, task: Any) -> Callable[..., Iterator[tuple[Any, dict]]]:
-    """A shard runner (tasks.shards.ShardRunner) that runs each spec as `task` on Ray."""
+    """A shard runner (tasks.shards.ShardRunner; sampling or reward specs) that runs each spec
+    as `task` on Ray."""
 
     def run(specs: Sequence[Any], on_batch: Callable[[int], None]) -> Iterator[tuple[Any, dict]]:
+        check_vllm(specs, cfg)
         yield from submit_all(cfg, task, [(s, {"label": s.label, "spec": s}) for s in specs])
 
     return run

@@ -26,6 +26,8 @@ class RewardConfig(Section):
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     label: int | None = Field(None, description="logit index to use; null: the only logit (num_labels=1) or the last class's log-odds")
     use_chat_template: bool = Field(True, description="format prompt + response with the tokenizer's chat template when it has one")
+    shard_size: int = Field(1024, ge=1, description="candidates per reward shard: the unit scored on one Ray worker "
+                            "(score.runner=ray), committed once and reused by a rerun; inline runs batch the same way")
 
 
 def _device(name: str):
@@ -34,6 +36,11 @@ def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_device(name: str) -> str:
+    """The device `name` means in this process (auto -> cuda when a GPU is visible)."""
+    return str(_device(name))
 
 
 @lru_cache(maxsize=2)

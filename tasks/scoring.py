@@ -14,12 +14,26 @@ Results for bad input (also in the report):
 auto_score = weighted mean of the available components (bleu/100, rouge*, reward through
 a sigmoid, extra metrics) minus the penalties of the raised flags; null when no component
 with a weight is available (no reference and no reward).
+
+The reward model is the expensive part, so it runs in shards of `reward.shard_size`
+candidates (rows of the pinned candidates version), the same way here (`runner: inline`)
+or on Ray workers (`runner: ray`, driven by the flow): a shard is a small picklable spec,
+the worker opens the store, reads only its rows, scores them and commits its rewards once
+(``shard_reward_<key>``), so a rerun reuses finished shards and the scores do not depend on
+where a shard ran. No Prefect or Ray here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +41,14 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from dpoflow.storage.schemas import SCORES
-from dpoflow.tasks.contract import Section, StageResult
+from dpoflow.tasks.code_version import code_version
+from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.metrics import fast
 from dpoflow.tasks.reward import RewardConfig, score_rewards
 from dpoflow.tasks.rules import FLAGS, RulesConfig, check
+
+if TYPE_CHECKING:
+    from dpoflow.storage.store import DatasetStore
 
 log = logging.getLogger("dpoflow.score")
 
@@ -80,6 +98,9 @@ class ScoreConfig(Section):
     rules: RulesConfig = Field(default_factory=RulesConfig, description="rule checks")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="optional reward model")
     auto_score: AutoScoreConfig = Field(default_factory=AutoScoreConfig, description="composite score")
+    runner: Literal["inline", "ray"] = Field(
+        "inline", description="where reward shards run: inline (this process, one after the other) or ray (each "
+        "shard a Prefect task run on a Ray worker; see the ray section); the rewards are the same")
 
     @field_validator("metrics")
     @classmethod
@@ -230,15 +251,16 @@ def _auto_score(cols: dict[str, np.ndarray], flags: pa.Table, cfg: AutoScoreConf
 # --- the stage -----------------------------------------------------------------------------
 
 
-def score_table(candidates: pa.Table, prompts: pa.Table | None, cfg: ScoreConfig) -> tuple[pa.Table, dict]:
-    """Score candidates (pure function: tables in, SCORES table + report out)."""
+def score_table(candidates: pa.Table, prompts: pa.Table | None, cfg: ScoreConfig,
+                rewards: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+    """Score candidates (pure function: tables in, SCORES table + report out). `rewards`, when
+    given, are the reward shards' results (the stage gathers them); else the reward model,
+    if configured, runs here in the same shards."""
     n = candidates.num_rows
     report: dict[str, Any] = {"rows_in": n}
     refs, ref_report = references_for(candidates, prompts)
     report.update(ref_report)
-    response, bad_utf8 = repair_utf8(_combine(candidates.column("response")))
-    prompt_text = (repair_utf8(_combine(candidates.column("prompt")))[0]
-                   if "prompt" in candidates.column_names else pa.nulls(n, pa.string()))
+    prompt_text, response, bad_utf8 = reward_inputs(candidates)
     report["invalid_utf8"] = bad_utf8
     capped, n_cut = cap_chars(response, cfg.max_chars)
     ref_lens = pc.list_value_length(refs)
@@ -263,8 +285,12 @@ def score_table(candidates: pa.Table, prompts: pa.Table | None, cfg: ScoreConfig
             vals = np.full(n, np.nan)
             vals[idx] = extra_metric_values(name, spec, preds, rl)
             extra[name] = vals
-    if cfg.reward.model:
-        cols["reward"] = score_rewards(prompt_text.to_pylist(), response.to_pylist(), cfg.reward)
+    if rewards is not None:
+        if len(rewards) != n:
+            raise ValueError(f"score: {len(rewards)} rewards for {n} candidates")
+        cols["reward"] = np.asarray(rewards, dtype=np.float64)
+    elif cfg.reward.model:
+        cols["reward"] = sharded_rewards(prompt_text.to_pylist(), response.to_pylist(), cfg.reward)
     flags = check(prompt_text, response, cfg.rules, max_chars=cfg.max_chars)
     auto = _auto_score({**cols, **extra}, flags, cfg.auto_score)
 
@@ -294,13 +320,186 @@ def _extra_column(extra: dict[str, np.ndarray], n: int) -> pa.Array:
     return pa.MapArray.from_arrays(pa.array(offsets), keys, items, mask=pa.array(counts == 0))
 
 
-def score(ctx) -> Any:
-    """Stage function for flows.stage.run_stage: candidates (+ prompts) -> scores."""
+# --- reward shards ---------------------------------------------------------------------------
 
+REWARD_SHARD = pa.schema([("candidate_id", pa.string()), ("reward", pa.float64())])
+
+
+def reward_inputs(candidates: pa.Table) -> tuple[pa.Array, pa.Array, int]:
+    """(prompt, response, rows repaired): the texts the rules and the reward model see,
+    valid UTF-8 (the same here and on a worker, so a shard's rewards match an inline run)."""
+    response, bad = repair_utf8(_combine(candidates.column("response")))
+    prompt = (repair_utf8(_combine(candidates.column("prompt")))[0] if "prompt" in candidates.column_names
+              else pa.nulls(candidates.num_rows, pa.string()))
+    return prompt, response, bad
+
+
+def sharded_rewards(prompts: list[str | None], responses: list[str | None], cfg: RewardConfig) -> np.ndarray:
+    """score_rewards over consecutive `shard_size` chunks: the batches a sharded run makes."""
+    n = len(responses)
+    parts = [score_rewards(prompts[a:a + cfg.shard_size], responses[a:a + cfg.shard_size], cfg)
+             for a in range(0, n, cfg.shard_size)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class RewardShardSpec:
+    """One reward shard as plain data: rows [start, stop) of a pinned candidates version."""
+
+    label: str  # reward-<chunk>, the Prefect task run's name
+    name: str  # dataset its rewards are committed as
+    store_root: str
+    store_options: tuple[tuple[str, str], ...]  # non-secret store settings; keys come from the worker's env
+    candidates_ref: str  # pinned name@version
+    start: int
+    stop: int
+    reward: dict[str, Any]  # RewardConfig as JSON
+    device: str  # resolved on the driver (cpu | cuda | cuda:N); part of the shard key
+    flow_run_id: str | None = None
+    reuse: bool = True  # False (a forced run): recompute a shard that is already committed
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+
+def reward_specs(store: DatasetStore, candidates_ref: str, n_rows: int, cfg: RewardConfig, device: str, *,
+                 flow_run_id: str | None = None, reuse: bool = True) -> list[RewardShardSpec]:
+    """The reward shards of a candidates version, each named by a key of what its rewards
+    depend on (rows, reward config, device, code)."""
+    from dpoflow.tasks.shards import travelling_options
+
+    config = cfg.model_dump(mode="json")
+    code = code_version(__name__)
+    specs = []
+    for k, start in enumerate(range(0, n_rows, cfg.shard_size)):
+        stop = min(start + cfg.shard_size, n_rows)
+        key = hashlib.sha256(json.dumps({"candidates": candidates_ref, "rows": [start, stop], "reward": config,
+                                         "device": device, "code": code}, sort_keys=True).encode()).hexdigest()[:24]
+        specs.append(RewardShardSpec(f"reward-{k:04d}", f"shard_reward_{key}", store.root,
+                                     travelling_options(store.options), candidates_ref, start, stop, config, device,
+                                     flow_run_id, reuse))
+    return specs
+
+
+def read_rows(store: DatasetStore, ref: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a version in the order `store.read` gives, reading only the
+    Parquet row groups that hold them (a worker never loads the whole candidates table)."""
+    ds = store.dataset(ref)
+    parts, pos = [], 0
+    for frag in ds.get_fragments():
+        if pos >= stop:
+            break
+        for rg in frag.row_groups:
+            if pos + rg.num_rows > start and pos < stop:
+                t = frag.subset(row_group_ids=[rg.id]).to_table(schema=ds.schema, columns=columns)
+                lo = max(start - pos, 0)
+                parts.append(t.slice(lo, min(stop, pos + rg.num_rows) - pos - lo))
+            pos += rg.num_rows
+    return pa.concat_tables(parts) if parts else ds.schema.empty_table().select(columns)
+
+
+def run_reward_spec(spec: RewardShardSpec) -> dict[str, Any]:
+    """The worker entry point: reuse the committed shard or score its rows and commit them.
+    Returns a small dict (the dataset ref, counters, where it ran), never the rewards."""
+    from dpoflow.storage.store import ConflictError
+    from dpoflow.tasks.shards import open_store
+
+    store = open_store(spec)  # type: ignore[arg-type]  # needs only store_root / store_options
+    if spec.reuse and store.exists(spec.name):
+        return _reused(store, spec)
+    cfg = RewardConfig.model_validate(spec.reward).model_copy(update={"device": spec.device})
+    names = store.dataset(spec.candidates_ref).schema.names
+    rows = read_rows(store, spec.candidates_ref, spec.start, spec.stop,
+                     [c for c in ("candidate_id", "prompt", "response") if c in names])
+    if rows.num_rows != spec.n_rows:
+        raise LookupError(f"reward shard {spec.label}: {rows.num_rows} rows of {spec.candidates_ref} "
+                          f"[{spec.start}, {spec.stop})")
+    prompt, response, _ = reward_inputs(rows)
+    t0 = time.perf_counter()
+    rewards = score_rewards(prompt.to_pylist(), response.to_pylist(), cfg)
+    table = pa.table({"candidate_id": rows.column("candidate_id"), "reward": rewards}, schema=REWARD_SHARD)
+    extra = {"rows": rows.num_rows, "seconds": round(time.perf_counter() - t0, 4), "label": spec.label,
+             "pid": os.getpid(), "host": socket.gethostname()}
+    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
+    try:
+        info = store.write(spec.name, table, schema=REWARD_SHARD, parents=[spec.candidates_ref], stage="score",
+                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
+    except ConflictError:  # a duplicate run of this shard committed first: keep that one
+        return _reused(store, spec)
+    return {"ref": info.ref, "reused": False, **extra}
+
+
+def _reused(store: DatasetStore, spec: RewardShardSpec) -> dict[str, Any]:
+    info = store.info(spec.name)
+    return {**info.extra, "ref": info.ref, "reused": True, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+RewardRunner = Callable[[Sequence[RewardShardSpec], Callable[[int], None]],
+                        Iterable[tuple[RewardShardSpec, dict[str, Any]]]]
+
+
+def inline_reward_runner(specs: Sequence[RewardShardSpec], on_batch: Callable[[int], None]
+                         ) -> Iterable[tuple[RewardShardSpec, dict[str, Any]]]:
+    """One shard after the other in this process (the model stays loaded)."""
+    for spec in specs:
+        yield spec, run_reward_spec(spec)
+
+
+def gather_rewards(ctx: StageContext, candidates: pa.Table, cfg: ScoreConfig, runner: RewardRunner,
+                   device: str, reuse: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run every reward shard of the pinned candidates and put their rewards in row order;
+    each shard's candidate ids must be the driver's rows (else the read order differs)."""
+    specs = reward_specs(ctx.store, ctx.inputs["candidates"], candidates.num_rows, cfg.reward, device,
+                         flow_run_id=ctx.flow_run_id, reuse=reuse)
+    by_name = {spec.name: info for spec, info in runner(specs, lambda _k: None)}
+    missing = [s.label for s in specs if s.name not in by_name]
+    if missing:
+        raise RuntimeError(f"score: {len(missing)} reward shards did not finish: {', '.join(missing[:5])}")
+    ids = _combine(candidates.column("candidate_id"))
+    out = np.full(candidates.num_rows, np.nan)
+    for spec in specs:
+        part = ctx.store.read(by_name[spec.name]["ref"])
+        if not part.column("candidate_id").equals(pa.chunked_array([ids.slice(spec.start, spec.n_rows)])):
+            raise RuntimeError(f"score: reward shard {spec.label} holds other candidates than rows "
+                               f"[{spec.start}, {spec.stop}) of {ctx.inputs['candidates']}")
+        out[spec.start:spec.stop] = part.column("reward").to_numpy(zero_copy_only=False)
+    reused = sum(1 for i in by_name.values() if i.get("reused"))
+    return out, {"reward_shards": len(specs), "reward_shards_reused": reused, "reward_device": device}
+
+
+def make_score_stage(runner: RewardRunner | None = None, device: str | None = None, reuse_shards: bool = True
+                     ) -> Callable[[StageContext], StageResult]:
+    """The stage function for the runner: reward shards go to `runner` (default: inline)
+    on `device` (the workers' device when they run elsewhere; default: resolved here)."""
+
+    def score(ctx: StageContext) -> StageResult:
+        return score_stage(ctx, runner=runner, device=device, reuse_shards=reuse_shards)
+
+    return score
+
+
+def score_stage(ctx: StageContext, *, runner: RewardRunner | None = None, device: str | None = None,
+                reuse_shards: bool = True) -> StageResult:
+    """candidates (+ prompts) -> scores; the reward model's part runs as shards."""
     cfg: ScoreConfig = ctx.config
     candidates = ctx.read("candidates")
     prompts = ctx.read("prompts") if ctx.has("prompts") else None
-    table, report = score_table(candidates, prompts, cfg)
-    ctx.logger.info("score: %d candidates, %d without reference, %d truncated, flags %s",
-                    table.num_rows, report["no_reference"], report["truncated"], report["flagged"])
+    rewards, shard_report = None, {}
+    if cfg.reward.model:
+        from dpoflow.tasks.reward import resolve_device
+
+        rewards, shard_report = gather_rewards(ctx, candidates, cfg, runner or inline_reward_runner,
+                                               device or resolve_device(cfg.reward.device), reuse_shards)
+    table, report = score_table(candidates, prompts, cfg, rewards=rewards)
+    report.update(shard_report)
+    ctx.logger.info("score: %d candidates, %d without reference, %d truncated, flags %s%s",
+                    table.num_rows, report["no_reference"], report["truncated"], report["flagged"],
+                    f"; {shard_report['reward_shards_reused']}/{shard_report['reward_shards']} reward shards reused"
+                    if shard_report else "")
     return StageResult(outputs={"scores": table}, report=report)
+
+
+def score(ctx: StageContext) -> StageResult:
+    """Stage function for flows.runner.run_stage: candidates (+ prompts) -> scores."""
+    return score_stage(ctx)

@@ -93,6 +93,26 @@ def test_dead_address_is_one_line_and_never_local(unused_tcp_port):
                                                           "max_calls": 0}
 
 
+def test_vllm_on_ray_is_one_engine_per_whole_gpu_and_devices_name_their_setting():
+    from dpoflow.flows.ray_runner import check_vllm, worker_device
+    from dpoflow.tasks.sampling import ModelSpec, SampleConfig
+    from dpoflow.tasks.shards import ShardSpec
+
+    def spec(backend: str) -> ShardSpec:
+        cfg = SampleConfig(samplers=[{"model": "m", "backend": "transformers"}, {"model": "m", "backend": backend}])
+        return ShardSpec("sampler1-0000", "shard_sample_k", "/store", (), "prompts@0", ("p",), (0,), 1,
+                         cfg.model_dump(mode="json"), ModelSpec("m", "m", "m", True), "cuda")
+
+    for gpus in (0.0, 0.5, 1.5):  # a CPU worker, two engines on one GPU, a GPU and a half
+        with pytest.raises(ValueError, match="whole number of GPUs"):
+            check_vllm([spec("vllm")], RayConfig(gpus_per_shard=gpus))
+    check_vllm([spec("vllm")], RayConfig(gpus_per_shard=1))
+    check_vllm([spec("transformers")], RayConfig())  # the CPU twin needs no GPU
+    assert worker_device("auto", RayConfig(gpus_per_shard=1), "score.reward.device") == "cuda"
+    with pytest.raises(ValueError, match="score.reward.device=cuda needs ray.gpus_per_shard > 0 with score.runner"):
+        worker_device("cuda", RayConfig(), "score.reward.device")
+
+
 def _ray_children(wait_s: float = 20.0) -> list[str]:
     """Ray processes (raylet, GCS, workers) still below this process after `wait_s`."""
     import time

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import sacrebleu
 
+from dpoflow.flows.workspace import Workspace
 from dpoflow.storage.schemas import SCORES, conform
 from dpoflow.tasks.metrics import metric_path
 from dpoflow.tasks.reward import RewardConfig, score_rewards
@@ -201,3 +202,31 @@ def test_cli_clear_errors(tmp_path):
     (tmp_path / "nocol.jsonl").write_text('{"pred": "a"}\n')
     res = _cli("metrics", "compute", "--input", str(tmp_path / "nocol.jsonl"), "--output", str(tmp_path / "o.jsonl"))
     assert res.returncode == 2 and "missing column 'prediction'" in res.stderr
+
+
+def test_reward_shards_inline_commit_once_and_match_the_pure_function(ws, tiny_classifier_dir):
+    """The stage scores rewards in committed shards (rows of the pinned candidates); the result
+    equals score_table's (same batches), a rerun for another reason reuses every shard, a
+    forced run recomputes them; a worker reads its rows across the version's files."""
+    from dpoflow.flows.score import run_score
+    from dpoflow.tasks.scoring import read_rows
+
+    rows = [(f"c{i}", "p1", "Say hi", f"hi there {'friend ' * (i % 3)}") for i in range(7)]
+    ws.store.write("candidates", _candidates(rows[:4]))
+    ws.store.write("candidates", _candidates(rows[4:]), mode="append")  # a version of two files
+    in_read_order = ws.store.read("candidates@1").column("candidate_id").to_pylist()
+    assert sorted(in_read_order) == [f"c{i}" for i in range(7)]
+    assert read_rows(ws.store, "candidates@1", 2, 6, ["candidate_id"]).column("candidate_id").to_pylist() == \
+        in_read_order[2:6]
+    reward = [f"score.reward.model={tiny_classifier_dir}", "score.reward.shard_size=3", "score.reward.device=cpu"]
+    run = run_score(Workspace.open(ws.root, reward))
+    scores = ws.store.read(run.outputs["scores"])
+    cfg = ScoreConfig(reward=RewardConfig(model=str(tiny_classifier_dir), shard_size=3, device="cpu"))
+    pure, _ = score_table(ws.store.read("candidates@1"), None, cfg)
+    assert scores.column("reward").equals(pure.column("reward"))
+    assert run.report["reward_shards"] == 3 and run.report["reward_shards_reused"] == 0
+    shards = [n for n in ws.store.list() if n.startswith("shard_reward_")]
+    again = run_score(Workspace.open(ws.root, [*reward, "score.use_stemmer=true"]))
+    assert again.report["reward_shards_reused"] == 3 and all(ws.store.latest(n) == 0 for n in shards)
+    forced = run_score(Workspace.open(ws.root, reward), force=True)
+    assert forced.report["reward_shards_reused"] == 0 and all(ws.store.latest(n) == 1 for n in shards)
