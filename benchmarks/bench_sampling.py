@@ -18,6 +18,8 @@ With `--runner ray` the rows are the `sample` stage run inline, then as the Pref
 `sample.runner=ray` on a private local Ray cluster of 1 and 2 worker CPUs (each shard a Prefect
 task run on a Ray worker; every worker loads the model once). The cluster is started before
 the run, so its start-up (ray.init + first worker) is its own row and not in the stage rows.
+A second table does the same for the reward model's part of the `score` stage on those
+candidates (`score.runner=ray`, a tiny reward model, `--reward-shard-size` candidates per shard).
 """
 
 from __future__ import annotations
@@ -131,24 +133,43 @@ def _tokens(ws) -> tuple[int, int]:
     return tokens, len(shards)
 
 
+def _score(ws, run, *args, **kw) -> tuple[int, int, float]:
+    """(reward shards, candidates, seconds) of `run(*args, **kw)`, a score run returning its outputs."""
+    t0 = time.perf_counter()
+    out = run(*args, **kw)
+    out = out.outputs if hasattr(out, "outputs") else out
+    wall = time.perf_counter() - t0
+    shards = [n for n in ws.store.list() if n.startswith("shard_reward_")]
+    return len(shards), ws.store.info(out["scores"]).rows, wall
+
+
 def ray_rows(model_dir: Path, prompts: list[str], p: gen.GenParams, budget: int, shard_size: int,
-             workers: list[int]) -> list[tuple[str, int, int, float, int]]:
-    """(row, shards, tokens, seconds, workers) for inline and each Ray cluster size, plus start-ups."""
+             workers: list[int], reward_dir: Path, reward_shard_size: int
+             ) -> tuple[list[tuple[str, int, int, float, int]], list[tuple[str, int, int, float]]]:
+    """(row, shards, tokens, seconds, workers) for inline and each Ray cluster size, plus start-ups;
+    and (row, reward shards, candidates, seconds) of the score stage on the same candidates."""
     import ray
 
     from dpoflow.flows.local_server import flow_run_settings
     from dpoflow.flows.sample import sample, sample_flow
+    from dpoflow.flows.score import run_score, score_flow
+    from dpoflow.flows.workspace import Workspace
     from dpoflow.tasks import sampling
 
-    rows = []
+    reward = [f"score.reward.model={reward_dir}", f"score.reward.shard_size={reward_shard_size}",
+              "score.reward.device=cpu"]
+    rows, score_rows = [], []
     with tempfile.TemporaryDirectory() as d:
-        ws, _ = _stage_ws(Path(d) / "inline", model_dir, prompts, p, "cpu", budget, shard_size, [])
+        ws, overrides = _stage_ws(Path(d) / "inline", model_dir, prompts, p, "cpu", budget, shard_size, [])
         sampling._MODEL_CACHE.clear()
         t0 = time.perf_counter()
         sample(ws)
         wall = time.perf_counter() - t0
         tokens, shards = _tokens(ws)
         rows.append(("inline (this process, shards one after the other)", shards, tokens, wall, 1))
+        score_ws = Workspace.open(ws.root, overrides + reward)
+        score_rows.append(("score inline (reward shards one after the other)",
+                           *_score(score_ws, run_score, score_ws)))
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # a busy machine
@@ -169,27 +190,39 @@ def ray_rows(model_dir: Path, prompts: list[str], p: gen.GenParams, budget: int,
                     t0 = time.perf_counter()
                     out = sample_flow(workspace=str(ws.root), overrides=overrides)
                     wall = time.perf_counter() - t0
+                    scored = _score(ws, score_flow, workspace=str(ws.root),
+                                    overrides=[*overrides, *reward, "score.runner=ray"])
                 finally:
                     ray.shutdown()
                 assert out["candidates"]
                 tokens, shards = _tokens(ws)
-                rows.append((f"Ray runner, {k} worker{'s' if k > 1 else ''} (Prefect task run per shard)",
-                             shards, tokens, wall, k))
-    return rows
+                many = "s" if k > 1 else ""
+                rows.append((f"Ray runner, {k} worker{many} (Prefect task run per shard)", shards, tokens, wall, k))
+                score_rows.append((f"score on Ray, {k} worker{many} (reward shards as task runs)", *scored))
+    return rows, score_rows
 
 
 def main_ray(a: argparse.Namespace) -> int:
     prompts = make_prompts(a.prompts)
     p = gen.GenParams(n=a.n, temperature=1.0, top_p=0.95, max_new_tokens=a.max_new_tokens, seed=0)
     with tempfile.TemporaryDirectory() as d:
+        from dpoflow.tasks.tiny_model import build_tiny_classifier
+
         model_dir = build_model(a.shape, Path(d) / "model")
-        rows = ray_rows(model_dir, prompts, p, a.token_budget, a.shard_size, a.workers)
+        reward_dir = build_tiny_classifier(Path(d) / "reward")
+        rows, score_rows = ray_rows(model_dir, prompts, p, a.token_budget, a.shard_size, a.workers, reward_dir,
+                                    a.reward_shard_size)
     print(f"\nshape={a.shape} device=cpu prompts={a.prompts} n={a.n} max_new_tokens={a.max_new_tokens} "
           f"shard_size={a.shard_size} (1 torch thread per shard)")
     print("| path | shards | tokens | seconds | shards/s | tokens/s |\n|---|---:|---:|---:|---:|---:|")
     for name, shards, tokens, secs, _k in rows:
         rate = (f"{shards / secs:.2f} | {tokens / secs:.0f}") if shards else "- | -"
         print(f"| {name} | {shards or '-'} | {tokens or '-'} | {secs:.2f} | {rate} |")
+    print(f"\nscore stage on those candidates (tiny reward model, reward.shard_size={a.reward_shard_size}, "
+          "BLEU/ROUGE and rules included; the Ray cluster already up)")
+    print("| path | reward shards | candidates | seconds | shards/s | candidates/s |\n|---|---:|---:|---:|---:|---:|")
+    for name, shards, n, secs in score_rows:
+        print(f"| {name} | {shards} | {n} | {secs:.2f} | {shards / secs:.2f} | {n / secs:.0f} |")
     return 0
 
 
@@ -208,6 +241,7 @@ def main() -> int:
                     help="ray: the stage inline vs on a local Ray cluster of --workers CPUs")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray cluster sizes (CPUs)")
     ap.add_argument("--shard-size", type=int, default=8, help="prompts per shard (--runner ray)")
+    ap.add_argument("--reward-shard-size", type=int, default=16, help="candidates per reward shard (--runner ray)")
     a = ap.parse_args()
     if a.quick:
         a.prompts, a.n, a.max_new_tokens = 16, 2, 16
