@@ -2,11 +2,13 @@
 
     python benchmarks/bench_training.py                 # e2e: TRL vs `dpoflow train`, both sizes, 3 rounds
     python benchmarks/bench_training.py --quick         # e2e, small and 1 round (about a minute)
+    python benchmarks/bench_training.py --worker        # e2e, also dpoflow with train.in_process=false
     python benchmarks/bench_training.py --mode loop     # the trainer's loop vs a naive DPO loop
 
 e2e (needs `pip install -r benchmarks/requirements-training.txt`: trl, a benchmark-only extra):
 each round runs, alternating, one TRL process (DPOTrainer, live reference model, plain-text
-prompt / chosen / rejected rows) and one `python -m dpoflow train` process (workspace and config
+prompt / chosen / rejected rows, fp32: `bf16=False`, since TRL 1.16 otherwise autocasts to bf16
+even on CPU) and one `python -m dpoflow train` process (workspace and config
 loading, reference log-probs, training, registration of the candidate; no eval, no promotion)
 on the same tiny model and the same 240 pairs, for both sizes of issue 18 (batch 8 x length 256 x
 30 steps; batch 16 x length 512 x 20 steps). Reported per process: whole-process wall, CPU
@@ -227,7 +229,8 @@ def run_trl(args) -> dict:
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
                         learning_rate=LR, beta=0.1, max_length=args.max_length, logging_steps=10**6,
                         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                        precompute_ref_log_probs=args.trl_precompute, dataloader_num_workers=0)
+                        precompute_ref_log_probs=args.trl_precompute, dataloader_num_workers=0,
+                        bf16=False)  # TRL 1.16 defaults to bf16 autocast even on CPU; dpoflow runs fp32 here
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         collate = trainer.data_collator
 
@@ -298,16 +301,18 @@ def main_e2e(args) -> None:
         rows: dict[tuple[str, str], list[dict]] = {}
         for r in range(rounds):
             for name, size in sizes.items():
-                order = ["dpoflow", "trl"] if r % 2 == 0 else ["trl", "dpoflow"]
-                for v in order:
+                order = ["dpoflow", "trl"] + (["dpoflow-worker"] if args.worker else [])
+                for v in (order if r % 2 == 0 else order[::-1]):
                     if v == "trl":
                         m = measure(trl_cmd(paths, size, args.trl_precompute))
                         m.update(m.pop("out"))
                     else:
-                        m = measure(dpoflow_cmd(paths, size, args.set))
+                        extra = args.set + (["train.in_process=false"] if v == "dpoflow-worker" else [])
+                        m = measure(dpoflow_cmd(paths, size, extra))
                         m.pop("out")
                         m.update(dpoflow_loop(paths))
                     m["load"] = os.getloadavg()[0]
+                    m["cpu_s_per_wall_s"] = m["cpu_s"] / m["wall_s"]
                     rows.setdefault((name, v), []).append(m)
                     print(json.dumps({"round": r, "size": name, "variant": v,
                                       **{k: (round(x, 3) if isinstance(x, float) else x) for k, x in m.items()}}),
@@ -325,13 +330,16 @@ def main_e2e(args) -> None:
         print(f"| b{size['batch']} x len {size['max_length']} x {size['steps']} steps | {v} | {rng('wall_s')} | "
               f"{rng('cpu_s')} | {rng('peak_tree_mb', '{:.0f}')} | {rng('tokens_per_s', '{:.0f}')} | "
               f"{rng('padding_share', '{:.3f}')} | {rng('load')} |")
+    med = lambda ms, k: float(np.median([m[k] for m in ms]))  # noqa: E731
     for name in sizes:
-        t, o = rows[(name, "trl")], rows[(name, "dpoflow")]
-        med = lambda ms, k: float(np.median([m[k] for m in ms]))  # noqa: E731
-        print(f"{name}: wall {med(o, 'wall_s') / med(t, 'wall_s'):.2f}x TRL (target <= 0.8), "
-              f"RSS {med(o, 'peak_tree_mb') / med(t, 'peak_tree_mb'):.2f}x (<= 1), "
-              f"loop {med(o, 'tokens_per_s') / med(t, 'tokens_per_s'):.2f}x (>= 3), "
-              f"padding {med(o, 'padding_share'):.3f} (<= 0.10); dpoflow phases (s): {o[-1].get('phases')}")
+        t = rows[(name, "trl")]
+        for v in [v for (n, v) in rows if n == name and v != "trl"]:
+            o = rows[(name, v)]
+            print(f"{name} {v}: wall {med(o, 'wall_s') / med(t, 'wall_s'):.2f}x TRL (target <= 0.8), "
+                  f"CPU s {med(o, 'cpu_s') / med(t, 'cpu_s'):.2f}x, "
+                  f"RSS {med(o, 'peak_tree_mb') / med(t, 'peak_tree_mb'):.2f}x (<= 1), "
+                  f"loop {med(o, 'tokens_per_s') / med(t, 'tokens_per_s'):.2f}x (>= 3), "
+                  f"padding {med(o, 'padding_share'):.3f} (<= 0.10); phases (s): {o[-1].get('phases')}")
 
 
 def main_loop(args) -> None:
@@ -375,6 +383,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--trl-precompute", action="store_true", help="TRL with precompute_ref_log_probs=True")
     ap.add_argument("--set", action="append", default=[], help="extra train.key=value for the dpoflow runs")
+    ap.add_argument("--worker", action="store_true",
+                    help="also run dpoflow with train.in_process=false (a child worker process) as its own variant")
     args = ap.parse_args()
     if args.variant:
         if args.pairs is None:
