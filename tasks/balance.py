@@ -673,6 +673,8 @@ def to_trl(table: pa.Table, keep: tuple[str, ...] = ("pair_id",)) -> pa.Table:
     """
     from dpoflow.storage.schemas import MESSAGES
 
+    table = table.cast(pa.schema([pa.field(f.name, pa.string(), f.nullable) if pa.types.is_string_view(f.type)
+                                  else f for f in table.schema]))  # plain strings for TRL / datasets
     cols = {c: table.column(c) for c in keep if c in table.column_names}
     if table.num_rows == 0 or table.column("prompt_messages").null_count == table.num_rows:
         return pa.table({"prompt": table.column("prompt"), "chosen": table.column("chosen"),

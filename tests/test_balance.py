@@ -178,6 +178,29 @@ def test_to_trl_plain_and_conversational():
     assert by_id["pair00000"]["chosen"] == [{"role": "assistant", "content": "good answer 0"}]
     plain = to_trl(train.filter(pa.compute.is_null(train.column("prompt_messages"))))
     assert plain.column("prompt").type == pa.string()
+    from dpoflow.tasks.pair_kernels import as_views  # texts as views (build_pairs' output): strings for TRL
+
+    views = train.filter(pa.compute.is_null(train.column("prompt_messages")))
+    views = views.set_column(views.schema.get_field_index("chosen"), "chosen", as_views(views.column("chosen")))
+    assert to_trl(views).column("chosen").type == pa.string()
+    assert to_trl(views).column("chosen").to_pylist() == plain.column("chosen").to_pylist()
+
+
+def test_balance_keeps_string_views_through_the_split():
+    """Texts that come in as string views (build_pairs' output) leave as views, equal to the strings."""
+    from dpoflow.tasks.pair_kernels import as_views
+
+    t = make_pairs([{}, {}, {"chosen": "", "rejected": "x"}])
+    v = t
+    for c in ("prompt", "chosen", "rejected"):
+        v = v.set_column(v.schema.get_field_index(c), c, as_views(v.column(c)))
+    cfg = BalanceConfig(near_dup=False, eval_fraction=0.5, **NO_LEN)
+    a = balance_pairs(t, cfg)
+    b = balance_pairs(v, cfg)
+    assert b[0].schema.field("chosen").type == pa.string_view()
+    for x, y in zip(a[:2], b[:2], strict=True):
+        assert x.to_pylist() == y.to_pylist()
+    assert a[2]["dropped"] == b[2]["dropped"]
 
 
 def test_empty_input_is_fine():
