@@ -360,6 +360,7 @@ def _sort_words(arr: pa.Array, max_words: int = 8) -> list[np.ndarray] | None:
 def _order_candidates(candidates: pa.Table, dropped: dict[str, int]) -> _Candidates:
     """Drop repeated candidate ids (first kept) and order by (prompt, candidate) on the ids only."""
     ids = candidates.select(["candidate_id", "prompt_id"])
+    ids = pa.table({c: ids.column(c).combine_chunks() for c in ids.column_names})  # one chunk: plain takes
     rows = np.arange(ids.num_rows)
     cid = ids.column("candidate_id").combine_chunks()
     hs = np.sort(hash_strings(cid))
