@@ -157,12 +157,14 @@ def _publish(kind: str, key: str, data: str, description: str) -> None:
                                 flow_run_id=run_id, task_run_id=task_run_id))
 
 
-def progress_reporter(key: str, description: str, *, background: bool = False
-                      ) -> Callable[[float], None] | None:
+def progress_reporter(key: str, description: str, *, background: bool = False, every_s: float = 2.0,
+                      clock: Callable[[], float] = time.monotonic) -> Callable[[float], None] | None:
     """A Prefect progress artifact for the current run (None outside one), written through the
     artifact thread's client. ``background=True`` does not wait for the API: only for work
     that creates no runs meanwhile (training waits on its process); sampling creates a task
-    per shard, and a write racing a run's creation costs a 2 s retry on the temporary server."""
+    per shard, and a write racing a run's creation costs a 2 s retry on the temporary server.
+    Updates come at most every `every_s` seconds, and always at 100%: a stage of many small
+    shards would otherwise wait on the API after each one."""
     if not flow_run_id():
         return None
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
@@ -186,7 +188,16 @@ def progress_reporter(key: str, description: str, *, background: bool = False
             _await(fut)
 
     run(create)
-    return lambda fraction: run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
+    last = [clock()]
+
+    def report(fraction: float) -> None:
+        now = clock()
+        if fraction < 1.0 and now - last[0] < every_s:
+            return
+        last[0] = now
+        run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
+
+    return report
 
 
 # --- images that render anywhere: embedded as data URIs -----------------------------------------
@@ -311,7 +322,7 @@ def training_progress(metrics_root: str | Path, *, stream: Any = None,
     tracker: list[Tracker] = []
     root, t0, started = Path(metrics_root), clock(), time.time()
     stream = stream or sys.stderr
-    bar = progress_reporter("train-progress", "train: optimizer steps done", background=True)
+    bar = progress_reporter("train-progress", "train: optimizer steps done", background=True, every_s=0.0)
     card_id: list[Any] = []
     run_ids = None
     if flow_run_id():

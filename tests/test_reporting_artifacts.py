@@ -108,6 +108,32 @@ def test_live_artifacts_are_updated_at_most_every_few_seconds(tmp_path, prefect_
     fake_training()
 
 
+def test_progress_bars_wait_on_the_api_at_most_every_few_seconds(prefect_harness, monkeypatch):
+    """Many small shards: a progress update per shard would wait on the API after each one."""
+    from prefect import flow
+
+    posts: list[int] = []
+    call_soon = reporting._POSTER.call_soon
+    monkeypatch.setattr(reporting._POSTER, "call_soon", lambda fn: posts.append(1) or call_soon(fn))
+    ticks = iter([0.0, 0.5, 1.0, 2.5, 3.0, 3.1])
+
+    @flow
+    def many_shards() -> str:
+        bar = reporting.progress_reporter("shards-progress", "shards done", clock=lambda: next(ticks))
+        for fraction in (0.2, 0.4, 0.6, 0.8, 1.0):  # at 0.5, 1.0, 2.5, 3.0, 3.1 s
+            bar(fraction)
+        return reporting.flow_run_id()
+
+    run_id = many_shards()
+    assert len(posts) == 1 + 2  # created, then 60% at 2.5 s and the end
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert float(art.data) == 100.0
+
+
 def test_report_to_tensorboard_streams_every_metrics_row(tmp_path):
     import importlib.util
 
