@@ -442,11 +442,9 @@ def run_shard_spec(spec: ShardSpec, on_batch: Callable[[int], None] | None = Non
                    before_generate: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The worker entry point: reuse the committed shard or generate and commit it.
     Returns a small dict (the dataset ref, counters, where it ran), never the rows."""
-    from dpoflow.storage.store import ConflictError
-
     store = shards.open_store(spec)
     if spec.reuse and store.exists(spec.name):
-        return _reused(store, spec)
+        return shards.reused_shard(store, spec.name)
     cfg = SampleConfig.model_validate(spec.config)
     if spec.device == "cpu" and cfg.cpu_threads:
         import torch
@@ -458,18 +456,8 @@ def run_shard_spec(spec: ShardSpec, on_batch: Callable[[int], None] | None = Non
                              on_batch=on_batch, before_generate=before_generate)
     extra = {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
              "oom_splits": stats.oom_splits, "label": spec.label, **shards.worker_identity()}
-    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
-    try:
-        info = store.write(spec.name, table, schema=SHARD, parents=[spec.prompts_ref], stage="sample",
-                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
-    except ConflictError:  # a duplicate run of this shard committed first: keep that one
-        return _reused(store, spec)
-    return {"ref": info.ref, "reused": False, **extra}
-
-
-def _reused(store: Any, spec: ShardSpec) -> dict[str, Any]:
-    info = store.info(spec.name)
-    return {**info.extra, "ref": info.ref, "reused": True, **shards.worker_identity()}
+    return shards.commit_shard(store, spec.name, table, reuse=spec.reuse, extra=extra, schema=SHARD,
+                               parents=[spec.prompts_ref], stage="sample", flow_run_id=spec.flow_run_id)
 
 
 def inline_runner(before_generate: Callable[[int], None] | None = None) -> ShardRunner:

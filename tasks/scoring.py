@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -402,12 +400,11 @@ def read_rows(store: DatasetStore, ref: str, start: int, stop: int, columns: lis
 def run_reward_spec(spec: RewardShardSpec) -> dict[str, Any]:
     """The worker entry point: reuse the committed shard or score its rows and commit them.
     Returns a small dict (the dataset ref, counters, where it ran), never the rewards."""
-    from dpoflow.storage.store import ConflictError
-    from dpoflow.tasks.shards import open_store
+    from dpoflow.tasks.shards import commit_shard, open_store, reused_shard, worker_identity
 
     store = open_store(spec)  # type: ignore[arg-type]  # needs only store_root / store_options
     if spec.reuse and store.exists(spec.name):
-        return _reused(store, spec)
+        return reused_shard(store, spec.name)
     cfg = RewardConfig.model_validate(spec.reward).model_copy(update={"device": spec.device})
     names = store.dataset(spec.candidates_ref).schema.names
     rows = read_rows(store, spec.candidates_ref, spec.start, spec.stop,
@@ -420,19 +417,9 @@ def run_reward_spec(spec: RewardShardSpec) -> dict[str, Any]:
     rewards = score_rewards(prompt.to_pylist(), response.to_pylist(), cfg)
     table = pa.table({"candidate_id": rows.column("candidate_id"), "reward": rewards}, schema=REWARD_SHARD)
     extra = {"rows": rows.num_rows, "seconds": round(time.perf_counter() - t0, 4), "label": spec.label,
-             "pid": os.getpid(), "host": socket.gethostname()}
-    base = -1 if spec.reuse else (store.latest(spec.name) if store.exists(spec.name) else -1)
-    try:
-        info = store.write(spec.name, table, schema=REWARD_SHARD, parents=[spec.candidates_ref], stage="score",
-                           flow_run_id=spec.flow_run_id, extra=extra, expected_version=base)
-    except ConflictError:  # a duplicate run of this shard committed first: keep that one
-        return _reused(store, spec)
-    return {"ref": info.ref, "reused": False, **extra}
-
-
-def _reused(store: DatasetStore, spec: RewardShardSpec) -> dict[str, Any]:
-    info = store.info(spec.name)
-    return {**info.extra, "ref": info.ref, "reused": True, "pid": os.getpid(), "host": socket.gethostname()}
+             **worker_identity()}
+    return commit_shard(store, spec.name, table, reuse=spec.reuse, extra=extra, schema=REWARD_SHARD,
+                        parents=[spec.candidates_ref], stage="score", flow_run_id=spec.flow_run_id)
 
 
 RewardRunner = Callable[[Sequence[RewardShardSpec], Callable[[int], None]],

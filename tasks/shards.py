@@ -103,6 +103,26 @@ def worker_identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
+def commit_shard(store: DatasetStore, name: str, table: pa.Table, *, reuse: bool, extra: dict[str, Any],
+                 **write_kw: Any) -> dict[str, Any]:
+    """Commit a finished shard exactly once (a forced run, `reuse` False, on top of the old one):
+    a duplicate run that lost the race to commit reuses the winner's version instead."""
+    from dpoflow.storage.store import ConflictError
+
+    base = -1 if reuse else (store.latest(name) if store.exists(name) else -1)
+    try:
+        info = store.write(name, table, extra=extra, expected_version=base, **write_kw)
+    except ConflictError:
+        return reused_shard(store, name)
+    return {"ref": info.ref, "reused": False, **extra}
+
+
+def reused_shard(store: DatasetStore, name: str) -> dict[str, Any]:
+    """What a run of an already committed shard returns: its recorded counters, marked reused."""
+    info = store.info(name)
+    return {**info.extra, "ref": info.ref, "reused": True, **worker_identity()}
+
+
 # --- runners -----------------------------------------------------------------------------------
 
 class ShardRunner(Protocol):
