@@ -159,7 +159,9 @@ def apply_prefect_yaml(path: str | os.PathLike[str] = REPO_PREFECT_YAML, *, cron
         for pool in sorted(pools):
             if pool not in listed.stdout:
                 r = _prefect("work-pool", "create", pool, "--type", "process")
-                if r.returncode != 0 and "already exists" not in r.stdout + r.stderr:
+                if "already exists" in r.stdout + r.stderr:  # the table `ls` prints may cut long names
+                    continue
+                if r.returncode != 0:
                     raise RuntimeError(f"prefect work-pool create {pool} failed:\n{r.stdout}{r.stderr}")
                 done.append(f"created process work pool {pool}")
     with tempfile.TemporaryDirectory(prefix="dpoflow-deploy-") as tmp:
