@@ -68,7 +68,7 @@ def refresh_version_choices(store: Any, workspace: str) -> int:
     changed = 0
     with get_client(sync_client=True) as client:
         found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=list(STAGES))))
-        flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found} if found else {}
+        flows = {fid: client.read_flow(fid).name for fid in {d.flow_id for d in found}}  # one read per flow
         for d in found:
             if (d.parameters or {}).get("workspace") not in (None, workspace) or not d.parameter_openapi_schema:
                 continue

@@ -438,3 +438,24 @@ def test_run_forms_list_the_stored_versions_and_still_take_any_ref(tmp_path):
     ws.store.gc(keep_last=1)
     assert with_version_choices("pairs", schema, ws.store)["properties"]["candidates"]["anyOf"][0]["enum"] == [
         "candidates@latest", "candidates@2", "candidates@1", "candidates@golden"]  # gc kept the tagged one
+
+
+def test_refresh_puts_new_versions_in_the_forms_on_the_server(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from dpoflow.flows.version_choices import refresh_version_choices
+    from dpoflow.flows.workspace import Workspace
+    from tests.builders import candidates
+
+    ws = Workspace.open(tmp_path / "ws")
+    candidates(ws, ("c1",))
+    (pairs,) = build_deployments(ws.root, names=["pairs"])[0]
+    dep_id = pairs.apply()
+    candidates(ws, ("c1", "c2"))  # written after the deployment was built
+    assert refresh_version_choices(ws.store, str(ws.root)) == 1
+    assert refresh_version_choices(ws.store, str(ws.root)) == 0  # nothing new: no update
+    assert refresh_version_choices(ws.store, str(tmp_path / "other")) == 0  # another workspace's forms
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment(dep_id).parameter_openapi_schema
+    assert schema["properties"]["candidates"]["anyOf"][0]["enum"] == [
+        "candidates@latest", "candidates@1", "candidates@0"]
