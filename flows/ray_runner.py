@@ -158,6 +158,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
     ``(key, result)`` in completion order. Tasks still pending when the caller stops (an
     error, a cancelled flow run) are cancelled, so nothing keeps running unowned."""
     import ray
+    from prefect import states
     from prefect_ray.context import remote_options
 
     runner = task_runner(cfg)
@@ -182,7 +183,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                     ray.exceptions.LocalRayletDiedError) as exc:
                 # its worker died past ray.retries: the task run can never report again
-                _mark_final([fut.task_run_id], "Crashed", f"the Ray worker died: {type(exc).__name__}")
+                _mark_final([fut.task_run_id], states.Crashed, f"the Ray worker died: {type(exc).__name__}")
                 raise
             yield key, result
     finally:
@@ -190,7 +191,7 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
         for ref in running:
             ray.cancel(ref, force=True)
         runner.__exit__(None, None, None)
-        _mark_final([pending[ref][1].task_run_id for ref in running], "Cancelled", "the flow run stopped")
+        _mark_final([pending[ref][1].task_run_id for ref in running], states.Cancelled, "the flow run stopped")
 
 
 def _keep_python_sigterm() -> None:
@@ -232,18 +233,17 @@ def _api_for_workers(cfg: RayConfig) -> Any:
     return temporary_settings(updates={PREFECT_API_URL: url})
 
 
-def _mark_final(task_run_ids: list[Any], state: str, message: str) -> None:
+def _mark_final(task_run_ids: list[Any], state: Callable[..., Any], message: str) -> None:
     """Task runs whose workers were stopped or died never report again: record them as
     Cancelled / Crashed so none stays Running in the UI (one that never started has no run)."""
     if not task_run_ids:
         return
-    from prefect import states
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         for run_id in task_run_ids:
             try:
-                client.set_task_run_state(run_id, getattr(states, state)(message=message), force=True)
+                client.set_task_run_state(run_id, state(message=message), force=True)
             except Exception:  # noqa: BLE001, S112 - not created yet on the server: nothing to mark
                 continue
 

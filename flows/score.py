@@ -18,7 +18,7 @@ from dpoflow.tasks import scoring
 
 
 @task(name="reward-shard", task_run_name="reward-shard-{label}", cache_policy=NO_CACHE, persist_result=False)
-def reward_shard_task(label: str, spec: scoring.RewardShardSpec, on_batch: object = None) -> dict:
+def reward_shard_task(label: str, spec: scoring.RewardShardSpec) -> dict:
     """One reward shard, from its spec: the worker commits its rewards, so Prefect need not
     keep results (the returned dict is a few counters and the dataset ref)."""
     return scoring.run_reward_spec(spec)
@@ -34,7 +34,7 @@ def score_stage_for(ws: Workspace, *, force: bool = False):
         device = ray_runner.worker_device(cfg.reward.device, ws.config.ray, setting="score.reward.device")
         return scoring.make_score_stage(ray_runner.ray_shard_runner(ws.config.ray, task_), device=device,
                                         reuse_shards=not force)
-    return scoring.make_score_stage(reuse_shards=not force) if force else scoring.score
+    return scoring.make_score_stage(reuse_shards=not force)
 
 
 def run_score(ws: Workspace, candidates: str = "candidates@latest", prompts: str | None = "prompts@latest",

@@ -185,7 +185,6 @@ def test_a_worker_killed_mid_shard_is_retried_and_commits_once(ray_cluster, pref
     shards = sorted(n for n in ws.store.list() if n.startswith("shard_sample_"))
     assert len(shards) == 4
     assert all(ws.store.latest(n) == 0 for n in shards)  # each committed exactly once
-    assert sum(ws.store.info(n).extra["pid"] == killed[0] for n in shards) == 0  # the dead worker committed none
     candidates = ws.store.read(state.result()["candidates"])
     assert sorted(set(candidates.column("prompt_id").to_pylist())) == [f"k{i}" for i in range(8)]
     runs = _task_runs(state.state_details.flow_run_id, "sample-shard-", 4)
