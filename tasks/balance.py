@@ -43,7 +43,6 @@ from dpoflow.tasks.pair_kernels import (
     first_and_inverse,
     take_text,
     take_views,
-    text_hashes,
 )
 from dpoflow.tasks.text import stable_hash64, unit_interval, units
 from dpoflow.tasks.text_keys import text_keys
@@ -244,7 +243,7 @@ def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]
     Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
     texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
     arrs = [as_views(c) for c in cols]  # views: the representatives share the texts' buffers
-    h = np.concatenate([text_hashes(a) for a in arrs])
+    h = np.concatenate([text_codes.hash_strings(a) for a in arrs])
     first, inv = first_and_inverse(h)
     parts, lo = [], 0
     for a in arrs:  # representatives taken from each column (a take per array, no concatenation)

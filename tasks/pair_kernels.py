@@ -144,11 +144,6 @@ def take_text(col: pa.Array | pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
     return col.take(pa.array(np.asarray(idx, np.int64)))
 
 
-def text_hashes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """`text_codes.hash_strings` for plain or view strings (null hashes as "")."""
-    return pl.Series(arr).fill_null("").hash(seed=0).to_numpy().copy()
-
-
 def conform_views(name: str, table: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
     """`storage.schemas.conform`, except that string-view columns of string fields stay views
     (conform would cast them to strings, copying every text); their nulls are checked the same."""

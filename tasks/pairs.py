@@ -48,7 +48,6 @@ from dpoflow.tasks.pair_kernels import (
     pair_ids,
     take_text,
     take_views,
-    text_hashes,
 )
 from dpoflow.tasks.text import unit_interval
 from dpoflow.tasks.text_codes import hash_strings
@@ -764,7 +763,7 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
     lang_col = t.column("language")
     if lang_col.null_count:
         prompt = t.column("prompt")
-        first, inv = first_and_inverse(text_hashes(prompt))
+        first, inv = first_and_inverse(hash_strings(prompt))
         guessed = guess_language(take_text(prompt, first)).take(pa.array(inv))  # once per prompt
         t = t.set_column(t.schema.get_field_index("language"), "language", pc.coalesce(lang_col, guessed))
     return t

@@ -65,10 +65,11 @@ def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, offs[:-1], np.diff(offs)
 
 
-def hash_strings(arr: pa.Array) -> np.ndarray:
-    """64-bit hash of each string (Polars' hash: ~50x faster than a numpy word loop on long
-    texts; stable within one Polars version, so it is only used to group rows within a run)."""
-    return pl.Series(pc.fill_null(arr, "")).hash(seed=0).to_numpy().copy()
+def hash_strings(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hash of each string, plain or view, null hashing as "" (Polars' hash: ~50x faster
+    than a numpy word loop on long texts; stable within one Polars version, so it is only used
+    to group rows within a run)."""
+    return pl.Series(arr).fill_null("").hash(seed=0).to_numpy().copy()
 
 
 def _text_of(pos: np.ndarray, starts: np.ndarray) -> np.ndarray:
