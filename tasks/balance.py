@@ -45,7 +45,7 @@ from dpoflow.tasks.pair_kernels import (
     take_views,
 )
 from dpoflow.tasks.text import stable_hash64, unit_interval, units
-from dpoflow.tasks.text_keys import text_keys
+from dpoflow.tasks.text_keys import normalized, text_keys
 
 MIX_DIMENSIONS = ("source", "category", "language")
 
@@ -288,7 +288,7 @@ def _same_texts(t: pa.Table, rows_a: np.ndarray, rows_b: np.ndarray, cols: tuple
         eq = np.asarray(pc.equal(xa, xb).to_numpy(zero_copy_only=False), bool)
         if cfg.identity != "raw" and not eq.all():  # equal raw texts are equal normalised: the
             rest = pa.array(np.flatnonzero(~eq))  # others only are normalised
-            eq[~eq] = np.asarray(pc.equal(text_codes.normalized(xa.take(rest)), text_codes.normalized(
+            eq[~eq] = np.asarray(pc.equal(normalized(xa.take(rest)), normalized(
                 xb.take(rest))).to_numpy(zero_copy_only=False), bool)
         same &= eq
     return same
@@ -380,7 +380,7 @@ def _step_duplicate(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) ->
             for k, c in enumerate(cols):
                 codes[k] = np.where(mixed, 0, codes[k])
                 if mixed.any():
-                    codes[k][mixed] = _dense(text_codes.normalized(texts[c].take(pa.array(np.flatnonzero(mixed)))))
+                    codes[k][mixed] = _dense(normalized(texts[c].take(pa.array(np.flatnonzero(mixed)))))
         o = np.lexsort((_id_order(t, r, cfg), *codes[::-1], kg))
         dup = np.zeros(len(r), bool)
         dup[o[1:]] = ~_differs(o, [kg, *codes])
@@ -429,7 +429,7 @@ def _prompt_groups(rows: _Rows, t: pa.Table, cfg: BalanceConfig, report: dict) -
     group_of_code = up_ids
     cluster_of = pid_codes
     if cfg.near_dup and len(rows.idx):
-        ptexts = text_codes.normalized(take_text(t.column("prompt"), rows.idx[uniq_first]))
+        ptexts = normalized(take_text(t.column("prompt"), rows.idx[uniq_first]))
         lab = cluster_prompts(ptexts, cfg)  # per unique prompt code
         comp_of_code = np.empty(pid_codes.max() + 1, np.int64)
         comp_of_code[ucodes] = lab

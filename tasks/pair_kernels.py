@@ -1,50 +1,18 @@
-"""Columnar helpers of the pairs and balance kernels: pair ids, id lookups and the language guess.
+"""Columnar helpers of the pairs and balance kernels: id lookups, distinct keys, string views.
 
-Why a module of their own: at 250k prompts these were the per-row Python (blake2b pair ids),
-the Arrow string hash tables (id lookups) and the Arrow regex passes (language) that made the
-stages slower than a plain Polars script. Each returns exactly what the slower form returned
-(the tests compare them), so pair ids, joins and languages do not change.
+Why a module of their own: at 250k prompts the Arrow string hash tables (id lookups) and the
+copies of long text columns made the stages slower than a plain Polars script. Each returns
+exactly what the slower form returned (the tests compare them). Pair ids are `tasks.ids.stable_id`,
+the language guess `tasks.lang.detect_language`.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpoflow.tasks.lang import CJK_CLASS, LATIN_WORD
 from dpoflow.tasks.text_codes import hash_strings
-
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-ID_BATCH = 1 << 17  # pair ids are hashed this many rows at a time (bounded Python lists)
-
-
-def pair_ids(prompt_id: pa.Array, chosen_id: pa.Array, rejected_id: pa.Array) -> pa.Array:
-    """`tasks.ids.stable_id(prompt_id, chosen_id, rejected_id)`, the same 16 hex characters.
-
-    The ids are joined in Arrow; the loop only calls blake2b on bytes, and the digests become
-    hex with numpy (one fixed-width string buffer), not per row in Python. Batches of
-    ID_BATCH rows keep the Python objects few (a million byte strings are ~0.2 GB)."""
-    parts = [pc.fill_null(pc.cast(c, pa.string()), "") for c in (prompt_id, chosen_id, rejected_id)]
-    joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary())
-    if isinstance(joined, pa.ChunkedArray):
-        joined = joined.combine_chunks()
-    n = len(joined)
-    raw = np.empty(8 * n, np.uint8)
-    blake = hashlib.blake2b
-    for lo in range(0, n, ID_BATCH):
-        chunk = joined.slice(lo, ID_BATCH).to_pylist()
-        raw[8 * lo:8 * (lo + len(chunk))] = np.frombuffer(
-            b"".join([blake(s, digest_size=16).digest()[:8] for s in chunk]), np.uint8)
-    hexed = np.empty(2 * len(raw), np.uint8)
-    hexed[0::2], hexed[1::2] = _HEX[raw >> 4], _HEX[raw & 15]
-    offsets = np.arange(0, 16 * n + 1, 16, dtype=np.int32)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(hexed))
 
 
 def lookup(keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -90,19 +58,6 @@ def first_and_inverse(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inv = np.empty(len(h), np.int64)
     inv[order] = np.cumsum(new) - 1
     return order[new], inv
-
-
-def guess_language(texts: pa.Array | pa.ChunkedArray, threshold: float = 0.3) -> pa.Array:
-    """`tasks.lang.detect_language` with Polars' regex engine (same patterns, same counts:
-    non-overlapping matches), ~10x less CPU than Arrow's on prompts."""
-    s = pl.Series(texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts)
-    cjk = s.str.count_matches(CJK_CLASS).cast(pl.Float64)
-    latin = s.str.count_matches(LATIN_WORD).cast(pl.Float64)
-    total = cjk + latin
-    share = pl.select(pl.when(total == 0).then(0.0).otherwise(cjk / total)).to_series()
-    out = pl.select(pl.when(s.is_null()).then(None).when(share >= threshold).then(pl.lit("zh"))
-                    .when(latin > 0).then(pl.lit("en")).otherwise(pl.lit("und"))).to_series()
-    return out.to_arrow().cast(pa.string())
 
 
 # --- texts as string views ---------------------------------------------------------------------

@@ -40,15 +40,8 @@ from pydantic import Field, field_validator
 from dpoflow.storage.schemas import PAIRS, QUARANTINE, conform
 from dpoflow.tasks.contract import Section, StageContext, StageResult
 from dpoflow.tasks.ids import stable_id
-from dpoflow.tasks.pair_kernels import (
-    as_views,
-    first_and_inverse,
-    guess_language,
-    lookup,
-    pair_ids,
-    take_text,
-    take_views,
-)
+from dpoflow.tasks.lang import detect_language
+from dpoflow.tasks.pair_kernels import as_views, first_and_inverse, lookup, take_text, take_views
 from dpoflow.tasks.text import unit_interval
 from dpoflow.tasks.text_codes import hash_strings
 
@@ -117,13 +110,6 @@ def _np(a: Any, dtype: Any = np.float64) -> np.ndarray:
     if pa.types.is_boolean(a.type):
         return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
     return np.asarray(pc.fill_null(pc.cast(a, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-def _lookup(keys: Any, values: Any) -> np.ndarray:
-    """Position of each key in `values` (first occurrence), -1 when absent."""
-    idx = pc.index_in(keys, value_set=pc.cast(values, pa.string()) if not isinstance(values, pa.ChunkedArray)
-                      else values.combine_chunks())
-    return np.asarray(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _group_mean(idx: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
@@ -211,13 +197,13 @@ def _judgement_evidence(judgements: pa.Table, cand_ids: pa.Array, group: np.ndar
         rmin = np.minimum.reduceat(rank, offsets)
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(rmax[parent] > rmin[parent], (rmax[parent] - rank) / (rmax[parent] - rmin[parent]), np.nan)
-        idx = _lookup(flat, cand_ids)
+        idx = lookup(flat, cand_ids)
         unknown += int((idx < 0).sum())
         hr = _group_mean(idx, score, n)
 
     rt = judgements.filter(pc.and_(pc.equal(kind, "rating"), pc.is_valid(judgements.column("rating"))))
     if rt.num_rows:
-        idx = _lookup(pc.list_element(rt.column("item_ids").combine_chunks(), 0), cand_ids) \
+        idx = lookup(pc.list_element(rt.column("item_ids").combine_chunks(), 0), cand_ids) \
             if rt.num_rows else np.zeros(0, np.int64)
         unknown += int((idx < 0).sum())
         hrat = _group_mean(idx, _np(rt.column("rating")), n)
@@ -240,8 +226,8 @@ def _judgement_evidence(judgements: pa.Table, cand_ids: pa.Array, group: np.ndar
             pos = np.flatnonzero(two)
             valid[pos] = wa | wb | wt
             lab[pos] = np.where(wa, 1.0, np.where(wb, -1.0, 0.0))
-            ia[pos] = _lookup(a_id, cand_ids)
-            ib[pos] = _lookup(b_id, cand_ids)
+            ia[pos] = lookup(a_id, cand_ids)
+            ib[pos] = lookup(b_id, cand_ids)
         bad_shape = ~two
         bad_winner = two & ~valid
         if bad_shape.any():
@@ -629,7 +615,7 @@ def _gather(candidates: pa.Table, c: _Candidates, k: _Kept, cfg: PairsConfig) ->
     prompt, response = (as_views(candidates.column(x)) for x in ("prompt", "response"))
     strategy = pa.array([cfg.strategy, "pairwise"]).take(pa.array(k.only_pairwise[kidx].astype(np.int8)))
     return pa.table({
-        "pair_id": pair_ids(prompt_id, ch_id, rj_id),
+        "pair_id": stable_id(prompt_id, ch_id, rj_id),
         "prompt_id": prompt_id,
         "prompt": take_views(prompt, c.rows[ch]),
         "chosen": take_views(response, c.rows[ch]),
@@ -656,14 +642,14 @@ def _merge_imported(generated: pa.Table, imported: pa.Table | None, scores: pa.T
     imp = imp.set_column(imp.schema.get_field_index("source"), "source", pa.array(["imported"] * imp.num_rows))
     ikeep = np.ones(imp.num_rows, bool)
     if scores is not None and scores.num_rows:
-        ui = _lookup(imp.column("chosen_id"), scores.column("candidate_id"))
+        ui = lookup(imp.column("chosen_id"), scores.column("candidate_id"))
         take = pa.array(np.maximum(ui, 0))
         bad = np.zeros(imp.num_rows, bool)
         for flag in cfg.unsafe_flags:
             bad |= (ui >= 0) & _np(pc.take(scores.column(flag), take))
         dropped["unsafe_chosen"] = dropped.get("unsafe_chosen", 0) + int(bad.sum())
         ikeep &= ~bad
-    dup = _lookup(imp.column("pair_id"), generated.column("pair_id")) >= 0
+    dup = lookup(imp.column("pair_id"), generated.column("pair_id")) >= 0
     first = imp.append_column("__i", pa.array(np.arange(imp.num_rows))).group_by(
         "pair_id", use_threads=False).aggregate([("__i", "min")])
     not_first = np.ones(imp.num_rows, bool)
@@ -742,7 +728,7 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
     cat = pa.nulls(n, pa.string())
     lang = pa.nulls(n, pa.string())
     if prompts is not None and prompts.num_rows and n:
-        pi = _lookup(t.column("prompt_id"), prompts.column("prompt_id"))
+        pi = lookup(t.column("prompt_id"), prompts.column("prompt_id"))
         has = pa.array(pi >= 0)
         take = pa.array(np.where(pi >= 0, pi, 0))
         null_of = {}
@@ -764,7 +750,7 @@ def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:
     if lang_col.null_count:
         prompt = t.column("prompt")
         first, inv = first_and_inverse(hash_strings(prompt))
-        guessed = guess_language(take_text(prompt, first)).take(pa.array(inv))  # once per prompt
+        guessed = detect_language(take_text(prompt, first)).take(pa.array(inv))  # once per prompt
         t = t.set_column(t.schema.get_field_index("language"), "language", pc.coalesce(lang_col, guessed))
     return t
 

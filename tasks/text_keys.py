@@ -1,18 +1,18 @@
 """Per text, from its UTF-8 bytes: the CJK-aware unit length, whether it is empty once
 normalised, and an *identity key* that equal normalised texts always share.
 
-Why not a hash of the normalised text (`tasks.text_codes`): building or hashing the normalised
-text costs a dozen numpy passes per byte (NFKC, whitespace runs), and most texts are never equal
+Why not a hash of the normalised text: building or hashing the normalised text costs a dozen numpy passes per byte (NFKC, whitespace runs), and most texts are never equal
 to another. The balance funnel only needs a key that cannot separate two texts that are equal
 once normalised (NFKC + whitespace runs -> one space + trim); the few rows whose keys match are
-then compared on their normalised texts (`text_codes.normalized`). The key is
+then compared on their normalised texts (`normalized`, below). The key is
 (units, non-space characters of the normalised text): both are unchanged by normalisation and
 cost a few passes over the bytes, with one byte-class table.
 
-Texts made of the characters `text_codes` knows (ASCII except the controls only trimming treats
+Texts made of the characters `tasks.text_codes` knows (ASCII except the controls only trimming treats
 as space, CJK ideographs, kana, Hangul, common CJK punctuation, full-width ASCII, the
 ideographic space) are read from the bytes; any other text takes the exact Arrow path of
-`tasks.text` (`normalize`, `unit_length`). Tests compare both paths with those functions.
+`tasks.text` (`normalize`, `unit_length`). Tests compare both paths with those functions. This is
+the one byte scanner of the package.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpoflow.tasks.text import normalize, unit_length
-from dpoflow.tasks.text_codes import _CJK, _CLASS, _FULL, _ISPACE, _OTHER, _buffers
+from dpoflow.tasks.text_codes import _CJK, _CLASS, _FULL, _ISPACE, _OTHER, _buffers, normalise_fast
 
 CHUNK_BYTES = 1 << 20  # texts are scanned in cache-sized slices of about this many bytes
 
@@ -155,8 +155,9 @@ def text_keys(texts: pa.Array | pa.ChunkedArray) -> TextKeys:
     return TextKeys(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("key", "empty", "units")))
 
 
-def _keys(texts: pa.Array) -> TextKeys:
-    texts = pc.fill_null(texts.cast(pa.string()), "")
+def _scan_all(texts: pa.Array) -> tuple[np.ndarray, ...]:
+    """(units less the 3-byte characters not looked up, whitespace characters, 3-byte characters
+    looked up, exact-path flag, byte length) of each text, slice by slice."""
     data, starts, lens = _buffers(texts)
     n = len(lens)
     units, spaces, three = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -170,6 +171,12 @@ def _keys(texts: pa.Array) -> TextKeys:
         units[lo:hi], spaces[lo:hi], three[lo:hi], slow[lo:hi] = _scan(
             data[base:ends[hi - 1]], starts[lo:hi] - base, hi - lo, scratch)
         lo = hi
+    return units, spaces, three, slow, lens
+
+
+def _keys(texts: pa.Array) -> TextKeys:
+    texts = pc.fill_null(texts.cast(pa.string()), "")
+    units, spaces, three, slow, lens = _scan_all(texts)
     chars = pl.Series(texts).str.len_chars().to_numpy().astype(np.int64)
     # fast-path texts hold 1- and 3-byte characters only: (bytes - characters) / 2 of them are
     # 3-byte, and those not looked up one by one are CJK ideographs U+5000-9FFF (one unit each)
@@ -183,3 +190,20 @@ def _keys(texts: pa.Array) -> TextKeys:
         units[idx] = unit_length(sub)
     key = (units.astype(np.uint64) << np.uint64(32)) ^ solid.astype(np.uint64)
     return TextKeys(key, solid == 0, units)
+
+
+def normalized(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The normalised texts (equal to `tasks.text.normalize`, null as ""), for the few rows
+    whose keys match: fast-path texts on their bytes, the others by the exact Arrow path."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    texts = pc.fill_null(texts.cast(pa.string()), "")
+    slow = _scan_all(texts)[3]
+    if not slow.any():
+        return normalise_fast(texts)
+    fast, rest = np.flatnonzero(~slow), np.flatnonzero(slow)
+    parts = pa.concat_arrays([normalise_fast(texts.take(pa.array(fast))), normalize(texts.take(pa.array(rest)))
+                              .cast(pa.string())])
+    pos = np.empty(len(texts), np.int64)
+    pos[np.concatenate([fast, rest])] = np.arange(len(texts))
+    return parts.take(pa.array(pos))
