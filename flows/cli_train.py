@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train_flow(dpo_train=args.data, dpo_eval=args.eval, workspace=args.workspace,
                             overrides=overrides or None, force=args.force, promote=args.promote)
     else:
-        from dpoflow.flows.train import train_pipeline
+        from dpoflow.flows.train_steps import train_pipeline
 
         ws = Workspace.open(args.workspace, overrides or None)
         result = train_pipeline(ws, args.data, args.eval, force=args.force, promote=args.promote).to_dict()
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ref_logps(args: argparse.Namespace) -> int:
-    from dpoflow.flows.train import ref_logps_for
+    from dpoflow.flows.train_steps import ref_logps_for
     from dpoflow.flows.workspace import Workspace
 
     ws = Workspace.open(args.workspace, list(getattr(args, "set", None) or []) or None)

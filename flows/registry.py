@@ -83,7 +83,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           f"{_F}.balance:run_balance", f"{_F}.balance:balance_flow",
           (Input("pairs", "pairs"),), ("dpo_train", "dpo_eval")),
     Stage("train", f"{_T}.training.stage:make_train_stage", f"{_T}.training.config:TrainConfig",
-          f"{_F}.train:train_pipeline", f"{_F}.train:train_flow",
+          f"{_F}.train_steps:train_pipeline", f"{_F}.train:train_flow",
           (Input("dpo_train", "dpo_train"), Input("dpo_eval", "dpo_eval", True)),
           ("ref_logps", "train_runs", "model_evals", "promotions"), pool="gpu", options=("promote", "night")),
 )}

@@ -46,6 +46,19 @@ def test_core_never_imports_the_shell_or_prefect():
     assert arrows == [], "core -> shell imports:\n" + "\n".join(arrows)
 
 
+def test_direct_stage_runs_do_not_import_prefect(tmp_path):
+    """`dpoflow train` and `dpoflow run STAGE` without --prefect call the stages directly; importing
+    Prefect there would add 2-4 s and ~50 MB to every manual run (issue 18)."""
+    code = ("import sys; from dpoflow.flows.registry import STAGES; from dpoflow.flows import cli; "
+            "from dpoflow.flows.workspace import Workspace; Workspace.open(sys.argv[1]); "
+            "[s.load('run') for s in STAGES.values() if s.name == 'train']; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')[:3])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_the_import_check_sees_function_level_imports(tmp_path):
     """The check above must catch the hidden kind of arrow (an import inside a function)."""
     p = tmp_path / "m.py"

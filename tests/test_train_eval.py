@@ -28,7 +28,7 @@ def trained_ws(tmp_path, tiny_model_dir):
 # --- ref_logps ----------------------------------------------------------------------------
 
 def test_ref_logps_reused_without_loading_the_reference(trained_ws):
-    from dpoflow.flows.train import ref_logps_for
+    from dpoflow.flows.train_steps import ref_logps_for
 
     ws = trained_ws
     first = ref_logps_for(ws, "dpo_train@0", ws.config.train)
@@ -56,7 +56,7 @@ def test_ref_logps_reused_without_loading_the_reference(trained_ws):
 
 
 def test_ref_logps_for_a_local_model_folder(tmp_path, tiny_model_dir):
-    from dpoflow.flows.train import ref_logps_for
+    from dpoflow.flows.train_steps import ref_logps_for
     from dpoflow.tasks.training.ref_logps import resolve_model
 
     ws = Workspace.open(tmp_path / "ws", [f"train.model={tiny_model_dir}"])
@@ -216,7 +216,7 @@ def test_batch_larger_than_the_data_fails_before_reference_log_probs(trained_ws,
 def test_a_failure_in_the_training_process_is_reported_by_its_cause(trained_ws, in_process):
     """12 of 16 pairs have identical completions (dropped at tokenization): training fails, and
     the error names that cause, not just an exit code (the worker's log path with it)."""
-    from dpoflow.flows.train import train_pipeline
+    from dpoflow.flows.train_steps import train_pipeline
     from dpoflow.tasks.training.trainer import TrainingError
 
     pairs = make_pairs(16, offset=200)
@@ -252,7 +252,7 @@ def _procs_mentioning(text: str) -> list[int]:
 
 LAUNCHER = """
 import sys
-from dpoflow.flows.train import train_pipeline
+from dpoflow.flows.train_steps import train_pipeline
 from dpoflow.flows.workspace import Workspace
 ws = Workspace.open(sys.argv[1], ["train.max_steps=100000", "train.batch_size=4", "train.checkpoint_every=0",
                                  "train.in_process=false"])
@@ -287,7 +287,7 @@ def test_training_group_stops_when_its_launcher_is_killed(trained_ws):
 def test_training_hard_timeout_kills_the_process_group(trained_ws, in_process):
     """A run past train.launch_timeout_s fails with a clear error and leaves no trainer process:
     the worker is killed; in-process training stops at the next step boundary."""
-    from dpoflow.flows.train import train_pipeline
+    from dpoflow.flows.train_steps import train_pipeline
     from dpoflow.tasks.training.trainer import TrainingError
 
     ws = Workspace.open(trained_ws.root, ["train.max_steps=100000", "train.batch_size=4",
@@ -303,7 +303,7 @@ def test_training_hard_timeout_kills_the_process_group(trained_ws, in_process):
 def test_in_process_training_needs_no_second_interpreter(trained_ws):
     """One local device trains inside the calling process by default (train.in_process): no
     worker process, no second interpreter with torch (the process tree's peak RSS)."""
-    from dpoflow.flows.train import train_pipeline
+    from dpoflow.flows.train_steps import train_pipeline
 
     ws = Workspace.open(trained_ws.root, ["train.max_steps=2", "train.batch_size=4"])
     assert ws.config.train.in_process

@@ -287,14 +287,16 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path,
         keys = sorted({k for r in rows for k, v in r.items() if k != "step" and _is_num(v)})[:8]
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # the object API with the Agg canvas: no pyplot (its import and backend set-up cost ~0.5 s)
+    # and fixed margins instead of tight_layout (~0.4 s of text measuring per call)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 2.8 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, k in zip(axes.flat, keys, strict=False):
         pts = [(r["step"], float(r[k])) for r in rows if _is_num(r.get(k))]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
@@ -305,13 +307,14 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path,
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)  # fewer ticks: drawing tick labels is most of the render time
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / (2.8 * nrows), top=1 - 0.3 / (2.8 * nrows),
+                        wspace=0.32, hspace=0.6)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

@@ -8,7 +8,7 @@ Public API:
     ref_key_config(cfg) -> dict            the settings the stored values depend on.
     make_ref_logps_stage(cfg, model) -> stage fn   reads role ``pairs``, writes ``ref_logps``.
 
-The shell (``dpoflow.flows.train.ref_logps_for``) runs the stage with a content key of pairs
+The shell (``dpoflow.flows.train_steps.ref_logps_for``) runs the stage with a content key of pairs
 version + reference model version + tokenization + precision, so a rerun or a β sweep reuses
 the stored rows and the reference model is not even loaded.
 
