@@ -236,15 +236,39 @@ class _Texts:
     lr: np.ndarray
 
 
-def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """The distinct texts of the columns (one representative row each), their raw hashes and,
-    for the rows of the columns one after the other, the index of their text.
+def _same_buffer_views(arrs: list[pa.Array]) -> np.ndarray | None:
+    """The 16-byte views of string-view arrays, as (rows, 2) uint64, when every array points into
+    the same character buffers and has no nulls: then equal views are equal texts. None otherwise."""
+    if any(a.null_count for a in arrs):
+        return None
+    bufs = [[b.address if b is not None else 0 for b in a.buffers()[2:]] for a in arrs]
+    if any(b != bufs[0] for b in bufs[1:]):
+        return None
+    return np.concatenate([np.frombuffer(a.buffers()[1], np.uint64).reshape(-1, 2)[a.offset:a.offset + len(a)]
+                           for a in arrs]) if arrs else None
 
-    Grouped by a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two
-    texts one profile; the decisions that drop rows are confirmed on the texts themselves."""
+
+def _distinct(*cols: pa.ChunkedArray, raw_hashes: bool = True, by_view: bool = True) -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
+    """The distinct texts of the columns (one representative row each), their raw hashes (when
+    `raw_hashes`) and, for the rows of the columns one after the other, the index of their text.
+
+    Pairs built in this process hold views into the candidates' buffers: a response is one view
+    in every pair it is a side of, so rows are grouped by their 16-byte views (no text is read;
+    two views of equal texts only mean a text is profiled twice). Otherwise (or not `by_view`) by
+    a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two texts one
+    profile; the decisions that drop rows are confirmed on the texts themselves."""
     arrs = [as_views(c) for c in cols]  # views: the representatives share the texts' buffers
-    h = np.concatenate([text_codes.hash_strings(a) for a in arrs])
-    first, inv = first_and_inverse(h)
+    words = _same_buffer_views(arrs) if by_view else None
+    h = None
+    if words is not None:
+        with np.errstate(over="ignore"):
+            first, inv = first_and_inverse(_mix64(words[:, 0]) ^ words[:, 1])
+        if not ((words[first, 0][inv] == words[:, 0]).all() and (words[first, 1][inv] == words[:, 1]).all()):
+            words = None  # two views shared a 64-bit key: group by the texts instead
+    if words is None:
+        h = np.concatenate([text_codes.hash_strings(a) for a in arrs])
+        first, inv = first_and_inverse(h)
+    del words
     parts, lo = [], 0
     for a in arrs:  # representatives taken from each column (a take per array, no concatenation)
         mine = first[(first >= lo) & (first < lo + len(a))]
@@ -253,9 +277,15 @@ def _distinct(*cols: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]
     col = np.searchsorted(np.cumsum([len(a) for a in arrs]), first, side="right")
     pos = np.empty(len(first), np.int64)  # position of each distinct text in the concatenated parts
     pos[np.argsort(col, kind="stable")] = np.arange(len(first))
-    hashes = np.empty(len(first), np.uint64)
-    hashes[pos] = h[first]
-    return pa.concat_arrays(parts), hashes, pos[inv]
+    uniq = pa.concat_arrays(parts)
+    hashes = None
+    if raw_hashes:
+        if h is None:
+            hashes = text_codes.hash_strings(uniq)
+        else:
+            hashes = np.empty(len(first), np.uint64)
+            hashes[pos] = h[first]
+    return uniq, hashes, pos[inv]
 
 
 def _profile_texts(t: pa.Table, cfg: BalanceConfig) -> _Texts:
@@ -264,9 +294,9 @@ def _profile_texts(t: pa.Table, cfg: BalanceConfig) -> _Texts:
     (identity: raw) or `text_keys`' key, which equal normalised texts share (identity:
     normalized); either way the steps confirm on the texts before they drop a row."""
     n = t.num_rows
-    uniq, uh, inv = _distinct(t.column("chosen"), t.column("rejected"))
+    uniq, uh, inv = _distinct(t.column("chosen"), t.column("rejected"), raw_hashes=cfg.identity == "raw")
     prof = text_keys(uniq)
-    puniq, ph, pinv = _distinct(t.column("prompt"))
+    puniq, ph, pinv = _distinct(t.column("prompt"), by_view=False)  # a prompt is one view per candidate
     if cfg.identity == "raw":
         rh, ph = uh[inv], ph[pinv]
     else:
@@ -351,13 +381,16 @@ def _id_order(t: pa.Table, rows: np.ndarray, cfg: BalanceConfig) -> np.ndarray:
 def _step_duplicate(rows: _Rows, t: pa.Table, tx: _Texts, cfg: BalanceConfig) -> tuple[_Rows, StepCount]:
     """Exact duplicates of (prompt, chosen, rejected): one kept (smallest pair id, or lowest ids).
 
-    Rows are grouped by their three text hashes; only rows in a group of two or more are looked
-    at again, grouped on the texts themselves, so a hash collision never drops a row."""
+    Rows are grouped by one hash of their three text keys; only rows in a group of two or more
+    are looked at again, grouped on the texts themselves, so a hash collision never drops a row."""
     i = rows.idx
-    order = np.lexsort((tx.hr[i], tx.hc[i], tx.hp[i]))
-    k1, k2, k3 = tx.hp[i][order], tx.hc[i][order], tx.hr[i][order]
+    with np.errstate(over="ignore"):  # one 64-bit key of the three: a sort of one key, not three
+        key = _mix64(_mix64(tx.hp[i]) ^ tx.hc[i]) ^ tx.hr[i]
+    order = np.argsort(key)
+    ks = key[order]
     same_prev = np.zeros(len(i), bool)
-    same_prev[1:] = (k1[1:] == k1[:-1]) & (k2[1:] == k2[:-1]) & (k3[1:] == k3[:-1])
+    same_prev[1:] = ks[1:] == ks[:-1]
+    del key, ks
     in_group = same_prev.copy()
     in_group[:-1] |= same_prev[1:]
     cand = np.sort(order[in_group])  # positions (in rows) of rows sharing their hashes
@@ -458,17 +491,23 @@ def _cap_rank(t: pa.Table, rows: _Rows, group: np.ndarray, cfg: BalanceConfig) -
     computed for the rows that share their group and margin only."""
     m = np.asarray(pc.fill_null(t.column("margin").take(pa.array(rows.idx)), -np.inf).to_numpy(), float)
     o = np.lexsort((-m, group))
+    go, mo = group[o], m[o]
     tied = np.zeros(len(o), bool)
-    tied[1:] = (group[o[1:]] == group[o[:-1]]) & (m[o[1:]] == m[o[:-1]])
+    tied[1:] = (go[1:] == go[:-1]) & (mo[1:] == mo[:-1])
     tied[:-1] |= tied[1:]
-    tie = np.zeros(len(o))
-    tr = np.sort(o[tied])
-    if len(tr):
+    tp = np.flatnonzero(tied)  # positions in o of rows that share their group and margin
+    if len(tp):
+        tr = o[tp]
         if cfg.tie_break == "hash":
-            tie[tr] = unit_interval(t.column("pair_id").take(pa.array(rows.idx[tr])), salt=f"cap:{cfg.seed}:")
+            tie = unit_interval(t.column("pair_id").take(pa.array(rows.idx[tr])), salt=f"cap:{cfg.seed}:")
         else:
-            tie[tr] = _id_order(t, rows.idx[tr], cfg)
-    return _rank_within(group, [tie, -m])
+            tie = _id_order(t, rows.idx[tr], cfg)
+        run = np.cumsum(np.concatenate([[True], (go[1:] != go[:-1]) | (mo[1:] != mo[:-1])]))[tp]
+        o[tp] = tr[np.lexsort((tie, run))]  # each run of equal (group, margin) reordered by its tie key
+    first = np.concatenate([[0], np.flatnonzero(go[1:] != go[:-1]) + 1]) if len(o) else np.zeros(0, np.int64)
+    rank = np.empty(len(o), np.int64)
+    rank[o] = np.arange(len(o)) - np.repeat(first, np.diff(np.append(first, len(o))))
+    return rank
 
 
 def _step_caps(rows: _Rows, g: _Groups, t: pa.Table, cfg: BalanceConfig
