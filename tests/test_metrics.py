@@ -21,7 +21,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from dpoflow.tasks.metrics import fast, metric_path
-from dpoflow.tasks.metrics.tokenize import bleu_token_strings, rouge_token_strings
+from dpoflow.tasks.metrics.tokenize import PY_WHITESPACE, bleu_token_strings, rouge_token_strings
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "slow", "big", "small", "red", "blue", "it", "is", "was", "and", "or", "to", "of", "running", "runs", "quickly", "happily", "generously", "connection", "connected", "studies", "studying", "I", "you", "we", "they", "Paris"]
 PUNCT = [",", ".", "!", "?", "'s", "-", "(", ")", '"', ":", ";", "1,000", "3.5", "2-3", "&amp;", "&lt;",
@@ -57,6 +57,11 @@ def _english_cases(n: int, seed: int) -> tuple[list[str], list[list[str]]]:
                 rs.append(_sentence(rng, 1, 30))
         refs.append(rs)
     return preds, refs
+
+
+def test_the_written_out_whitespace_is_what_python_splits_on():
+    """PY_WHITESPACE is a literal (no scan at import); it must stay Python's own set."""
+    assert "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) == PY_WHITESPACE
 
 
 @pytest.mark.parametrize("use_stemmer", [False, True])
