@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -488,6 +488,29 @@ def _decide(c: _Candidates, ev: _Evidence, cfg: PairsConfig) -> _Decisions:
     return _Decisions(a, b, pg, decision, decided_by, contra, has_pw, pw_strength, comb)
 
 
+PAIR_BATCH = 1 << 18  # within-prompt pairs decided per batch of whole prompts: bounds the per-pair arrays
+
+
+def _batches(c: _Candidates) -> list[tuple[int, int]]:
+    """Ranges of prompts (groups) holding about PAIR_BATCH within-prompt pairs each (at least one range)."""
+    ends = np.cumsum(c.sizes * (c.sizes - 1) // 2)
+    cuts = np.searchsorted(ends, np.arange(PAIR_BATCH, int(ends[-1]) if len(ends) else 0, PAIR_BATCH), side="right")
+    edges = np.unique(np.concatenate([[0], cuts, [len(c.sizes)]]))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)) or [(0, 0)]
+
+
+def _batch(c: _Candidates, ev: _Evidence, g0: int, g1: int) -> tuple[_Candidates, _Evidence, int]:
+    """Prompts g0..g1-1 as candidates and evidence of their own (rows from 0), and their first row."""
+    r0 = int(c.starts[g0]) if g0 < len(c.starts) else c.n
+    r1 = int(c.starts[g1]) if g1 < len(c.starts) else c.n
+    sub = _Candidates(c.rows[r0:r1], c.pid.slice(r0, r1 - r0), c.cid.slice(r0, r1 - r0), c.starts[g0:g1] - r0,
+                      c.sizes[g0:g1], c.group[r0:r1] - g0)
+    lb = ev.labels
+    m = (lb["lo"] >= r0) & (lb["lo"] < r1)  # both items of a label are in one prompt
+    labels = {"lo": lb["lo"][m] - r0, "hi": lb["hi"][m] - r0, "label": lb["label"][m], "strength": lb["strength"][m]}
+    return sub, _Evidence({k: v[r0:r1] for k, v in ev.values.items()}, ev.unsafe[r0:r1], labels), r0
+
+
 def _select_strategy(c: _Candidates, d: _Decisions, ev: _Evidence, cfg: PairsConfig
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Which pairs the strategy considers, and whether a pair is there only as a pairwise label.
@@ -553,6 +576,17 @@ class _Kept:
         dropped[reason] = dropped.get(reason, 0) + int(m.sum())
         self.keep &= ~m
 
+    def kept_only(self, row0: int, group0: int) -> _Kept:
+        """The kept pairs only, their candidate rows and groups shifted by (row0, group0)."""
+        i = np.flatnonzero(self.keep)
+        return _Kept((self.chosen[i] + row0).astype(np.int32), (self.rejected[i] + row0).astype(np.int32),
+                     (self.pg[i] + group0).astype(np.int32), self.cs[i], self.rs[i], self.margin[i],
+                     self.decided_by[i].astype(np.int8), self.only_pairwise[i], np.ones(len(i), bool))
+
+    @staticmethod
+    def concat(parts: list[_Kept]) -> _Kept:
+        return _Kept(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Kept)))
+
 
 def _apply_rules(d: _Decisions, sel: np.ndarray, only_pairwise: np.ndarray, ev: _Evidence, cfg: PairsConfig,
                  dropped: dict[str, int], report: dict) -> _Kept:
@@ -582,7 +616,7 @@ def _apply_rules(d: _Decisions, sel: np.ndarray, only_pairwise: np.ndarray, ev: 
     if cfg.contradictions == "drop":
         k.drop(contra, "contradiction", dropped)
     else:
-        report["contradictions_resolved"] = int((k.keep & contra).sum())
+        report["contradictions_resolved"] = report.get("contradictions_resolved", 0) + int((k.keep & contra).sum())
     k.drop(ev.unsafe[chosen], "unsafe_chosen", dropped)
     thr = np.array([cfg.min_margin_by_source.get(s, cfg.min_margin) for s in SOURCE_NAMES])[decided_by]
     k.drop(~np.isnan(margin) & (margin < thr), "below_min_margin", dropped)
@@ -659,7 +693,12 @@ def _merge_imported(generated: pa.Table, imported: pa.Table | None, scores: pa.T
         dropped["duplicate"] = dropped.get("duplicate", 0) + int(d.sum())
     ikeep &= ~d
     imp = _attach_prompt_info(imp.filter(pa.array(ikeep)), prompts)
-    return pa.concat_tables([generated.select(PAIRS.names).cast(PAIRS), _conform_pairs(imp)]), n_imp
+    imp = _conform_pairs(imp)
+    gen = _conform_pairs(generated)  # texts as views in both: a cast of the generated ones would copy them
+    imp = pa.Table.from_arrays([col if col.type == f.type else as_views(col) if pa.types.is_string_view(f.type)
+                                else col.cast(f.type) for col, f in zip(imp.columns, gen.schema, strict=True)],
+                               schema=gen.schema)
+    return pa.concat_tables([gen, imp]), n_imp
 
 
 def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prompts: pa.Table | None = None,
@@ -679,12 +718,20 @@ def build_pairs(candidates: pa.Table, config: PairsConfig | None = None, *, prom
     report["candidates"] = c.n
     dropped["single_candidate"] = int((c.sizes == 1).sum())  # counted in candidates (= prompts), not pairs
     ev, quarantine = _gather_evidence(c, cfg, scores, signals, judgements, report)
-    d = _decide(c, ev, cfg)
-    sel, only_pairwise = _select_strategy(c, d, ev, cfg)
-    report["pairs_possible"] = int(len(d.a))
-    k = _apply_rules(d, sel, only_pairwise, ev, cfg, dropped, report)
-    considered, unsafe = int(sel.sum()), int(ev.unsafe.sum())
-    del d, sel, only_pairwise, ev  # the per-pair arrays of every possible pair: freed before the gather
+    possible = considered = 0
+    kept = []
+    for g0, g1 in _batches(c):  # whole prompts per batch: every decision and rule is within a prompt
+        cb, eb, r0 = _batch(c, ev, g0, g1)
+        d = _decide(cb, eb, cfg)
+        sel, only_pairwise = _select_strategy(cb, d, eb, cfg)
+        possible, considered = possible + len(d.a), considered + int(sel.sum())
+        kept.append(_apply_rules(d, sel, only_pairwise, eb, cfg, dropped, report).kept_only(r0, g0))
+        del d, sel, only_pairwise  # the per-pair arrays of every possible pair: one batch at a time
+    report["pairs_possible"] = possible
+    unsafe = int(ev.unsafe.sum())
+    del ev
+    k = _Kept.concat(kept)
+    del kept
     _cap(k, cfg, dropped)
     generated = _attach_prompt_info(_gather(candidates, c, k, cfg), prompts)
     del k

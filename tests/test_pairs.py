@@ -275,6 +275,8 @@ def test_imported_pairs_pass_through_with_safety_and_dedup():
     assert sorted(out.column("source").to_pylist()) == ["imported", "metrics"]
     assert rep["dropped"]["duplicate"] == 2 and rep["dropped"]["unsafe_chosen"] == 1
     assert len(set(out.column("pair_id").to_pylist())) == 2
+    assert {out.schema.field(c).type for c in ("prompt", "chosen", "rejected")} == {pa.string_view()}  # one type
+    assert sorted(out.column("chosen").to_pylist()) == ["B", "answer from a"]
     assert_funnel(rep)
 
 
@@ -295,3 +297,26 @@ def test_config_rejects_unknown_sources():
         PairsConfig(priority=["humans"])
     with pytest.raises(ValueError):
         PairsConfig(weights={"rewards": 1.0})
+
+
+@pytest.mark.parametrize("policy", ["priority", "weighted"])
+@pytest.mark.parametrize("strategy", ["all_pairs", "best_vs_worst", "adjacent", "best_vs_random_lower",
+                                      "best_vs_mean_minus_k_std"])
+def test_batches_of_prompts_give_the_same_pairs(monkeypatch, policy, strategy):
+    """Pairs are decided a batch of whole prompts at a time: any batch size, the same table and report."""
+    import dpoflow.tasks.pairs as pairs_mod
+
+    groups = {f"p{i}": [f"p{i}-{k}" for k in range(i % 5 + 1)] for i in range(9)}
+    ids = [c for cs in groups.values() for c in cs]
+    sc = scores(reward={c: float((7 * i) % 5) for i, c in enumerate(ids)}, unsafe={ids[5]})
+    sg = signals({c: float((3 * i) % 4) for i, c in enumerate(ids[::2])})
+    j = judgements(judgement("pairwise", ["p4-1", "p4-3"], winner="p4-3", strength=0.5),
+                   judgement("pairwise", ["p8-0", "p8-2"], winner="p8-0", jid="j2"),
+                   judgement("ranking", ["p3-2", "p3-0", "p3-1"]))
+    cfg = PairsConfig(policy=policy, strategy=strategy, max_pairs_per_prompt=3)
+    want, _, want_rep = build_pairs(candidates(groups), cfg, scores=sc, signals=sg, judgements=j)
+    assert want.num_rows >= 8
+    for batch in (1, 4):
+        monkeypatch.setattr(pairs_mod, "PAIR_BATCH", batch)
+        got, _, rep = build_pairs(candidates(groups), cfg, scores=sc, signals=sg, judgements=j)
+        assert got.equals(want) and rep == want_rep

@@ -160,7 +160,7 @@ def workloads(draw: st.DrawFn) -> dict:
     return {"cands": cands, "score": score, "unsafe": unsafe, "min_margin": draw(st.sampled_from([0.0, 0.5, 1.0])),
             "pairs_cap": draw(st.sampled_from([None, 1, 2])), "cap": draw(st.sampled_from([None, 1, 2])),
             "identity": draw(st.sampled_from(["normalized", "raw"])),
-            "tie_break": draw(st.sampled_from(["hash", "lowest_id"]))}
+            "tie_break": draw(st.sampled_from(["hash", "lowest_id"])), "pair_batch": draw(st.sampled_from([1, 5, 1 << 18]))}
 
 
 def _tables(w: dict) -> tuple[pa.Table, pa.Table]:
@@ -176,9 +176,15 @@ def _tables(w: dict) -> tuple[pa.Table, pa.Table]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_pairs_and_balance_equal_the_reference(w):
+    import dpoflow.tasks.pairs as pairs_mod
+
     cand, sc = _tables(w)
-    out, _, rep = build_pairs(cand, PairsConfig(min_margin=w["min_margin"], max_pairs_per_prompt=w["pairs_cap"]),
-                              scores=sc)
+    batch, pairs_mod.PAIR_BATCH = pairs_mod.PAIR_BATCH, w["pair_batch"]  # prompts decided in batches of any size
+    try:
+        out, _, rep = build_pairs(cand, PairsConfig(min_margin=w["min_margin"], max_pairs_per_prompt=w["pairs_cap"]),
+                                  scores=sc)
+    finally:
+        pairs_mod.PAIR_BATCH = batch
     ref, ref_dropped = ref_pairs(w["cands"], w["score"], w["unsafe"], w["min_margin"], w["pairs_cap"])
     got = {r["pair_id"]: (r["chosen_id"], r["rejected_id"], r["margin"], r["chosen_score"], r["rejected_score"])
            for r in out.to_pylist()}
