@@ -93,7 +93,30 @@ def _texts(rng: np.random.Generator, lens: np.ndarray, zh: np.ndarray) -> pa.Arr
                                             ).cast(pa.string())
 
 
+SHARD_PROMPTS = 250_000  # inputs above 4 shards are generated and written a shard at a time (bounded memory)
+
+
 def make_inputs(n_prompts: int, folder: Path, seed: int = 0) -> None:
+    """The input files; above 4 shards of SHARD_PROMPTS prompts (e.g. 2.5M prompts), shard by shard
+    (each shuffled in itself, seeds seed + shard), appended to one file per table."""
+    if n_prompts <= 4 * SHARD_PROMPTS:
+        _make_inputs(n_prompts, folder, seed)
+        return
+    writers: dict[str, pq.ParquetWriter] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shard, lo in enumerate(range(0, n_prompts, SHARD_PROMPTS)):
+            _make_inputs(min(SHARD_PROMPTS, n_prompts - lo), Path(tmp), seed + shard, first_prompt=lo)
+            for name in ("candidates", "scores"):
+                t = pq.read_table(Path(tmp) / f"{name}.parquet")
+                if name not in writers:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    writers[name] = pq.ParquetWriter(folder / f"{name}.parquet", t.schema)
+                writers[name].write_table(t, row_group_size=128 * 1024)
+    for w in writers.values():
+        w.close()
+
+
+def _make_inputs(n_prompts: int, folder: Path, seed: int = 0, first_prompt: int = 0) -> None:
     """candidates.parquet and scores.parquet, with the near-identities real data has: ~2% of answers
     copy a sibling (identical pair), ~0.5% copy it with other whitespace or full-width forms
     (identical only after normalisation), ~0.5% of prompts repeat an earlier prompt with its answers
@@ -117,7 +140,7 @@ def make_inputs(n_prompts: int, folder: Path, seed: int = 0) -> None:
     for p in copy_prompt:
         resp_l[p * K:(p + 1) * K] = resp_l[(p - 1) * K:p * K]
     resp_l = [r if r.strip() else "OK." for r in resp_l]  # no empty answers: the peers keep those
-    pid = np.char.add("p", np.char.zfill(np.arange(n_prompts).astype(str), 8))
+    pid = np.char.add("p", np.char.zfill((first_prompt + np.arange(n_prompts)).astype(str), 8))
     cid = np.char.add(np.repeat(pid, K), np.tile(["-c0", "-c1", "-c2", "-c3"], n_prompts))
     cand = pa.table({"candidate_id": pa.array(cid), "prompt_id": pa.array(np.repeat(pid, K)),
                      "prompt": prompts.take(pa.array(np.repeat(src_prompt, K))),
