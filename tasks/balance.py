@@ -236,16 +236,34 @@ class _Texts:
     lr: np.ndarray
 
 
-def _same_buffer_views(arrs: list[pa.Array]) -> np.ndarray | None:
-    """The 16-byte views of string-view arrays, as (rows, 2) uint64, when every array points into
-    the same character buffers and has no nulls: then equal views are equal texts. None otherwise."""
-    if any(a.null_count for a in arrs):
+def _view_groups(arrs: list[pa.Array]) -> tuple[np.ndarray, np.ndarray] | None:
+    """`first_and_inverse` of the rows of string-view arrays by where their texts are: the byte
+    position in the arrays' common character buffers (texts over 12 bytes), or a number past
+    them per distinct inline text (the view holds it). None when the arrays do not share their
+    buffers or hold nulls, or when views of one key differ (texts of other lengths at one place)."""
+    if not arrs or any(a.null_count for a in arrs):
         return None
     bufs = [[b.address if b is not None else 0 for b in a.buffers()[2:]] for a in arrs]
     if any(b != bufs[0] for b in bufs[1:]):
         return None
-    return np.concatenate([np.frombuffer(a.buffers()[1], np.uint64).reshape(-1, 2)[a.offset:a.offset + len(a)]
-                           for a in arrs]) if arrs else None
+    w = np.concatenate([np.frombuffer(a.buffers()[1], np.uint64).reshape(-1, 2)[a.offset:a.offset + len(a)]
+                        for a in arrs])
+    length = (w[:, 0] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    base = np.concatenate([[0], np.cumsum([b.size if b is not None else 0 for b in arrs[0].buffers()[2:]])])
+    inline = length <= 12
+    key = np.empty(len(w), np.uint64)
+    out = ~inline
+    ref = w[out, 1]
+    key[out] = (base[(ref & np.uint64(0xFFFFFFFF)).astype(np.int64)] + (ref >> np.uint64(32)).astype(np.int64)
+                ).astype(np.uint64)
+    if inline.any():  # short texts live in the view itself: one key per distinct (length, bytes)
+        with np.errstate(over="ignore"):
+            _, code = first_and_inverse(_mix64(w[inline, 0]) ^ w[inline, 1])
+        key[inline] = np.uint64(base[-1]) + code.astype(np.uint64)
+    first, inv = first_and_inverse(key)  # small keys: a packed sort, no argsort
+    if not ((w[first, 0][inv] == w[:, 0]).all() and (w[first, 1][inv] == w[:, 1]).all()):
+        return None  # two texts of one key differ in their views: group by the texts instead
+    return first, inv
 
 
 def _distinct(*cols: pa.ChunkedArray, raw_hashes: bool = True, by_view: bool = True) -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
@@ -258,17 +276,13 @@ def _distinct(*cols: pa.ChunkedArray, raw_hashes: bool = True, by_view: bool = T
     a 64-bit hash of the raw text: a collision (about n^2 / 2^65) would give two texts one
     profile; the decisions that drop rows are confirmed on the texts themselves."""
     arrs = [as_views(c) for c in cols]  # views: the representatives share the texts' buffers
-    words = _same_buffer_views(arrs) if by_view else None
+    groups = _view_groups(arrs) if by_view else None
     h = None
-    if words is not None:
-        with np.errstate(over="ignore"):
-            first, inv = first_and_inverse(_mix64(words[:, 0]) ^ words[:, 1])
-        if not ((words[first, 0][inv] == words[:, 0]).all() and (words[first, 1][inv] == words[:, 1]).all()):
-            words = None  # two views shared a 64-bit key: group by the texts instead
-    if words is None:
+    if groups is not None:
+        first, inv = groups
+    else:
         h = np.concatenate([text_codes.hash_strings(a) for a in arrs])
         first, inv = first_and_inverse(h)
-    del words
     parts, lo = [], 0
     for a in arrs:  # representatives taken from each column (a take per array, no concatenation)
         mine = first[(first >= lo) & (first < lo + len(a))]

@@ -17,20 +17,23 @@ from dpoflow.tasks.text_codes import hash_strings
 
 def lookup(keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Position of each key in `values` (first occurrence), -1 when absent: `pc.index_in` by
-    64-bit hashes and a binary search, every hit confirmed on the strings (a hash collision
-    falls back to Arrow for its keys). Nulls: Arrow's own lookup."""
+    hashes and a binary search, every hit confirmed on the strings (a hash collision falls back
+    to Arrow for its keys). Nulls: Arrow's own lookup."""
     keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     keys, values = pc.cast(keys, pa.string()), pc.cast(values, pa.string())
     if keys.null_count or values.null_count:
         return _index_in(keys, values)
-    hv, hk = hash_strings(values), hash_strings(keys)
-    order = np.argsort(hv, kind="stable")  # stable: the first of equal values comes first
+    # hashes less as many low bits as a row number needs: key and row then sort as one word
+    # (`sorted_order`); a shorter hash only means more hits that the strings then reject
+    shift = np.uint64(max(len(values), len(keys), 1).bit_length())
+    hv, hk = hash_strings(values) >> shift, hash_strings(keys) >> shift
+    order = sorted_order(hv)  # stable: the first of equal values comes first
     sv = hv[order]
     out = np.full(len(keys), -1, np.int64)
     if not len(sv):
         return out
-    qo = np.argsort(hk)  # the binary searches walk memory in order when the queries are sorted (~4x)
+    qo = sorted_order(hk)  # the binary searches walk memory in order when the queries are sorted (~4x)
     at = np.empty(len(hk), np.int64)
     at[qo] = np.minimum(np.searchsorted(sv, hk[qo]), len(sv) - 1)
     hit = sv[at] == hk
@@ -47,11 +50,24 @@ def _index_in(keys: pa.Array, values: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.index_in(keys, value_set=values), -1).to_numpy(zero_copy_only=False), np.int64)
 
 
+def sorted_order(h: np.ndarray) -> np.ndarray:
+    """`np.argsort(h, kind="stable")` for unsigned 64-bit keys. When the keys leave room for the
+    row number in their top bits (small keys: offsets, codes), key and row are packed into one
+    word and sorted by value (numpy's SIMD sort, ~10x faster than an argsort)."""
+    n = len(h)
+    bits = max(int(n).bit_length(), 1)
+    if n and bits < 64 and int(h.max()) < (1 << (64 - bits)):
+        packed = (h.astype(np.uint64) << np.uint64(bits)) | np.arange(n, dtype=np.uint64)
+        packed.sort()
+        return (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+    return np.argsort(h, kind="stable")
+
+
 def first_and_inverse(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For 64-bit keys: the first row of each distinct key (in key order), and each row's index
-    into those: `np.unique(..., return_index, return_inverse)` by one stable argsort, without
+    into those: `np.unique(..., return_index, return_inverse)` by one stable sort, without
     numpy's hashing (~10x slower on a million keys)."""
-    order = np.argsort(h, kind="stable")
+    order = sorted_order(h)
     sh = h[order]
     new = np.ones(len(h), bool)
     new[1:] = sh[1:] != sh[:-1]

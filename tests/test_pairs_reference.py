@@ -327,3 +327,17 @@ def test_detect_language_equals_the_reference(texts):
         return "zh" if cjk + latin and cjk / (cjk + latin) >= 0.3 else "en" if latin else "und"
 
     assert detect_language(pa.array(texts, pa.string())).to_pylist() == [ref(t) for t in texts]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.integers(0, 2**64 - 1)), max_size=40))
+def test_sorted_order_is_a_stable_argsort(keys):
+    """Small keys take the packed sort, large ones numpy's argsort: the same order either way."""
+    from dpoflow.tasks.pair_kernels import first_and_inverse, sorted_order
+
+    h = np.array(keys, np.uint64)
+    assert sorted_order(h).tolist() == np.argsort(h, kind="stable").tolist()
+    small = h % np.uint64(7)
+    assert sorted_order(small).tolist() == np.argsort(small, kind="stable").tolist()
+    first, inv = first_and_inverse(small)
+    assert (small[first][inv] == small).all() and all(first[inv[i]] <= i for i in range(len(h)))
