@@ -13,8 +13,11 @@ run uses it (``pip install 'dpoflow[ray]'``).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -163,12 +166,12 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
 
     runner = task_runner(cfg)
     api = _api_for_workers(cfg)
-    try:
-        runner.__enter__()
-    except Exception as exc:  # noqa: BLE001 - any failure to start or join is one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RayUnavailable(f"ray.address {cfg.address!r}: cannot start or join Ray: {first}") from None
-    _keep_python_sigterm()
+    with _sigterm_kept():
+        try:
+            runner.__enter__()
+        except Exception as exc:  # noqa: BLE001 - any failure to start or join is one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RayUnavailable(f"ray.address {cfg.address!r}: cannot start or join Ray: {first}") from None
     pending: dict[Any, tuple[Any, Any]] = {}
     try:
         with api, remote_options(**shard_options(cfg)):  # the settings travel with each task run
@@ -176,10 +179,12 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
                 fut = runner.submit(task, params)
                 pending[fut.wrapped_future] = (key, fut)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            with _signal_unwrapped():
+                ready, _ = ray.wait(list(pending), num_returns=1)
             key, fut = pending.pop(ready[0])
             try:
-                result = fut.result()
+                with _signal_unwrapped():
+                    result = fut.result()
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                     ray.exceptions.LocalRayletDiedError) as exc:
                 # its worker died past ray.retries: the task run can never report again
@@ -194,19 +199,36 @@ def submit_all(cfg: RayConfig, task: Any, calls: Sequence[tuple[Any, dict[str, A
         _mark_final([pending[ref][1].task_run_id for ref in running], states.Cancelled, "the flow run stopped")
 
 
-def _keep_python_sigterm() -> None:
-    """Give SIGTERM back to Python. Ray's driver installs abseil's failure signal handler for
-    it (below Python's, at the C level), which logs and then aborts the process: a terminated
-    run would die with SIGABRT, possibly before its atexit handlers (the stop of Prefect's
-    temporary server) ran. The CLI's handler exits through the normal path instead."""
-    import signal
-    import threading
-
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`, which replaces it twice: abseil's
+    failure handler at the C level (it aborts the process, skipping atexit handlers such as the
+    stop of Prefect's temporary server) and a Python handler that calls sys.exit. Prefect's own
+    handler is what turns the SIGTERM that `serve` or a worker sends on Cancel into a Cancelled
+    flow run; under Ray's the run ended Crashed. (A cancel during ray.init still does.)"""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
     handler = signal.getsignal(signal.SIGTERM)
-    if handler is not None:  # None: set outside Python, nothing of ours to restore
-        signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: set outside Python, nothing of ours to restore
+            signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def _signal_unwrapped() -> Iterator[None]:
+    """Ray's blocking calls run Python's signal handlers but drop what they raise (other than
+    KeyboardInterrupt / SystemExit) into a SystemError; raise the handler's own exception
+    (Prefect's TerminationSignal on a cancel), so the flow engine sees the cancel."""
+    try:
+        yield
+    except SystemError as exc:
+        raised = exc.__context__
+        if raised is not None and not isinstance(raised, Exception):
+            raise raised from None
+        raise
 
 
 def _api_for_workers(cfg: RayConfig) -> Any:
@@ -214,7 +236,6 @@ def _api_for_workers(cfg: RayConfig) -> Any:
     driver's settings; without an explicit URL (Prefect's temporary server) a worker would
     start a server of its own, so the temporary server's address is set for the submissions.
     A loopback address cannot serve a remote cluster: that is an error, not a lost UI."""
-    import contextlib
     from urllib.parse import urlparse
 
     from prefect.client.orchestration import get_client

@@ -33,16 +33,16 @@ def _tree(pid: int) -> dict[int, tuple[float, str]]:
     return out
 
 
-def _survivors(tree: dict[int, tuple[float, str]], session: int) -> list[str]:
+def _survivors(tree: dict[int, tuple[float, str]], session: int | None = None) -> list[str]:
     """What is still alive of `tree` (same PID and start time: not a reused PID), and any
-    process still in the command's session."""
+    process still in the command's `session` (when given)."""
     left = []
     for p in psutil.process_iter(["pid", "create_time", "cmdline", "status"]):
         try:
             if p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             known = tree.get(p.pid)
-            if (known and known[0] == p.info["create_time"]) or os.getsid(p.pid) == session:
+            if (known and known[0] == p.info["create_time"]) or (session and os.getsid(p.pid) == session):
                 left.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:100]}")
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
