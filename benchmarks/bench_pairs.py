@@ -175,9 +175,11 @@ def run_dpoflow(folder: Path, peer_rules: bool) -> tuple[pa.Table, dict]:
     from dpoflow.tasks.pairs import PairsConfig, build_pairs
 
     cand = read_by_row_group(folder / "candidates.parquet", ["candidate_id", "prompt_id", "prompt", "response"])
-    sc = read_by_row_group(folder / "scores.parquet")
+    pcfg = PairsConfig(strategy="all_pairs", min_margin=MIN_MARGIN)
+    sc = read_by_row_group(folder / "scores.parquet", ["candidate_id", pcfg.metric_column, pcfg.reward_column,
+                                                       *pcfg.unsafe_flags])  # the columns the config uses
     rules = {"identity": "raw", "tie_break": "lowest_id"} if peer_rules else {}
-    pairs, _, prep = build_pairs(cand, PairsConfig(strategy="all_pairs", min_margin=MIN_MARGIN), scores=sc)
+    pairs, _, prep = build_pairs(cand, pcfg, scores=sc)
     del cand
     cfg = BalanceConfig(near_dup=False, length_control=False, max_pairs_per_prompt=CAP, eval_fraction=0.0,
                         plots=False, **rules)
