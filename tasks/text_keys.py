@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 from dpoflow.tasks.text import normalize, unit_length
 from dpoflow.tasks.text_codes import _CJK, _CLASS, _FULL, _ISPACE, _OTHER, _buffers, normalise_fast
 
-CHUNK_BYTES = 1 << 20  # texts are scanned in cache-sized slices of about this many bytes
+CHUNK_BYTES = 1 << 18  # texts are scanned in slices of about this many bytes: with the 5 scratch arrays the
+# working set stays in L2 (1 MB slices: ~20% more CPU, 64 KB: per-call overhead)
 
 _U8 = np.uint8
 
