@@ -341,3 +341,34 @@ def test_sorted_order_is_a_stable_argsort(keys):
     assert sorted_order(small).tolist() == np.argsort(small, kind="stable").tolist()
     first, inv = first_and_inverse(small)
     assert (small[first][inv] == small).all() and all(first[inv[i]] <= i for i in range(len(h)))
+
+
+def test_distinct_texts_by_view_position_and_its_fallback():
+    """Rows are grouped by where their views point; views that start at one place with other
+    lengths (a prefix of a text) are not one text: grouped by the texts instead."""
+    from dpoflow.tasks.balance import _distinct, _view_groups
+    from dpoflow.tasks.pair_kernels import as_views, take_views
+
+    data = b"abcdefghijklmnopqrstuvwxyz"
+    views = np.zeros((3, 4), np.int32)
+    for i, (length, off) in enumerate([(20, 0), (14, 0), (5, 3)]):  # 20 and 14 bytes from one offset
+        views[i, 0] = length
+        views[i, 1] = np.frombuffer(data[off:off + 4], np.int32)[0]
+        views[i, 2:] = (0, off) if length > 12 else (0, 0)
+        if length <= 12:
+            inline = np.zeros(12, np.uint8)
+            inline[:length] = np.frombuffer(data[off:off + length], np.uint8)
+            views[i, 1:] = inline.view(np.int32)
+    arr = pa.Array.from_buffers(pa.string_view(), 3, [None, pa.py_buffer(views.tobytes()), pa.py_buffer(data)])
+    want = ["abcdefghijklmnopqrst", "abcdefghijklmn", "defgh"]
+    assert arr.to_pylist() == want
+    assert _view_groups([arr]) is None  # one position, two lengths: the texts decide
+    same = take_views(arr, np.array([0, 2, 0, 2]))
+    first, inv = _view_groups([same, take_views(arr, np.array([2]))])
+    assert len(first) == 2 and inv.tolist() == [0, 1, 0, 1, 1]
+    assert _view_groups([same, as_views(pa.array(want))]) is None  # other buffers
+    for cols in ([arr], [same, take_views(arr, np.array([1, 2]))], [same, as_views(pa.array(want))]):
+        texts = [x for c in cols for x in c.to_pylist()]
+        uniq, _, inv = _distinct(*(pa.chunked_array([c]) for c in cols))
+        assert [uniq.to_pylist()[i] for i in inv] == texts
+        assert len(uniq) == len(set(texts))
