@@ -13,7 +13,6 @@ which take the exact Arrow path; the tests check both paths against `tasks.text`
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -50,6 +49,8 @@ def hash_strings(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """64-bit hash of each string, plain or view, null hashing as "" (Polars' hash: ~50x faster
     than a numpy word loop on long texts; stable within one Polars version, so it is only used
     to group rows within a run)."""
+    import polars as pl  # here, not at the top: loading the config imports this module (~0.5 s, 27 MB)
+
     return pl.Series(arr).fill_null("").hash(seed=0).to_numpy().copy()
 
 

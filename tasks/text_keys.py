@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -176,6 +175,8 @@ def _scan_all(texts: pa.Array) -> tuple[np.ndarray, ...]:
 
 
 def _keys(texts: pa.Array) -> TextKeys:
+    import polars as pl  # here, not at the top: loading the config imports this module (~0.5 s, 27 MB)
+
     texts = pc.fill_null(texts.cast(pa.string()), "")
     units, spaces, three, slow, lens = _scan_all(texts)
     chars = pl.Series(texts).str.len_chars().to_numpy().astype(np.int64)
