@@ -91,7 +91,10 @@ def main() -> None:
     print(f"| demo night, nightly flow through Prefect | {o:.1f} | {each(orchestrated)} |")
     print(f"| overhead ratio (flow / direct) | {o / d:.2f}x | "
           f"{', '.join(f'{b / a:.2f}x' for a, b in zip(direct, orchestrated, strict=True))} |")
+    diffs = [b - a for a, b in zip(direct, orchestrated, strict=True)]
+    print(f"| overhead (flow - direct, same repeat) | {statistics.median(diffs):.1f} | {each(diffs)} |")
     print(f"| no-change rerun through Prefect | {r:.1f} | {each(reruns)} |")
+    print(f"\nload average after the runs: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

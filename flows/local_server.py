@@ -58,6 +58,8 @@ def settings_context(updates: dict[Any, Any]) -> Any:
     from prefect.context import SettingsContext
 
     ctx = SettingsContext.get()
+    if all(setting.value_from(ctx.settings) == value for setting, value in updates.items()):
+        return contextlib.nullcontext()  # e.g. heartbeats already off (`flow_run_settings`): no copy at all
     key = (id(ctx.settings), repr(sorted((str(k), v) for k, v in updates.items())))
     if key not in _SETTINGS:
         if len(_SETTINGS) >= 32:  # a few distinct settings per process; never grow without bound

@@ -160,11 +160,11 @@ def _publish(kind: str, key: str, data: str, description: str) -> None:
 def progress_reporter(key: str, description: str, *, background: bool = False, every_s: float = 2.0,
                       clock: Callable[[], float] = time.monotonic) -> Callable[[float], None] | None:
     """A Prefect progress artifact for the current run (None outside one), written through the
-    artifact thread's client. ``background=True`` does not wait for the API: only for work
-    that creates no runs meanwhile (training waits on its process); sampling creates a task
-    per shard, and a write racing a run's creation costs a 2 s retry on the temporary server.
-    Updates come at most every `every_s` seconds, and always at 100%: a stage of many small
-    shards would otherwise wait on the API after each one."""
+    artifact thread's client, off the critical path: the run waits only for the 100% update
+    (so the stage's run shows it when it returns), with ``background=True`` not even for that.
+    A shard's task run is created through Prefect's event stream, not by an API write that
+    these could race (a 503 and a 2 s retry on the temporary server). Updates come at most every `every_s` seconds, only when the
+    percentage moved, and always at 100%."""
     if not flow_run_id():
         return None
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
@@ -182,20 +182,25 @@ def progress_reporter(key: str, description: str, *, background: bool = False, e
         if created:
             client.update_artifact(created[0], ArtifactUpdate(data=pct))
 
-    def run(fn: Callable[[Any], Any]) -> None:
-        fut = _POSTER.call_soon(fn)
-        if not background:
-            _await(fut)
+    inflight: list[Any] = []
 
-    run(create)
-    last = [clock()]
+    def run(fn: Callable[[Any], Any], wait: bool) -> None:
+        inflight[:] = [f for f in inflight if not f.done()] + [_POSTER.call_soon(fn)]
+        if wait:
+            _await(*inflight)
+            inflight.clear()
+
+    run(create, wait=False)
+    last, sent = [clock()], [0.0]
 
     def report(fraction: float) -> None:
         now = clock()
-        if fraction < 1.0 and now - last[0] < every_s:
+        pct = round(100.0 * min(max(fraction, 0.0), 1.0), 2)
+        if pct < 100.0 and (now - last[0] < every_s or pct == sent[0]):
             return
-        last[0] = now
-        run(lambda c: update(c, round(100.0 * min(max(fraction, 0.0), 1.0), 2)))
+        last[0], sent[0] = now, pct
+        # the end is waited for (unless `background`): the run shows 100% once the stage returns
+        run(lambda c: update(c, pct), wait=not background and pct >= 100.0)
 
     return report
 
@@ -398,6 +403,18 @@ def post_overdue_artifacts(max_delay_s: float) -> None:
     _POSTER.wait()
 
 
+def wait_for_artifacts() -> None:
+    """Wait for the posts handed to the worker thread (their errors are logged)."""
+    _POSTER.wait()
+
+
+def post_queue_meanwhile(*_: Any) -> None:
+    """Hand the queue to the worker thread without waiting: a stage flow's `on_running` hook in
+    the nightly, so the previous stages' reports are posted while this stage computes, after
+    its run was created (never racing that); the stage's end (`stage_finished`) waits for them."""
+    _POSTER.start()
+
+
 @contextlib.contextmanager
 def artifacts_posted_meanwhile() -> Iterator[None]:
     """Post the queue in the background during the block, which must write nothing else to
@@ -440,6 +457,9 @@ def stage_finished(store: Any, run: StageRun, inputs: dict[str, str], rows_out: 
         return
     record_stage_run(store, run, inputs, rows_out, run_id)
     label_flow_run(run.stage, inputs, run.outputs)
+    _POSTER.wait()  # reports posted while the stage ran (`post_queue_meanwhile`) end before its run does
+    if run.stage == "train":  # evaluation and the gate follow as task runs (no run created through the API):
+        _POSTER.start()       # the queue is posted meanwhile; their own ends wait for it
 
 
 _LABELS: dict[str, set[str]] = {}  # flow run id -> tags this process gave it (a flow runs several stages)
@@ -470,7 +490,33 @@ def label_flow_run(stage: str | None, inputs: dict[str, str], outputs: dict[str,
         _LABELS.pop(next(iter(_LABELS)))
     tags = sorted(set(fr.tags or []) | added)
     name = run_name(stage, inputs) if stage and ctx.flow is not None and ctx.flow.name == stage else None
-    _POSTER.post_call(lambda client: client.update_flow_run(fr.id, name=name, tags=tags))
+    rid = str(fr.id)
+    with _LABEL_LOCK:
+        pending = _PENDING_LABELS.get(rid)
+        if pending is not None:  # a PATCH of this run is queued: it will send the newest name and tags
+            pending[0], pending[1] = name or pending[0], tags
+            return
+        if _SENT_LABELS.get(rid) == (name or (_SENT_LABELS.get(rid) or (None,))[0], tags):
+            return  # nothing new (e.g. a skipped step that read and wrote what the run already says)
+        _PENDING_LABELS[rid] = [name, tags]
+
+    def send(client: Any) -> None:
+        with _LABEL_LOCK:
+            new_name, new_tags = _PENDING_LABELS.pop(rid)
+            sent_name = (_SENT_LABELS.get(rid) or (None,))[0]
+            _SENT_LABELS[rid] = (new_name or sent_name, new_tags)
+            if len(_SENT_LABELS) > 256:
+                _SENT_LABELS.pop(next(iter(_SENT_LABELS)))
+        client.update_flow_run(fr.id, name=new_name, tags=new_tags)
+
+    _POSTER.post_call(send)
+
+
+# One PATCH per flow run and batch: the runner labels a run after each of its steps (the train
+# flow runs four, the nightly's imports several), and only the newest name and tags matter.
+_LABEL_LOCK = threading.Lock()
+_PENDING_LABELS: dict[str, list[Any]] = {}  # flow run id -> [name, tags] queued, not sent yet
+_SENT_LABELS: dict[str, tuple[str | None, list[str]]] = {}  # flow run id -> (name, tags) last sent
 
 
 def stage_runs(store: Any, run_id: str) -> list[dict[str, Any]]:
