@@ -163,8 +163,8 @@ def progress_reporter(key: str, description: str, *, background: bool = False, e
     artifact thread's client, off the critical path: the run waits only for the 100% update
     (so the stage's run shows it when it returns), with ``background=True`` not even for that.
     A shard's task run is created through Prefect's event stream, not by an API write that
-    these could race (a 503 and a 2 s retry on the temporary server). Updates come at most every `every_s` seconds, only when the
-    percentage moved, and always at 100%."""
+    these could race (a 503 and a 2 s retry on the temporary server). Updates come at most
+    every `every_s` seconds, only when the percentage moved, and always at 100%."""
     if not flow_run_id():
         return None
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
