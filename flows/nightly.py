@@ -11,6 +11,7 @@ no-change rerun costs seconds. Score and ingest run concurrently.
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -91,24 +92,17 @@ def run_stage_flow(stage: str, params: dict[str, Any], timeout_s: float) -> dict
 # queued so far are posted in the background once their run is Running (`post_queue_meanwhile`).
 # The train flow creates its ref_logps subflow first, and posts the queue while it trains.
 _POST_WHILE_RUNNING = ("sample", "pairs", "balance")
-_FLOWS: dict[tuple[int, float], tuple[Any, Any]] = {}  # (id(stage flow), timeout) -> (stage flow, nightly's)
-
-
+@functools.lru_cache(maxsize=64)
 def _nightly_stage_flow(stage: str, timeout_s: float) -> Any:
-    """The stage's flow as the nightly runs it, built once per process: ``with_options``
+    """The stage's flow as the nightly runs it, built once per (stage, timeout): ``with_options``
     rebuilds the flow's parameter schema and validator (~25 ms a stage). Parameters are not
     validated again (Prefect builds a pydantic model per call): the nightly passes its own
     typed values. Its `on_running` hook lets side-by-side stages through their gate and posts
     the report queue in the background."""
     base = stage_flow(stage)
-    key = (id(base), timeout_s)
-    if key not in _FLOWS:  # the entry holds the stage flow, so no other object can take over its id
-        if len(_FLOWS) >= 64:
-            _FLOWS.clear()
-        hook = _arrive_and_post if stage in _POST_WHILE_RUNNING else _arrive_at_gate
-        _FLOWS[key] = (base, base.with_options(timeout_seconds=timeout_s, validate_parameters=False,
-                                               on_running=[*base.on_running_hooks, hook]))
-    return _FLOWS[key][1]
+    hook = _arrive_and_post if stage in _POST_WHILE_RUNNING else _arrive_at_gate
+    return base.with_options(timeout_seconds=timeout_s, validate_parameters=False,
+                             on_running=[*base.on_running_hooks, hook])
 
 
 def _arrive_at_gate(*args: Any) -> None:

@@ -182,13 +182,10 @@ def progress_reporter(key: str, description: str, *, background: bool = False, e
         if created:
             client.update_artifact(created[0], ArtifactUpdate(data=pct))
 
-    inflight: list[Any] = []
-
     def run(fn: Callable[[Any], Any], wait: bool) -> None:
-        inflight[:] = [f for f in inflight if not f.done()] + [_POSTER.call_soon(fn)]
+        fut = _POSTER.call_soon(fn)  # one worker thread: the posts before this one are done when it is
         if wait:
-            _await(*inflight)
-            inflight.clear()
+            _await(fut)
 
     run(create, wait=False)
     last, sent = [clock()], [0.0]
@@ -196,7 +193,7 @@ def progress_reporter(key: str, description: str, *, background: bool = False, e
     def report(fraction: float) -> None:
         now = clock()
         pct = round(100.0 * min(max(fraction, 0.0), 1.0), 2)
-        if pct < 100.0 and (now - last[0] < every_s or pct == sent[0]):
+        if pct == sent[0] or (pct < 100.0 and now - last[0] < every_s):
             return
         last[0], sent[0] = now, pct
         # the end is waited for (unless `background`): the run shows 100% once the stage returns
@@ -492,22 +489,15 @@ def label_flow_run(stage: str | None, inputs: dict[str, str], outputs: dict[str,
     name = run_name(stage, inputs) if stage and ctx.flow is not None and ctx.flow.name == stage else None
     rid = str(fr.id)
     with _LABEL_LOCK:
-        pending = _PENDING_LABELS.get(rid)
-        if pending is not None:  # a PATCH of this run is queued: it will send the newest name and tags
-            pending[0], pending[1] = name or pending[0], tags
-            return
-        if _SENT_LABELS.get(rid) == (name or (_SENT_LABELS.get(rid) or (None,))[0], tags):
-            return  # nothing new (e.g. a skipped step that read and wrote what the run already says)
-        _PENDING_LABELS[rid] = [name, tags]
+        queued = rid in _PENDING_LABELS
+        _PENDING_LABELS[rid] = (name or (_PENDING_LABELS.get(rid) or (None,))[0], tags)
+    if queued:
+        return  # the PATCH already queued for this run sends the newest name and tags
 
     def send(client: Any) -> None:
         with _LABEL_LOCK:
             new_name, new_tags = _PENDING_LABELS.pop(rid)
-            sent_name = (_SENT_LABELS.get(rid) or (None,))[0]
-            _SENT_LABELS[rid] = (new_name or sent_name, new_tags)
-            if len(_SENT_LABELS) > 256:
-                _SENT_LABELS.pop(next(iter(_SENT_LABELS)))
-        client.update_flow_run(fr.id, name=new_name, tags=new_tags)
+        client.update_flow_run(fr.id, name=new_name, tags=new_tags)  # a failure is logged; the next step labels again
 
     _POSTER.post_call(send)
 
@@ -515,8 +505,7 @@ def label_flow_run(stage: str | None, inputs: dict[str, str], outputs: dict[str,
 # One PATCH per flow run and batch: the runner labels a run after each of its steps (the train
 # flow runs four, the nightly's imports several), and only the newest name and tags matter.
 _LABEL_LOCK = threading.Lock()
-_PENDING_LABELS: dict[str, list[Any]] = {}  # flow run id -> [name, tags] queued, not sent yet
-_SENT_LABELS: dict[str, tuple[str | None, list[str]]] = {}  # flow run id -> (name, tags) last sent
+_PENDING_LABELS: dict[str, tuple[str | None, list[str]]] = {}  # flow run id -> (name, tags) queued, not sent
 
 
 def stage_runs(store: Any, run_id: str) -> list[dict[str, Any]]:

@@ -66,7 +66,7 @@ def ref_logps_steps(ws: Workspace, pairs: list[str], *, force: bool = False,
 @contextlib.contextmanager
 def _while_training(devices: int) -> Iterator[None]:
     """Hold the GPUs; the run only waits on the training process meanwhile, so queued report
-    artifacts are posted then (see flows.stage.batched_artifacts)."""
+    artifacts are posted then (see flows.reporting.batched_artifacts)."""
     from dpoflow.flows.gpu_slots import gpu_slot
     from dpoflow.tasks.training.distributed import child_device  # no torch import in this process
 

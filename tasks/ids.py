@@ -19,6 +19,8 @@ def stable_id(*columns: pa.Array | pa.ChunkedArray, prefix: str = "", length: in
     Why this shape: at a million rows (pair ids) the per-row Python was the cost. The columns
     are joined with a unit separator in Arrow; the loop only calls blake2b on bytes (batches of
     ID_BATCH rows), and the digests become hex with numpy (one fixed-width string buffer)."""
+    if not 1 <= length <= 32:  # a 16-byte digest has 32 hex characters
+        raise ValueError(f"stable_id length must be 1..32, got {length}")
     parts = [pc.fill_null(pc.cast(c, pa.string()), "") for c in columns]
     joined = pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
     if isinstance(joined, pa.ChunkedArray):

@@ -40,9 +40,11 @@ def lookup(keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray)
     pos = order[at[hit]]
     out[hit] = pos
     same = np.asarray(pc.equal(values.take(pa.array(pos)), keys.filter(pa.array(hit))), bool)
-    if not same.all():  # a collision: let Arrow decide for those keys
+    if not same.all():  # a collision: Arrow decides for those keys, among the values sharing their hashes
         bad = np.flatnonzero(hit)[~same]
-        out[bad] = _index_in(keys.take(pa.array(bad)), values)
+        sub = np.flatnonzero(np.isin(hv, hk[bad]))  # ascending: the first occurrence stays first
+        found = _index_in(keys.take(pa.array(bad)), values.take(pa.array(sub)))
+        out[bad] = np.where(found >= 0, sub[np.maximum(found, 0)], -1)
     return out
 
 

@@ -754,18 +754,18 @@ def _counts(col: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 def _conform_pairs(t: pa.Table) -> pa.Table:
     """The PAIRS columns in contract order and types; string views stay views (the contract
     takes them for strings, and a cast would copy every text)."""
-    cols, fields = [], []
+    cols, out_fields = [], []
     for f in PAIRS:
         if f.name in t.column_names:
             col = t.column(f.name)
             if not (pa.types.is_string(f.type) and pa.types.is_string_view(col.type)):
                 col = pc.cast(col, f.type)
             cols.append(col)
-            fields.append(pa.field(f.name, col.type, f.nullable))
+            out_fields.append(pa.field(f.name, col.type, f.nullable))
         else:
             cols.append(pa.nulls(t.num_rows, f.type))
-            fields.append(f)
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+            out_fields.append(f)
+    return pa.Table.from_arrays(cols, schema=pa.schema(out_fields))
 
 
 def _attach_prompt_info(t: pa.Table, prompts: pa.Table | None) -> pa.Table:

@@ -108,6 +108,9 @@ def test_cancel_from_the_ui_stops_the_ray_shards_and_the_rerun_reuses_committed(
                 client.set_flow_run_state(run.id, Cancelling(message="cancelled from the UI"))  # what Cancel does
                 final = _wait_final(client, run.id, 120, log)
                 assert final.state.is_cancelled(), f"{final.state}\n{log.read_text()[-4000:]}"
+                # serve forces Cancelled after killing the process: the engine itself must not have crashed
+                history = [st.type.value for st in client.read_flow_run_states(run.id)]
+                assert "CRASHED" not in history, history
 
                 deadline = time.monotonic() + 30  # the last task-run states arrive as events
                 while True:
